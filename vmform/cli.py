@@ -1,0 +1,275 @@
+"""The vmform command: argument parsing and output only. Everything else is the library (vmform.api)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+from vmform.errors import ManifestErrors, PlanErrors, VmformError
+
+
+class Output:
+    """Where text goes: rich on a terminal, plain text otherwise (or with --no-color / NO_COLOR)."""
+
+    def __init__(self, color: bool) -> None:
+        from rich.console import Console
+
+        tty = sys.stdout.isatty()
+        self.interactive = tty
+        self.console = Console(
+            highlight=False, no_color=not color, force_terminal=tty and color, soft_wrap=True,
+            emoji=False,
+        )
+        self.errors = Console(stderr=True, highlight=False, no_color=not color, soft_wrap=True, emoji=False)
+
+    def line(self, text: str = "") -> None:
+        self.console.print(text)
+
+    def plain(self, text: str) -> None:
+        self.console.out(text, highlight=False)
+
+
+def _fail(out: Output | None, exc: VmformError) -> None:
+    lines = [str(e) for e in exc.errors] if isinstance(exc, ManifestErrors | PlanErrors) else [str(exc)]
+    for line in lines:
+        click.echo(f"Error: {line}", err=True)
+    sys.exit(1)
+
+
+class VmformGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except VmformError as exc:
+            _fail(None, exc)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=VmformGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-C", "directory", type=click.Path(file_okay=False), default=None,
+              help="Run as if started in DIR (the project is found by walking up from there).")
+@click.option("--no-color", is_flag=True, help="No colours (also: the NO_COLOR environment variable).")
+@click.version_option(package_name="vmform")
+@click.pass_context
+def main(ctx: click.Context, directory: str | None, no_color: bool) -> None:
+    """Declarative KVM/QEMU hosts: YAML manifests -> plan -> apply, through libvirt."""
+    color = not no_color and not os.environ.get("NO_COLOR")
+    ctx.obj = {"directory": directory, "out": Output(color)}
+
+
+def _workspace(ctx: click.Context) -> Any:
+    from vmform.api import load_workspace
+
+    return load_workspace(ctx.obj["directory"])
+
+
+def _print_plan(out: Output, plan: Any) -> None:
+    from vmform.planview import plan_lines
+
+    for line in plan_lines(plan):
+        out.line(line)
+
+
+@main.command()
+@click.option("--target", "targets", multiple=True, metavar="ADDRESS", help="Limit to ADDRESS and what it depends on.")
+@click.option("--detailed-exitcode", is_flag=True, help="Exit 0: no changes, 1: error, 2: changes present.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.pass_context
+def plan(ctx: click.Context, targets: tuple[str, ...], detailed_exitcode: bool, as_json: bool) -> None:
+    """Show what apply would change on the host."""
+    from vmform import api
+
+    out: Output = ctx.obj["out"]
+    workspace = _workspace(ctx)
+    connections = api.connect(workspace)
+    try:
+        the_plan = api.plan(workspace, connections, list(targets))
+    finally:
+        connections.close()
+    if as_json:
+        import json
+
+        click.echo(json.dumps(the_plan.to_json(), indent=2, sort_keys=False))
+    else:
+        _print_plan(out, the_plan)
+    if detailed_exitcode and not the_plan.empty:
+        sys.exit(2)
+
+
+def _confirm(out: Output, what: str, auto_approve: bool) -> bool:
+    if auto_approve:
+        return True
+    if not sys.stdin.isatty():
+        raise VmformError(f"{what} needs confirmation and there is no terminal to ask on; pass --auto-approve")
+    answer = click.prompt(f"Do you want to {what}? Only 'yes' will be accepted", default="", show_default=False)
+    return str(answer).strip() == "yes"
+
+
+PAST = {"+": "created", "~": "updated", "-/+": "replaced", "-": "destroyed"}
+PRESENT = {"+": "creating", "~": "updating", "-/+": "replacing", "-": "destroying"}
+
+
+def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: Any, parallelism: int | None,
+               command: str) -> None:
+    import threading
+    import time
+
+    from vmform import api
+
+    out: Output = ctx.obj["out"]
+    started: dict[str, float] = {}
+
+    def progress(change: Any, event: str, detail: str) -> None:
+        symbol = change.action.value
+        if event == "start":
+            started[change.address] = time.monotonic()
+            if not out.interactive:
+                return
+            out.line(f"{change.address}: {PRESENT[symbol]}...")
+        elif event == "done":
+            took = time.monotonic() - started.get(change.address, time.monotonic())
+            out.line(f"[green]{change.address}: {PAST[symbol]}[/green] [dim]({took:.1f}s)[/dim]")
+        elif event == "failed":
+            out.line(f"[red]{change.address}: failed: {detail.replace('[', chr(92) + '[')}[/red]")
+        elif event == "skipped":
+            out.line(f"[yellow]{change.address}: skipped ({detail})[/yellow]")
+
+    stop = threading.Event()
+    try:
+        result = api.apply_plan(workspace, connections, the_plan, parallelism, progress, command=command, stop=stop)
+    except KeyboardInterrupt:
+        stop.set()
+        raise
+    counts = {"done": len(result.done), "failed": len(result.failed), "skipped": len(result.skipped)}
+    verb = "Destroy" if command == "destroy" else "Apply"
+    if result.ok:
+        summary = the_plan.counts()
+        if command == "destroy":
+            out.line(f"[bold green]{verb} complete![/bold green] Resources: {summary['destroy']} destroyed.")
+        else:
+            out.line(f"[bold green]{verb} complete![/bold green] Resources: {summary['add']} added, "
+                     f"{summary['change']} changed, {summary['destroy']} destroyed.")
+        return
+    out.line(f"[bold red]{verb} incomplete:[/bold red] {counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped.")
+    for address, message in result.failed.items():
+        click.echo(f"Error: {address}: {message}", err=True)
+    sys.exit(1)
+
+
+@main.command()
+@click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--parallelism", type=click.IntRange(1, 64), default=None, help="Changes made at once (default: vmform.toml).")
+@click.option("--target", "targets", multiple=True, metavar="ADDRESS", help="Limit to ADDRESS and what it depends on.")
+@click.pass_context
+def apply(ctx: click.Context, auto_approve: bool, parallelism: int | None, targets: tuple[str, ...]) -> None:
+    """Plan, confirm, then make the host match the manifests."""
+    from vmform import api
+
+    out: Output = ctx.obj["out"]
+    workspace = _workspace(ctx)
+    connections = api.connect(workspace)
+    try:
+        the_plan = api.plan(workspace, connections, list(targets))
+        _print_plan(out, the_plan)
+        if the_plan.empty:
+            return
+        if not _confirm(out, "apply these changes", auto_approve):
+            out.line("Apply cancelled.")
+            sys.exit(1)
+        _run_apply(ctx, workspace, connections, the_plan, parallelism, "apply")
+    finally:
+        connections.close()
+
+
+@main.command()
+@click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--parallelism", type=click.IntRange(1, 64), default=None, help="Changes made at once (default: vmform.toml).")
+@click.option("--target", "targets", multiple=True, metavar="ADDRESS", help="Only ADDRESS and what uses it.")
+@click.pass_context
+def destroy(ctx: click.Context, auto_approve: bool, parallelism: int | None, targets: tuple[str, ...]) -> None:
+    """Remove every object this project owns on the host (and nothing else)."""
+    from vmform import api
+
+    out: Output = ctx.obj["out"]
+    workspace = _workspace(ctx)
+    connections = api.connect(workspace)
+    try:
+        the_plan = api.destroy_plan(workspace, connections, list(targets))
+        _print_plan(out, the_plan)
+        if the_plan.empty:
+            return
+        if not _confirm(out, "destroy these objects", auto_approve):
+            out.line("Destroy cancelled.")
+            sys.exit(1)
+        _run_apply(ctx, workspace, connections, the_plan, parallelism, "destroy")
+    finally:
+        connections.close()
+
+
+@main.command()
+@click.argument("addresses", nargs=-1)
+@click.option("--no-argv", is_flag=True, help="Do not ask libvirt for the QEMU command line.")
+@click.pass_context
+def render(ctx: click.Context, addresses: tuple[str, ...], no_argv: bool) -> None:
+    """Print the libvirt XML of resources (all when none named) and, for domains, the QEMU command line."""
+    from vmform.render.validate import validate
+    from vmform.render.xml import render_resource, to_text
+    from vmform.schema.types import did_you_mean
+
+    out: Output = ctx.obj["out"]
+    workspace = _workspace(ctx)
+    resources = workspace.manifests.resources
+    for address in addresses:
+        if address not in resources:
+            raise VmformError(f"no resource '{address}'{did_you_mean(address, list(resources))}")
+    chosen = [resources[a] for a in (addresses or workspace.order)]
+    connection = None
+    for resource in chosen:
+        kind = resource.kind.name
+        backing = "(path of the backing volume)" if resource.desired.get("backing") else None
+        root = render_resource(kind, resource.libvirt_name, resource.desired, workspace.project.name, resource.address, backing)
+        validate(kind, root, resource.address)
+        text = to_text(root)
+        out.line(f"[bold]# {resource.address}[/bold]")
+        out.plain(text)
+        if kind == "domain" and not no_argv:
+            if connection is None:
+                from vmform.connection import open_connection
+
+                connection = open_connection(workspace.project.uri)
+            try:
+                argv = connection.domainXMLToNative("qemu-argv", text, 0)
+            except Exception as exc:  # noqa: BLE001 - shown to the user, not fatal
+                from vmform.connection import libvirt_message
+
+                out.line(f"[dim]# QEMU command line unavailable: {libvirt_message(exc)}[/dim]")
+            else:
+                out.line(f"[bold]# QEMU command line of {resource.address} (from libvirt)[/bold]")
+                out.plain(argv.strip().replace(" -", " \\\n  -") + "\n")
+    if connection is not None:
+        connection.close()
+
+
+@main.command()
+@click.pass_context
+def validate(ctx: click.Context) -> None:
+    """Check the manifests without connecting to libvirt."""
+    from vmform.render.validate import validate as validate_xml
+    from vmform.render.xml import render_resource
+
+    out: Output = ctx.obj["out"]
+    workspace = _workspace(ctx)
+    for resource in workspace.manifests.resources.values():
+        kind = resource.kind.name
+        root = render_resource(kind, resource.libvirt_name, resource.desired, workspace.project.name, resource.address)
+        validate_xml(kind, root, resource.address)
+    out.line(f"[green]Valid:[/green] {len(workspace.manifests.resources)} resources in {len(workspace.manifests.files)} files.")
+
+
+if __name__ == "__main__":
+    main()

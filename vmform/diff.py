@@ -1,0 +1,265 @@
+"""Desired resources vs live objects -> the Plan's changes. Only what the manifests manage is compared."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from vmform.errors import PlanError, PlanErrors
+from vmform.live import LiveObject, LiveState
+from vmform.plan import Action, Change, FieldChange, Plan
+from vmform.schema.registry import KINDS
+from vmform.schema.types import Effect, FieldSpec
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+    from vmform.model import Manifests, Resource
+
+# List fields whose items are matched by a key, so one added NIC is one change, not a new list.
+LIST_KEYS = {("domain", "disks"): "target", ("domain", "interfaces"): "mac"}
+
+
+def display(spec: FieldSpec | None, value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    if spec is not None and not isinstance(value, dict | list):
+        try:
+            return spec.type.display(value)
+        except (TypeError, ValueError):
+            pass
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}={v}" for k, v in value.items() if v not in (None, False)) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(display(None, v) for v in value) + "]"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
+
+
+def _field(spec: FieldSpec | None, path: str, before: Any, after: Any, effect: Effect) -> FieldChange:
+    return FieldChange(path, before, after, effect, display(spec, before), display(spec, after))
+
+
+def _domain_effect(spec: FieldSpec, desired: dict[str, Any], live: LiveObject) -> Effect:
+    """Live only when libvirt can do it on the running domain; otherwise at the next restart."""
+    if not live.active:
+        return Effect.LIVE  # nothing runs: the new definition is all there is
+    if spec.name in ("state", "autostart", "description"):
+        return Effect.LIVE
+    if spec.name == "memory":
+        fits = desired["memory"] <= live.values.get("max_memory", 0) and desired["max_memory"] == live.values.get("max_memory")
+        return Effect.LIVE if fits else Effect.RESTART
+    if spec.name == "vcpus":
+        fits = desired["vcpus"] <= (live.values.get("max_vcpus") or 0) and desired["max_vcpus"] == live.values.get("max_vcpus")
+        return Effect.LIVE if fits else Effect.RESTART
+    return Effect.RESTART
+
+
+def _effect(kind: str, spec: FieldSpec, desired: dict[str, Any], live: LiveObject) -> Effect:
+    if kind == "domain":
+        return _domain_effect(spec, desired, live)
+    if kind == "network":
+        if spec.effect is Effect.LIVE or not live.active:
+            return Effect.LIVE
+        return Effect.RESTART
+    return spec.effect
+
+
+def _list_changes(kind: str, spec: FieldSpec, key: str, before: list[Any], after: list[Any], live: LiveObject,
+                  running: list[Any] | None) -> list[FieldChange]:
+    changes: list[FieldChange] = []
+    before_by = {item.get(key): item for item in before or []}
+    after_by = {item.get(key): item for item in after}
+    running_by = {item.get(key): item for item in running} if running is not None else before_by
+    for item_key, item in after_by.items():
+        old = before_by.get(item_key)
+        path = f"{spec.name}[{item_key}]"
+        if old is None or item_key not in running_by:
+            changes.append(_field(spec, path, old, item, Effect.LIVE))
+        elif _comparable(old, item) != item or _comparable(running_by[item_key], item) != item:
+            changes.append(_field(spec, path, old, item, Effect.RESTART if live.active else Effect.LIVE))
+    for item_key, item in before_by.items():
+        if item_key not in after_by:
+            changes.append(_field(spec, f"{spec.name}[{item_key}]", item, None, Effect.LIVE))
+    for item_key, item in running_by.items():  # attached live only (e.g. virsh attach-interface --live)
+        if item_key not in after_by and item_key not in before_by:
+            changes.append(_field(spec, f"{spec.name}[{item_key}]", item, None, Effect.LIVE))
+    return changes
+
+
+def _comparable(live_item: dict[str, Any], desired_item: dict[str, Any]) -> dict[str, Any]:
+    """The live item limited to the keys the desired item states."""
+    return {k: live_item.get(k) for k in desired_item}
+
+
+def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], list[str]]:
+    """Field changes needed to turn live into desired, and the fields that force a replace."""
+    kind = resource.kind.name
+    desired = resource.desired
+    changes: list[FieldChange] = []
+    forcing: list[str] = []
+    for spec in resource.kind.fields:
+        if not spec.compare or spec.name not in desired:
+            continue
+        after = desired[spec.name]
+        before = live.values.get(spec.name)
+        if kind == "volume" and spec.name == "source":
+            # Compared by content: the ledger keeps the digest of what was uploaded.
+            after_digest = resource.desired.get("source_sha256")
+            if live.values.get("source_sha256") != after_digest:
+                changes.append(_field(spec, "source", live.values.get("source_sha256"), after_digest, Effect.REPLACE))
+                forcing.append("source")
+            continue
+        list_key = LIST_KEYS.get((kind, spec.name))
+        if list_key is not None:
+            running = live.running_values.get(spec.name) if live.active and live.running_values else None
+            changes.extend(_list_changes(kind, spec, list_key, before, after, live, running))
+            continue
+        running_value = live.running_values.get(spec.name, before) if live.running_values else before
+        if before == after and running_value == after:
+            continue
+        if kind == "volume" and spec.name == "size" and before is not None and after < before:
+            raise PlanError(
+                f"{resource.address}: size {display(spec, after)} is smaller than the volume's {display(spec, before)}; "
+                "shrinking a disk image loses data and is refused"
+            )
+        effect = _effect(kind, spec, desired, live)
+        if spec.effect is Effect.REPLACE:
+            effect = Effect.REPLACE
+            forcing.append(spec.name)
+        changes.append(_field(spec, spec.name, running_value if before == after else before, after, effect))
+    return changes, forcing
+
+
+def _collision(resource: Resource, live: LiveObject) -> PlanError:
+    owner = f"owned by vmform project '{live.owner_project}'" if live.owner_project else "not managed by vmform"
+    where = f" in pool '{live.identity.get('pool')}'" if resource.kind.name == "volume" else ""
+    return PlanError(
+        f"{resource.kind.name} '{resource.libvirt_name}'{where} exists and is {owner}; vmform will not adopt, change "
+        f"or delete it — rename {resource.address} (name:) or remove the existing object",
+        resource.key_position(),
+    )
+
+
+def _live_dependencies(obj: LiveObject, owned_index: dict[tuple[str, str], str]) -> list[str]:
+    """Addresses of owned objects this live object uses (so deleting those waits for it)."""
+    deps: list[str] = []
+    if obj.kind == "domain":
+        for disk in obj.values.get("disks") or []:
+            if disk.get("volume"):
+                deps.append(owned_index.get(("volume", f"{disk.get('pool')}/{disk['volume']}"), ""))
+        for nic in obj.values.get("interfaces") or []:
+            if nic.get("network"):
+                deps.append(owned_index.get(("network", nic["network"]), ""))
+    elif obj.kind == "volume":
+        deps.append(owned_index.get(("pool", obj.identity["pool"]), ""))
+        backing = obj.values.get("backing") or {}
+        if backing.get("volume"):
+            deps.append(owned_index.get(("volume", f"{backing['pool']}/{backing['volume']}"), ""))
+    return [d for d in deps if d]
+
+
+def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: list[str], targets: set[str] | None = None) -> Plan:
+    owned = live.owned()
+    errors: list[PlanError] = []
+    changes: dict[str, Change] = {}
+
+    for address in order:
+        resource = manifests.resources[address]
+        kind = resource.kind.name
+        current = owned.get(address)
+        if current is not None and current.kind != kind:
+            current = None
+        if current is None:
+            pool = resource.desired.get("pool") if kind == "volume" else None
+            same_name = live.by_name(kind, resource.libvirt_name, pool)
+            if same_name is not None:
+                errors.append(_collision(resource, same_name))
+                continue
+            changes[address] = Change(address, kind, resource.libvirt_name, Action.CREATE, after=resource.desired)
+            continue
+        try:
+            field_changes, forcing = compare(resource, current)
+        except PlanError as exc:
+            errors.append(exc)
+            continue
+        renamed = current.name != resource.libvirt_name
+        if renamed:
+            forcing.append("name")
+            field_changes.append(_field(None, "name", current.name, resource.libvirt_name, Effect.REPLACE))
+        if not field_changes:
+            continue
+        action = Action.DELETE_THEN_CREATE if forcing else Action.UPDATE
+        reason = f"{', '.join(forcing)} cannot change in place" if forcing else ""
+        changes[address] = Change(
+            address, kind, resource.libvirt_name, action, before=current.values, after=resource.desired,
+            fields=tuple(field_changes), reason=reason, live_name=current.name if renamed else None,
+            identity=current.identity,
+        )
+
+    for address, obj in owned.items():
+        if address not in manifests.resources or manifests.resources[address].kind.name != obj.kind:
+            changes[address] = Change(address, obj.kind, obj.name, Action.DELETE, before=obj.values, identity=obj.identity)
+
+    if errors:
+        raise PlanErrors(errors)
+
+    # Apply order: creates/updates wait for what they reference; deletes wait for what used them.
+    owned_index: dict[tuple[str, str], str] = {}
+    for address, obj in owned.items():
+        key = f"{obj.identity['pool']}/{obj.name}" if obj.kind == "volume" else obj.name
+        owned_index[(obj.kind, key)] = address
+    dependents: dict[str, set[str]] = {address: set() for address in changes}
+    for address, change in changes.items():
+        if change.action is not Action.DELETE:
+            for dependency in graph.predecessors(address):
+                if dependency in changes:
+                    dependents[address].add(dependency)
+        else:
+            pass
+    for address, obj in owned.items():
+        if address not in changes:
+            continue
+        for used in _live_dependencies(obj, owned_index):
+            if used in changes and changes[used].action in (Action.DELETE, Action.DELETE_THEN_CREATE) and used != address:
+                dependents[used].add(address)
+    ordered = _order(changes, dependents, order)
+    final = tuple(
+        Change(**{**change.__dict__, "depends_on": tuple(sorted(dependents[change.address]))}) for change in ordered
+    )
+    if targets:
+        final = _limit_to_targets(final, targets)
+    return Plan(manifests.project, live.uri, final)
+
+
+def _order(changes: dict[str, Change], dependents: dict[str, set[str]], order: list[str]) -> list[Change]:
+    """A stable order for printing: topological by the apply dependencies, manifest order otherwise."""
+    import networkx as nx
+
+    graph = nx.DiGraph()
+    rank = {address: index for index, address in enumerate(order)}
+    for address in changes:
+        graph.add_node(address)
+    for address, deps in dependents.items():
+        for dep in deps:
+            graph.add_edge(dep, address)
+    kinds = list(KINDS)
+
+    def sort_key(address: str) -> tuple[int, int, str]:
+        change = changes[address]
+        return (1 if change.action is Action.DELETE else 0, rank.get(address, len(rank) + kinds.index(change.kind)), address)
+
+    return [changes[a] for a in nx.lexicographical_topological_sort(graph, key=sort_key)]
+
+
+def _limit_to_targets(changes: tuple[Change, ...], targets: set[str]) -> tuple[Change, ...]:
+    by_address = {c.address: c for c in changes}
+    keep: set[str] = set()
+    stack = [t for t in targets if t in by_address]
+    while stack:
+        address = stack.pop()
+        if address in keep:
+            continue
+        keep.add(address)
+        stack.extend(d for d in by_address[address].depends_on if d in by_address)
+    return tuple(c for c in changes if c.address in keep)

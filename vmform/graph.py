@@ -1,0 +1,47 @@
+"""The dependency graph of declared resources: edges from references and depends_on, order, cycles."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vmform.errors import ManifestError, ManifestErrors
+from vmform.schema.kind import field_references
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+    from vmform.model import Manifests
+
+
+def build_graph(manifests: Manifests) -> nx.DiGraph:
+    """A DiGraph whose edge A -> B means B depends on A (A is created first)."""
+    import networkx as nx  # heavy import, only needed once we plan
+
+    graph = nx.DiGraph()
+    for address in manifests.resources:
+        graph.add_node(address)
+    for address, resource in manifests.resources.items():
+        for relative, kind, name in field_references(resource.kind.fields, resource.values):
+            target = f"{kind}.{name}"
+            if target in manifests.resources:
+                graph.add_edge(target, address, via=relative)
+        for number, target in enumerate(resource.depends_on):
+            if target in manifests.resources:
+                graph.add_edge(target, address, via=("depends_on", number))
+    try:
+        cycle = nx.find_cycle(graph)
+    except nx.NetworkXNoCycle:
+        return graph
+    members = [edge[0] for edge in cycle]
+    chain = " -> ".join([*members, members[0]])
+    errors = []
+    for source, target in cycle:
+        via = graph.edges[source, target]["via"]
+        errors.append(ManifestError(f"dependency cycle: {chain}", manifests.resources[target].position(*via)))
+    raise ManifestErrors(errors[:1])
+
+
+def creation_order(graph: nx.DiGraph) -> list[str]:
+    import networkx as nx
+
+    return list(nx.lexicographical_topological_sort(graph))

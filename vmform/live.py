@@ -1,0 +1,197 @@
+"""Reading the host in bulk: one listAll* call per kind, one XML fetch per object, mapped into the same
+field values the manifests bind to, so desired and live compare field by field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lxml import etree
+
+from vmform.connection import libvirt_message
+from vmform.errors import HostError
+from vmform.ownership import Ledger, read_owner
+from vmform.schema.registry import KINDS
+from vmform.schema.xmlbind import Element
+
+if TYPE_CHECKING:
+    import libvirt
+
+# XML from libvirt is data, never a place to resolve entities or fetch DTDs from.
+SAFE_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False, remove_blank_text=True)
+
+
+def parse_xml(text: str) -> Element:
+    return etree.fromstring(text.encode(), SAFE_PARSER)
+
+
+@dataclass
+class LiveObject:
+    kind: str
+    name: str
+    values: dict[str, Any]  # config (persistent) values, same keys and terms as Resource.desired
+    identity: dict[str, Any]  # uuid (domains, networks, pools), pool+path (volumes)
+    address: str | None = None  # set when this project owns it
+    owner_project: str | None = None  # another project that owns it (domains, networks)
+    active: bool = False
+    running_values: dict[str, Any] = field(default_factory=dict)  # live-effect fields of a running domain
+
+
+@dataclass
+class LiveState:
+    uri: str
+    objects: list[LiveObject]
+    ledger: Ledger
+
+    def owned(self) -> dict[str, LiveObject]:
+        return {obj.address: obj for obj in self.objects if obj.address is not None}
+
+    def by_name(self, kind: str, name: str, pool: str | None = None) -> LiveObject | None:
+        for obj in self.objects:
+            if obj.kind == kind and obj.name == name and (pool is None or obj.identity.get("pool") == pool):
+                return obj
+        return None
+
+
+def _read_bound(kind: str, root: Element) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for spec in KINDS[kind].fields:
+        if spec.binding is not None and spec.compare:
+            values[spec.name] = spec.binding.read(root)
+    return values
+
+
+def read_domain(dom: libvirt.virDomain, project: str) -> LiveObject:
+    import libvirt
+
+    config = parse_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    state, _reason = dom.state()
+    active = state not in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED, libvirt.VIR_DOMAIN_NOSTATE)
+    values = _read_bound("domain", config)
+    values["description"] = values.get("description") or ""
+    values["state"] = {libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended"}.get(
+        state, "running" if active else "stopped"
+    )
+    values["autostart"] = bool(dom.autostart()) if dom.isPersistent() else False
+    running: dict[str, Any] = {}
+    if active:
+        running_root = parse_xml(dom.XMLDesc(0))
+        for name in ("memory", "vcpus", "disks", "interfaces", "description"):
+            spec = KINDS["domain"].spec(name)
+            assert spec is not None and spec.binding is not None
+            running[name] = spec.binding.read(running_root)
+        running["description"] = running["description"] or ""
+    owner = read_owner(config)
+    obj = LiveObject("domain", dom.name(), values, {"uuid": dom.UUIDString()}, active=active, running_values=running)
+    _set_owner(obj, owner, project)
+    return obj
+
+
+def read_network(net: libvirt.virNetwork, project: str) -> LiveObject:
+    import libvirt
+
+    config = parse_xml(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE))
+    values = _read_bound("network", config)
+    values["autostart"] = bool(net.autostart())
+    obj = LiveObject("network", net.name(), values, {"uuid": net.UUIDString()}, active=bool(net.isActive()))
+    _set_owner(obj, read_owner(config), project)
+    return obj
+
+
+def _set_owner(obj: LiveObject, owner: tuple[str, str] | None, project: str) -> None:
+    if owner is None:
+        return
+    if owner[0] == project:
+        obj.address = owner[1]
+    else:
+        obj.owner_project = owner[0]
+
+
+def read_pool(pool: libvirt.virStoragePool, ledger: Ledger) -> LiveObject:
+    import libvirt
+
+    config = parse_xml(pool.XMLDesc(libvirt.VIR_STORAGE_XML_INACTIVE))
+    values = _read_bound("pool", config)
+    values["autostart"] = bool(pool.autostart())
+    uuid = pool.UUIDString()
+    obj = LiveObject("pool", pool.name(), values, {"uuid": uuid}, active=bool(pool.isActive()))
+    obj.address = ledger.pool_address(pool.name(), uuid)
+    return obj
+
+
+def read_volumes(pool: libvirt.virStoragePool, ledger: Ledger) -> list[LiveObject]:
+    result = []
+    pool_name = pool.name()
+    for vol in pool.listAllVolumes():
+        root = parse_xml(vol.XMLDesc(0))
+        values = _read_bound("volume", root)
+        values["pool"] = pool_name
+        backing = root.find("backingStore/path")
+        path_node = root.find("target/path")
+        obj = LiveObject(
+            "volume",
+            vol.name(),
+            values,
+            {"pool": pool_name, "path": path_node.text if path_node is not None else vol.path()},
+            active=True,
+        )
+        obj.values["backing_path"] = backing.text if backing is not None else None
+        backing_format = root.find("backingStore/format")
+        obj.values["backing_format"] = backing_format.get("type") if backing_format is not None else None
+        obj.address = ledger.volume_address(pool_name, obj.name)
+        if obj.address is not None:
+            digest = ledger.volumes[obj.address].get("source_sha256")
+            if digest:
+                obj.values["source_sha256"] = digest
+        result.append(obj)
+    return result
+
+
+def read_host(conn: libvirt.virConnect, project: str, pool_names: set[str] | None = None) -> LiveState:
+    """Everything vmform compares, in one pass. Volumes are read only in the pools named (plus owned ones)."""
+    import libvirt
+
+    try:
+        ledger = Ledger.load(conn, project)
+        objects: list[LiveObject] = []
+        for dom in conn.listAllDomains():
+            try:
+                objects.append(read_domain(dom, project))
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:  # vanished while we read
+                    raise
+        for net in conn.listAllNetworks():
+            try:
+                objects.append(read_network(net, project))
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_NETWORK:
+                    raise
+        owned_pools = {entry["name"] for entry in ledger.pools.values()} | {e["pool"] for e in ledger.volumes.values()}
+        wanted = (pool_names or set()) | owned_pools
+        for pool in conn.listAllStoragePools():
+            obj = read_pool(pool, ledger)
+            objects.append(obj)
+            if obj.active and obj.name in wanted:
+                objects.extend(read_volumes(pool, ledger))
+        _resolve_backing(objects)
+        return LiveState(conn.getURI(), objects, ledger)
+    except libvirt.libvirtError as exc:
+        raise HostError(f"cannot read the host's state: {libvirt_message(exc)}") from None
+
+
+def _resolve_backing(objects: list[LiveObject]) -> None:
+    """Volumes name their backing file by path; map it to (pool, volume) like the manifests do."""
+    by_path = {obj.identity["path"]: obj for obj in objects if obj.kind == "volume"}
+    for obj in objects:
+        if obj.kind != "volume":
+            continue
+        path = obj.values.pop("backing_path", None)
+        backing_format = obj.values.pop("backing_format", None)
+        if path is None:
+            obj.values["backing"] = None
+            continue
+        base = by_path.get(path)
+        if base is not None:
+            obj.values["backing"] = {"pool": base.identity["pool"], "volume": base.name, "format": backing_format}
+        else:
+            obj.values["backing"] = {"path": path, "format": backing_format}

@@ -1,0 +1,156 @@
+"""Reading manifest files into resources, collecting every mistake with its file:line:column."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from vmform.errors import ManifestError, ManifestErrors, Position
+from vmform.manifest.yamlsource import SourceMap, YamlDocument, load_yaml
+from vmform.model import Manifests, Resource
+from vmform.schema.kind import Kind, field_references
+from vmform.schema.registry import KINDS, SECTIONS
+from vmform.schema.types import NAME, FieldError, FieldErrors, did_you_mean, parse_fields
+
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.errors: list[ManifestError] = []
+
+    def add(self, message: str, position: Position) -> None:
+        self.errors.append(ManifestError(message, position))
+
+    def field_errors(self, exc: FieldError, source: SourceMap, base: tuple[str | int, ...]) -> None:
+        problems = exc.errors if isinstance(exc, FieldErrors) else [exc]
+        for problem in problems:
+            path = (*base, *problem.path)
+            position = source.key(path) if problem.at_key else source.value(path)
+            self.add(problem.message, position)
+
+
+def _display_path(path: Path, root: Path | None) -> str:
+    try:
+        return os.path.relpath(path) if root is None else os.path.relpath(path, Path.cwd())
+    except ValueError:
+        return str(path)
+
+
+def load_manifests(project_name: str, files: Iterable[Path], root: Path | None = None) -> Manifests:
+    """Load, check and bind every resource; raises ManifestErrors listing all mistakes."""
+    collector = _Collector()
+    manifests = Manifests(project_name)
+    for file in files:
+        shown = _display_path(file, root)
+        manifests.files.append(shown)
+        try:
+            if file.stat().st_size > MAX_MANIFEST_BYTES:
+                collector.add(f"manifest is larger than {MAX_MANIFEST_BYTES // 1024**2} MiB", Position(shown, 1, 1))
+                continue
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            collector.add("manifest is not valid UTF-8", Position(shown, 1, 1))
+            continue
+        except OSError as exc:
+            collector.add(f"cannot read manifest: {exc.strerror}", Position(shown, 1, 1))
+            continue
+        documents, errors = load_yaml(text, shown)
+        collector.errors.extend(errors)
+        for document in documents:
+            _load_document(document, file, manifests, collector)
+    _check_references(manifests, collector)
+    if collector.errors:
+        raise ManifestErrors(collector.errors)
+    for resource in manifests.resources.values():
+        resource.desired = resource.kind.bind(resource, manifests)
+    return manifests
+
+
+def _load_document(document: YamlDocument, file: Path, manifests: Manifests, collector: _Collector) -> None:
+    data, source = document.data, document.source
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        collector.add("a manifest must be a mapping of sections (domains:, networks:, pools:, volumes:)", source.value(()))
+        return
+    for section, body in data.items():
+        kind = SECTIONS.get(section)
+        if kind is None:
+            hint = did_you_mean(section, list(SECTIONS))
+            collector.add(f"unknown section '{section}'{hint} (sections: {', '.join(SECTIONS)})", source.key((section,)))
+            continue
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            collector.add(f"'{section}' must be a mapping of names to {kind.name} definitions", source.value((section,)))
+            continue
+        for key, raw in body.items():
+            _load_resource(kind, key, raw, file, source, manifests, collector)
+
+
+def _load_resource(
+    kind: Kind, key: str, raw: Any, file: Path, source: SourceMap, manifests: Manifests, collector: _Collector
+) -> None:
+    path = (kind.section, key)
+    try:
+        NAME.parse(key)
+    except FieldError as exc:
+        collector.add(f"{kind.name} name {exc.message}", source.key(path))
+        return
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        collector.add(f"{kind.name} '{key}' must be a mapping of its settings", source.value(path))
+        return
+    try:
+        values = parse_fields(kind.all_fields, raw)
+    except FieldError as exc:
+        collector.field_errors(exc, source, path)
+        return
+    if kind.check is not None:
+        for relative, message in kind.check(values):
+            collector.add(message, source.value((*path, *relative)))
+    if kind.name == "volume" and values.get("source") is not None:
+        image = Path(values["source"])
+        if not image.is_absolute():
+            image = (file.parent / image).resolve()
+        if not image.is_file():
+            collector.add(f"source image {values['source']} not found (looked at {image})", source.value((*path, "source")))
+        values["source"] = str(image)
+    resource = Resource(kind, key, values, source, path)
+    existing = manifests.resources.get(resource.address)
+    if existing is not None:
+        first = existing.key_position()
+        collector.add(f"{resource.address} is declared twice (first at {first})", source.key(path))
+        return
+    manifests.resources[resource.address] = resource
+
+
+def _check_references(manifests: Manifests, collector: _Collector) -> None:
+    names: dict[tuple[str, str], str] = {}
+    for resource in manifests.resources.values():
+        for relative, kind, name in field_references(resource.kind.fields, resource.values):
+            if manifests.get(kind, name) is None:
+                known = [r.key for r in manifests.of_kind(kind)]
+                hint = did_you_mean(name, known)
+                collector.add(f"{resource.address} refers to {kind} '{name}', which is not declared{hint}",
+                              resource.position(*relative))
+        for number, address in enumerate(resource.depends_on):
+            if address not in manifests.resources:
+                hint = did_you_mean(address, list(manifests.resources))
+                collector.add(f"depends_on: no resource '{address}'{hint}", resource.position("depends_on", number))
+        # Two resources of a kind may not share a libvirt object (volumes: within their pool).
+        scope = resource.values.get("pool", "") if resource.kind.name == "volume" else ""
+        identity = (resource.kind.name, f"{scope}/{resource.libvirt_name}")
+        if identity in names:
+            collector.add(f"{resource.address} has the same libvirt name '{resource.libvirt_name}' as {names[identity]}",
+                          resource.key_position())
+        else:
+            names[identity] = resource.address
+
+
+def kind_of(address: str) -> Kind | None:
+    return KINDS.get(address.split(".", 1)[0])

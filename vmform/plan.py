@@ -1,0 +1,88 @@
+"""Plan, Change and Action: plain, immutable data. Printed for humans, saved as JSON, applied later."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from vmform.schema.types import Effect
+
+PLAN_FORMAT_VERSION = 1
+
+
+class Action(Enum):
+    """Each value is its plan symbol."""
+
+    CREATE = "+"
+    UPDATE = "~"
+    DELETE_THEN_CREATE = "-/+"
+    DELETE = "-"
+
+    def is_replace(self) -> bool:
+        return self is Action.DELETE_THEN_CREATE
+
+
+@dataclass(frozen=True)
+class FieldChange:
+    path: str  # "memory", "interfaces[52:54:00:aa:00:01]"
+    before: Any
+    after: Any
+    effect: Effect
+    display_before: str = ""
+    display_after: str = ""
+
+
+@dataclass(frozen=True)
+class Change:
+    address: str
+    kind: str
+    name: str  # libvirt name (after the change)
+    action: Action
+    host: str = "default"
+    before: dict[str, Any] | None = None  # live values in manifest field terms
+    after: dict[str, Any] | None = None  # desired values in libvirt terms
+    fields: tuple[FieldChange, ...] = ()
+    reason: str = ""  # why a replace is needed
+    depends_on: tuple[str, ...] = ()  # addresses that must be done first (apply order)
+    live_name: str | None = None  # the libvirt name today, when it differs
+    identity: dict[str, Any] = field(default_factory=dict)  # uuid / pool uuid / volume key, to find the object
+
+    @property
+    def restarts(self) -> bool:
+        return any(f.effect is Effect.RESTART for f in self.fields)
+
+
+@dataclass(frozen=True)
+class Plan:
+    project: str
+    host_uri: str
+    changes: tuple[Change, ...]
+    notes: tuple[str, ...] = ()  # things the user should know that are not changes (pending restarts, ...)
+
+    def counts(self) -> dict[str, int]:
+        add = sum(1 for c in self.changes if c.action in (Action.CREATE, Action.DELETE_THEN_CREATE))
+        change = sum(1 for c in self.changes if c.action is Action.UPDATE)
+        destroy = sum(1 for c in self.changes if c.action in (Action.DELETE, Action.DELETE_THEN_CREATE))
+        return {"add": add, "change": change, "destroy": destroy}
+
+    @property
+    def empty(self) -> bool:
+        return not self.changes
+
+    def to_json(self) -> dict[str, Any]:
+        def change_json(change: Change) -> dict[str, Any]:
+            data = asdict(change)
+            data["action"] = change.action.name.lower()
+            data["symbol"] = change.action.value
+            data["fields"] = [{**asdict(f), "effect": f.effect.value} for f in change.fields]
+            return data
+
+        return {
+            "format_version": PLAN_FORMAT_VERSION,
+            "project": self.project,
+            "host_uri": self.host_uri,
+            "summary": self.counts(),
+            "changes": [change_json(c) for c in self.changes],
+            "notes": list(self.notes),
+        }

@@ -1,0 +1,86 @@
+"""A Plan as people read it: Terraform's symbols, field-level before -> after, and each change's effect."""
+
+from __future__ import annotations
+
+from vmform.diff import display
+from vmform.plan import Action, Change, Plan
+from vmform.schema.registry import KINDS
+from vmform.schema.types import Effect
+
+STYLE = {Action.CREATE: "green", Action.UPDATE: "yellow", Action.DELETE_THEN_CREATE: "magenta", Action.DELETE: "red"}
+HEADLINE = {
+    Action.CREATE: "will be created",
+    Action.UPDATE: "will be updated in place",
+    Action.DELETE_THEN_CREATE: "must be replaced",
+    Action.DELETE: "will be destroyed",
+}
+EFFECT_NOTE = {
+    Effect.LIVE: "live",
+    Effect.RESTART: "at next restart",
+    Effect.REPLACE: "forces replacement",
+}
+HIDDEN_CREATE_FIELDS = {"source_sha256"}
+
+
+def _escape(text: str) -> str:
+    return text.replace("[", "\\[")
+
+
+def summary_line(plan: Plan) -> str:
+    counts = plan.counts()
+    return f"Plan: {counts['add']} to add, {counts['change']} to change, {counts['destroy']} to destroy."
+
+
+def _change_lines(change: Change) -> list[str]:
+    style = STYLE[change.action]
+    symbol = change.action.value
+    headline = HEADLINE[change.action]
+    if change.action is Action.DELETE_THEN_CREATE and change.reason:
+        headline += f" ({change.reason})"
+    lines = [f"  [bold]# {change.address}[/bold] {headline}"]
+    kind = KINDS.get(change.kind)
+    if change.action is Action.DELETE:
+        lines.append(f"  [{style}]{_escape(symbol)} {change.kind} \"{_escape(change.name)}\"[/{style}]")
+        return lines
+    lines.append(f"  [{style}]{_escape(symbol)}[/{style}] {change.kind} \"{_escape(change.name)}\" {{")
+    if change.action is Action.CREATE:
+        after = change.after or {}
+        width = max((len(k) for k in after), default=0)
+        for key, value in after.items():
+            if key in HIDDEN_CREATE_FIELDS or value in (None, [], ""):
+                continue
+            spec = kind.spec(key) if kind else None
+            lines.append(f"      [green]+[/green] {key.ljust(width)} = {_escape(display(spec, value))}")
+    else:
+        width = max((len(f.path) for f in change.fields), default=0)
+        for field in change.fields:
+            top = field.path.split("[", 1)[0]
+            if field.before is None:
+                mark, text = "[green]+[/green]", field.display_after
+            elif field.after is None:
+                mark, text = "[red]-[/red]", field.display_before
+            else:
+                mark, text = "[yellow]~[/yellow]", f"{field.display_before} -> {field.display_after}"
+            effect = EFFECT_NOTE[field.effect]
+            if field.effect is Effect.LIVE and change.before is not None and change.before.get("state") == "stopped" and change.kind == "domain" and top != "state":
+                effect = "domain is stopped"
+            lines.append(f"      {mark} {_escape(field.path.ljust(width))} = {_escape(text)}  [dim]({effect})[/dim]")
+    lines.append("    }")
+    return lines
+
+
+def plan_lines(plan: Plan) -> list[str]:
+    """Rich-markup lines; the console strips the markup when colour is off."""
+    if plan.empty:
+        return ["[green]No changes.[/green] The host matches the manifests."]
+    lines = [f"vmform will perform the following actions on {_escape(plan.host_uri)}:", ""]
+    for change in plan.changes:
+        lines.extend(_change_lines(change))
+        lines.append("")
+    restarting = [c.address for c in plan.changes if c.restarts]
+    if restarting:
+        lines.append(f"[yellow]Changes waiting for a restart:[/yellow] {', '.join(restarting)} (not restarted by this apply)")
+    for note in plan.notes:
+        lines.append(_escape(note))
+    lines.append(f"[bold]{summary_line(plan)}[/bold]")
+    return lines

@@ -1,0 +1,178 @@
+"""Domains: define, start, live changes through libvirt's LIVE APIs, shutdown and undefine."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from lxml import etree
+
+from vmform.live import parse_xml
+from vmform.plan import Change, FieldChange
+from vmform.providers.base import ApplyContext, Provider
+from vmform.render.validate import validate
+from vmform.render.xml import render_domain, to_text, write_fields
+from vmform.schema.domain import disk_element, interface_element
+from vmform.schema.registry import KINDS
+from vmform.schema.types import Effect
+
+API_FIELDS = {"state", "autostart"}
+DETACH_TIMEOUT = 30.0
+
+
+def _lookup(ctx: ApplyContext, change: Change) -> Any:
+    import libvirt
+
+    conn = ctx.connections.get()
+    uuid = change.identity.get("uuid")
+    try:
+        return conn.lookupByUUIDString(uuid) if uuid else conn.lookupByName(change.live_name or change.name)
+    except libvirt.libvirtError:
+        return conn.lookupByName(change.live_name or change.name)
+
+
+def _top_field(path: str) -> str:
+    return path.split("[", 1)[0]
+
+
+def wait_until_off(dom: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not dom.isActive():
+            return True
+        time.sleep(0.2)
+    return not dom.isActive()
+
+
+def stop(dom: Any, timeout: float, graceful: bool = True) -> None:
+    """ACPI shutdown with a bounded wait, then power off."""
+    import libvirt
+
+    if not dom.isActive():
+        return
+    if graceful and timeout > 0:
+        try:
+            dom.shutdown()
+            if wait_until_off(dom, timeout):
+                return
+        except libvirt.libvirtError:
+            pass
+    try:
+        dom.destroy()
+    except libvirt.libvirtError:
+        if dom.isActive():
+            raise
+
+
+class DomainProvider(Provider):
+    kind = "domain"
+
+    def create(self, ctx: ApplyContext, change: Change) -> None:
+        assert change.after is not None
+        root = render_domain(change.name, change.after, ctx.project, change.address)
+        validate("domain", root, change.address)
+        conn = ctx.connections.get()
+        dom = conn.defineXML(to_text(root))
+        if change.after.get("autostart"):
+            dom.setAutostart(1)
+        if change.after.get("state", "running") == "running":
+            dom.create()
+
+    def update(self, ctx: ApplyContext, change: Change) -> None:
+        import libvirt
+
+        assert change.after is not None
+        after = change.after
+        dom = _lookup(ctx, change)
+        touched = {_top_field(f.path) for f in change.fields}
+        xml_fields = sorted(touched - API_FIELDS)
+        if xml_fields:
+            root = parse_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+            write_fields("domain", root, after, xml_fields)
+            if "type" in xml_fields:
+                root.set("type", after["type"])
+            validate("domain", root, change.address)
+            ctx.connections.get().defineXML(to_text(root))
+        if dom.isActive():
+            for field_change in change.fields:
+                if field_change.effect is Effect.LIVE and _top_field(field_change.path) not in API_FIELDS:
+                    self._apply_live(dom, field_change, after)
+        if "autostart" in touched:
+            dom.setAutostart(1 if after["autostart"] else 0)
+        if "state" in touched:
+            self._set_state(ctx, dom, after["state"])
+
+    def _apply_live(self, dom: Any, change: FieldChange, after: dict[str, Any]) -> None:
+        import libvirt
+
+        live = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        name = _top_field(change.path)
+        if name == "memory":
+            dom.setMemoryFlags(after["memory"] // 1024, live)
+        elif name == "vcpus":
+            dom.setVcpusFlags(after["vcpus"], live)
+        elif name == "description":
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_DESCRIPTION, after["description"] or None, None, None, live)
+        elif name in ("disks", "interfaces"):
+            build = disk_element if name == "disks" else interface_element
+            if change.before is None and change.after is not None:
+                dom.attachDeviceFlags(etree.tostring(build(change.after), encoding="unicode"), live)
+            elif change.after is None and change.before is not None:
+                self._detach(dom, name, change.before)
+
+    def _detach(self, dom: Any, name: str, item: dict[str, Any]) -> None:
+        """Detach is asynchronous: the guest must let go. Wait (bounded) until the device is gone."""
+        import libvirt
+
+        spec = KINDS["domain"].spec(name)
+        assert spec is not None and spec.binding is not None
+        key = "target" if name == "disks" else "mac"
+        # Detach by the live element, so libvirt matches exactly the device that is there.
+        live_root = parse_xml(dom.XMLDesc(0))
+        xpath = "devices/disk[@device='disk']" if name == "disks" else "devices/interface"
+        element = None
+        for node in live_root.findall(xpath):
+            found = node.find("target").get("dev") if name == "disks" else node.find("mac").get("address")  # type: ignore[union-attr]
+            if found == item.get(key):
+                element = node
+        if element is None:
+            return
+        dom.detachDeviceFlags(etree.tostring(element, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        deadline = time.monotonic() + DETACH_TIMEOUT
+        while time.monotonic() < deadline:
+            current = spec.binding.read(parse_xml(dom.XMLDesc(0)))
+            if all(entry.get(key) != item.get(key) for entry in current):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"the guest did not release {name[:-1]} {item.get(key)} within {DETACH_TIMEOUT:.0f}s")
+
+    def _set_state(self, ctx: ApplyContext, dom: Any, state: str) -> None:
+        import libvirt
+
+        current, _ = dom.state()
+        if state == "running":
+            if current == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+            elif current == libvirt.VIR_DOMAIN_PMSUSPENDED:
+                dom.pMWakeup(0)
+            elif not dom.isActive():
+                dom.create()
+        else:
+            stop(dom, ctx.shutdown_timeout)
+
+    def delete(self, ctx: ApplyContext, change: Change) -> None:
+        import libvirt
+
+        dom = _lookup(ctx, change)
+        if dom.isActive():
+            dom.destroy()  # the domain is going away with its disks: no need to wait for the guest
+        flags = (
+            libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+            | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+        )
+        dom.undefineFlags(flags)
+
+
+PROVIDER = DomainProvider()

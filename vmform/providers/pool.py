@@ -1,0 +1,81 @@
+"""Storage pools: define with a vmform-chosen UUID (recorded in the ledger first), build, start, autostart."""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from typing import Any
+
+from vmform.plan import Change
+from vmform.providers.base import ApplyContext, Provider
+from vmform.render.validate import validate
+from vmform.render.xml import render_pool, to_text
+
+
+def _lookup(ctx: ApplyContext, change: Change) -> Any:
+    conn = ctx.connections.get()
+    uuid = change.identity.get("uuid")
+    return conn.storagePoolLookupByUUIDString(uuid) if uuid else conn.storagePoolLookupByName(change.live_name or change.name)
+
+
+class PoolProvider(Provider):
+    kind = "pool"
+
+    def create(self, ctx: ApplyContext, change: Change) -> None:
+        import libvirt
+
+        assert change.after is not None
+        pool_uuid = str(uuidlib.uuid4())
+        root = render_pool(change.name, change.after, pool_uuid)
+        validate("pool", root, change.address)
+        # Recorded before it exists: a crash right after define still leaves it owned, never orphaned.
+        ctx.ledger.record("pool", change.address, {"name": change.name, "uuid": pool_uuid})
+        ctx.save_ledger()
+        conn = ctx.connections.get()
+        try:
+            pool = conn.storagePoolDefineXML(to_text(root))
+        except libvirt.libvirtError:
+            ctx.ledger.forget("pool", change.address)
+            ctx.save_ledger()
+            raise
+        try:
+            pool.build(0)
+            pool.create(0)
+        except libvirt.libvirtError:
+            pool.undefine()
+            ctx.ledger.forget("pool", change.address)
+            ctx.save_ledger()
+            raise
+        pool.setAutostart(1 if change.after.get("autostart", True) else 0)
+
+    def update(self, ctx: ApplyContext, change: Change) -> None:
+        assert change.after is not None
+        pool = _lookup(ctx, change)
+        if any(f.path == "autostart" for f in change.fields):
+            pool.setAutostart(1 if change.after["autostart"] else 0)
+        if not pool.isActive():
+            pool.create(0)
+
+    def delete(self, ctx: ApplyContext, change: Change) -> None:
+        import libvirt
+
+        pool = _lookup(ctx, change)
+        with ctx.pool_locks[change.live_name or change.name]:
+            if pool.isActive():
+                pool.refresh(0)
+                remaining = pool.listVolumes()
+                if remaining:
+                    raise RuntimeError(
+                        f"pool '{pool.name()}' still holds volumes vmform does not own ({', '.join(sorted(remaining)[:5])}); "
+                        "it is left in place"
+                    )
+                pool.destroy()
+            try:
+                pool.delete(0)  # removes the (now empty) directory
+            except libvirt.libvirtError:
+                pass
+            pool.undefine()
+        ctx.ledger.forget("pool", change.address)
+        ctx.save_ledger()
+
+
+PROVIDER = PoolProvider()

@@ -1,0 +1,116 @@
+"""Volumes: created through the storage API (qcow2 overlays state their backing format), images uploaded
+through the stream API so a remote host needs no shared filesystem, growth by resize."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from vmform.images import inspect_image
+from vmform.plan import Change
+from vmform.providers.base import ApplyContext, Provider
+from vmform.render.validate import validate
+from vmform.render.xml import render_volume, to_text
+
+UPLOAD_CHUNK = 4 * 1024 * 1024
+
+
+def _pool(ctx: ApplyContext, name: str) -> Any:
+    return ctx.connections.get().storagePoolLookupByName(name)
+
+
+class VolumeProvider(Provider):
+    kind = "volume"
+
+    def create(self, ctx: ApplyContext, change: Change) -> None:
+        import libvirt
+
+        after = change.after
+        assert after is not None
+        pool = _pool(ctx, after["pool"])
+        backing_path = None
+        capacity = after.get("size")
+        if after.get("backing"):
+            base = _pool(ctx, after["backing"]["pool"]).storageVolLookupByName(after["backing"]["volume"])
+            backing_path = base.path()
+            base_capacity = base.info()[1]
+            capacity = max(capacity or 0, base_capacity)
+        image = None
+        if after.get("source"):
+            image = inspect_image(after["source"], after["format"])
+            capacity = image.virtual_size
+        if capacity is None:
+            raise RuntimeError(f"{change.address}: needs a size (or a backing volume or source image)")
+        root = render_volume(change.name, after, capacity, backing_path)
+        validate("volume", root, change.address)
+        entry: dict[str, Any] = {"pool": after["pool"], "name": change.name}
+        if after.get("source_sha256"):
+            entry["source_sha256"] = after["source_sha256"]
+        # Recorded before it exists, so an interrupted apply never leaves an unowned volume behind.
+        ctx.ledger.record("volume", change.address, entry)
+        ctx.save_ledger()
+        with ctx.pool_locks[after["pool"]]:
+            try:
+                vol = pool.createXML(to_text(root), 0)
+            except libvirt.libvirtError:
+                ctx.ledger.forget("volume", change.address)
+                ctx.save_ledger()
+                raise
+            try:
+                if image is not None:
+                    self._upload(ctx, vol, after["source"])
+                    if after.get("size") and after["size"] > image.virtual_size:
+                        vol.resize(after["size"], 0)
+            except Exception:
+                vol.delete(0)
+                ctx.ledger.forget("volume", change.address)
+                ctx.save_ledger()
+                raise
+
+    def _upload(self, ctx: ApplyContext, vol: Any, path: str) -> None:
+        conn = ctx.connections.get()
+        size = os.path.getsize(path)
+        stream = conn.newStream(0)
+        vol.upload(stream, 0, size, 0)
+        try:
+            with open(path, "rb") as image:
+                remaining = size
+                while remaining > 0:
+                    chunk = image.read(min(UPLOAD_CHUNK, remaining))
+                    if not chunk:
+                        break
+                    sent = 0
+                    while sent < len(chunk):
+                        sent += stream.send(chunk[sent:])
+                    remaining -= len(chunk)
+            stream.finish()
+        except Exception:
+            stream.abort()
+            raise
+
+    def update(self, ctx: ApplyContext, change: Change) -> None:
+        after = change.after
+        assert after is not None
+        for field_change in change.fields:
+            if field_change.path == "size":
+                vol = _pool(ctx, after["pool"]).storageVolLookupByName(change.name)
+                with ctx.pool_locks[after["pool"]]:
+                    vol.resize(after["size"], 0)
+
+    def delete(self, ctx: ApplyContext, change: Change) -> None:
+        import libvirt
+
+        pool_name = change.identity.get("pool") or (change.before or {}).get("pool")
+        try:
+            vol = _pool(ctx, pool_name).storageVolLookupByName(change.live_name or change.name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
+                raise
+        else:
+            with ctx.pool_locks[pool_name]:
+                vol.delete(0)
+        ctx.ledger.forget("volume", change.address)
+        ctx.save_ledger()
+
+
+PROVIDER = VolumeProvider()

@@ -1,0 +1,58 @@
+"""What every resource kind declares: its manifest section, its fields, and how references bind."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmform.schema.types import NAME, FieldSpec, ListOf, Obj, Ref, Str, ValueType
+
+# Keys every resource accepts besides its kind's fields.
+META_FIELDS: tuple[FieldSpec, ...] = (
+    FieldSpec("name", NAME, "the libvirt object name (default: the manifest key)", compare=False),
+    FieldSpec("depends_on", ListOf(Str()), "addresses this resource waits for, e.g. [network.lan]", compare=False),
+)
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str  # "domain"
+    section: str  # "domains"
+    fields: tuple[FieldSpec, ...]
+    doc: str
+    # Resolve references (manifest names) into libvirt terms and fill derived defaults.
+    bind: Callable[[Any, Any], dict[str, Any]] = field(default=lambda resource, index: dict(resource.values))
+    # Extra checks across fields: yields (relative path, message).
+    check: Callable[[dict[str, Any]], Iterator[tuple[tuple[str | int, ...], str]]] | None = None
+
+    @property
+    def all_fields(self) -> tuple[FieldSpec, ...]:
+        return self.fields + META_FIELDS
+
+    def spec(self, name: str) -> FieldSpec | None:
+        for spec in self.fields:
+            if spec.name == name:
+                return spec
+        return None
+
+
+def references(value_type: ValueType, value: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], str, str]]:
+    """Every (path, kind, name) reference inside a parsed value, found from its declared type."""
+    if value is None:
+        return
+    if isinstance(value_type, Ref):
+        yield path, value_type.kind, value
+    elif isinstance(value_type, ListOf):
+        for index, item in enumerate(value):
+            yield from references(value_type.item, item, (*path, index))
+    elif isinstance(value_type, Obj):
+        for spec in value_type.fields:
+            if spec.name in value:
+                yield from references(spec.type, value[spec.name], (*path, spec.name))
+
+
+def field_references(fields: tuple[FieldSpec, ...], values: dict[str, Any]) -> Iterator[tuple[tuple[str | int, ...], str, str]]:
+    for spec in fields:
+        if spec.name in values:
+            yield from references(spec.type, values[spec.name], (spec.name,))

@@ -1,0 +1,134 @@
+"""Network fields."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+from typing import Any
+
+from lxml import etree
+
+from vmform.schema.kind import Kind
+from vmform.schema.types import Bool, Effect, Enum, FieldSpec, Int, IPv4Address, IPv4Interface, Obj, Str
+from vmform.schema.xmlbind import Attr, Element, XmlBinding, ensure
+
+MODES = ("isolated", "nat", "route", "open", "bridge")
+
+
+class Mode(XmlBinding):
+    def read(self, root: Element) -> Any:
+        forward = root.find("forward")
+        return "isolated" if forward is None else (forward.get("mode") or "nat")
+
+    def write(self, root: Element, value: Any) -> None:
+        forward = root.find("forward")
+        if value == "isolated":
+            if forward is not None:
+                root.remove(forward)
+            return
+        if forward is None or forward.get("mode") != value:
+            if forward is not None:
+                root.remove(forward)
+            forward = etree.SubElement(root, "forward", mode=value)
+
+
+def _ipv4(root: Element) -> Element | None:
+    for node in root.findall("ip"):
+        if node.get("family") in (None, "ipv4"):
+            return node
+    return None
+
+
+class IPv4(XmlBinding):
+    def read(self, root: Element) -> Any:
+        node = _ipv4(root)
+        if node is None or node.get("address") is None:
+            return None
+        prefix = node.get("prefix")
+        if prefix is None and node.get("netmask"):
+            prefix = str(ipaddress.IPv4Network(f"0.0.0.0/{node.get('netmask')}").prefixlen)
+        return str(ipaddress.IPv4Interface(f"{node.get('address')}/{prefix or 24}"))
+
+    def write(self, root: Element, value: Any) -> None:
+        node = _ipv4(root)
+        if value is None:
+            if node is not None:
+                root.remove(node)
+            return
+        if node is None:
+            node = etree.SubElement(root, "ip")
+        iface = ipaddress.IPv4Interface(value)
+        node.attrib.pop("netmask", None)
+        node.attrib.pop("family", None)
+        node.set("address", str(iface.ip))
+        node.set("prefix", str(iface.network.prefixlen))
+
+
+class Dhcp(XmlBinding):
+    def read(self, root: Element) -> Any:
+        node = _ipv4(root)
+        rng = node.find("dhcp/range") if node is not None else None
+        if rng is None:
+            return None
+        return {"start": rng.get("start"), "end": rng.get("end")}
+
+    def write(self, root: Element, value: Any) -> None:
+        node = _ipv4(root)
+        if node is None:
+            return  # check() refuses dhcp without ipv4
+        if value is None:
+            dhcp = node.find("dhcp")
+            if dhcp is not None:
+                for rng in dhcp.findall("range"):
+                    dhcp.remove(rng)
+                if len(dhcp) == 0:
+                    node.remove(dhcp)
+            return
+        dhcp = ensure(node, "dhcp")
+        for rng in dhcp.findall("range"):
+            dhcp.remove(rng)
+        dhcp.insert(0, etree.Element("range", start=value["start"], end=value["end"]))
+
+
+FIELDS: tuple[FieldSpec, ...] = (
+    FieldSpec("mode", Enum(MODES), "isolated (no forwarding), nat, route, open, or bridge (an existing host bridge)",
+              xml="forward/@mode", default="isolated", binding=Mode()),
+    FieldSpec("bridge", Str(pattern=r"[A-Za-z0-9_.-]{1,15}", hint="at most 15 letters, digits, _.-"),
+              "bridge device name (default: libvirt picks virbrN); for mode bridge, the existing host bridge",
+              xml="bridge/@name", binding=Attr("bridge", "name")),
+    FieldSpec("ipv4", IPv4Interface(), "the host's address and prefix on the network, e.g. 10.40.0.1/24",
+              xml="ip/@address, ip/@prefix", binding=IPv4()),
+    FieldSpec("dhcp", Obj((FieldSpec("start", IPv4Address(), "first leased address", required=True),
+                           FieldSpec("end", IPv4Address(), "last leased address", required=True))),
+              "DHCP range", xml="ip/dhcp/range", binding=Dhcp()),
+    FieldSpec("mtu", Int(68, 65535), "MTU of the bridge", xml="mtu/@size", binding=Attr("mtu", "size", int, str)),
+    FieldSpec("domain", Str(pattern=r"[A-Za-z0-9.-]{1,253}", hint="a DNS domain name"), "DNS domain of the network",
+              xml="domain/@name", binding=Attr("domain", "name")),
+    FieldSpec("autostart", Bool(), "start with the host", effect=Effect.LIVE, default=True),
+)
+
+
+def check(values: dict[str, Any]) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    mode = values.get("mode", "isolated")
+    if mode == "bridge":
+        if not values.get("bridge"):
+            yield ("mode",), "mode bridge needs 'bridge': the name of an existing host bridge"
+        for key in ("ipv4", "dhcp", "domain"):
+            if key in values:
+                yield (key,), f"'{key}' does not apply to mode bridge (the host bridge's own network serves it)"
+    if "dhcp" in values:
+        if "ipv4" not in values:
+            yield ("dhcp",), "dhcp needs ipv4 (the network's own address and prefix)"
+        else:
+            net = ipaddress.IPv4Interface(values["ipv4"]).network
+            start, end = (ipaddress.IPv4Address(values["dhcp"][k]) for k in ("start", "end"))
+            for key, addr in (("start", start), ("end", end)):
+                if addr not in net:
+                    yield ("dhcp", key), f"{addr} is outside the network {net}"
+            if start > end:
+                yield ("dhcp",), f"dhcp start {start} is after end {end}"
+    if mode in ("nat", "route", "open") and "ipv4" not in values:
+        yield ("mode",), f"mode {mode} needs ipv4 (the network's own address and prefix)"
+
+
+KIND = Kind("network", "networks", FIELDS, "a libvirt virtual network", check=check)

@@ -1,0 +1,30 @@
+"""Storage pool fields."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from vmform.schema.kind import Kind
+from vmform.schema.types import Bool, Effect, Enum, FieldSpec, Str
+from vmform.schema.xmlbind import Attr, Text
+
+FIELDS: tuple[FieldSpec, ...] = (
+    FieldSpec("type", Enum(("dir",)), "pool type", effect=Effect.REPLACE, xml="pool/@type", default="dir",
+              binding=Attr(".", "type")),
+    FieldSpec("path", Str(pattern=r"/[^\x00]*", hint="an absolute path"), "directory holding the volumes",
+              effect=Effect.REPLACE, xml="target/path", required=True, binding=Text("target/path", os.path.normpath)),
+    FieldSpec("autostart", Bool(), "start with the host", effect=Effect.LIVE, default=True),
+)
+
+
+def check(values: dict[str, Any]) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    path = values.get("path")
+    if path is not None:
+        if os.path.normpath(path) == "/" or ".." in path.split("/"):
+            yield ("path",), f"'{path}' is not an acceptable pool directory"
+        values["path"] = os.path.normpath(path)
+
+
+KIND = Kind("pool", "pools", FIELDS, "a storage pool", check=check)
