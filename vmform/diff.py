@@ -46,12 +46,13 @@ def _domain_effect(spec: FieldSpec, desired: dict[str, Any], live: LiveObject) -
         return Effect.LIVE  # nothing runs: the new definition is all there is
     if spec.name in ("state", "autostart", "description"):
         return Effect.LIVE
+    running = live.running_values
     if spec.name == "memory":
-        fits = desired["memory"] <= live.values.get("max_memory", 0) and desired["max_memory"] == live.values.get("max_memory")
-        return Effect.LIVE if fits else Effect.RESTART
+        return Effect.LIVE if desired["memory"] <= (running.get("max_memory") or 0) else Effect.RESTART
     if spec.name == "vcpus":
-        fits = desired["vcpus"] <= (live.values.get("max_vcpus") or 0) and desired["max_vcpus"] == live.values.get("max_vcpus")
-        return Effect.LIVE if fits else Effect.RESTART
+        # Hot-unplugging a vCPU needs the guest's help and many machine types refuse it: only growth is live.
+        grows = (running.get("vcpus") or 0) <= desired["vcpus"] <= (running.get("max_vcpus") or 0)
+        return Effect.LIVE if grows else Effect.RESTART
     return Effect.RESTART
 
 
@@ -92,12 +93,14 @@ def _comparable(live_item: dict[str, Any], desired_item: dict[str, Any]) -> dict
     return {k: live_item.get(k) for k in desired_item}
 
 
-def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], list[str]]:
-    """Field changes needed to turn live into desired, and the fields that force a replace."""
+def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], list[str], list[str]]:
+    """Field changes needed to turn live into desired, the fields that force a replace, and the fields
+    whose new value waits for the running object's restart."""
     kind = resource.kind.name
     desired = resource.desired
     changes: list[FieldChange] = []
     forcing: list[str] = []
+    pending: list[str] = []
     for spec in resource.kind.fields:
         if not spec.compare or spec.name not in desired:
             continue
@@ -115,20 +118,31 @@ def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], li
             running = live.running_values.get(spec.name) if live.active and live.running_values else None
             changes.extend(_list_changes(kind, spec, list_key, before, after, live, running))
             continue
-        running_value = live.running_values.get(spec.name, before) if live.running_values else before
-        if before == after and running_value == after:
-            continue
         if kind == "volume" and spec.name == "size" and before is not None and after < before:
             raise PlanError(
                 f"{resource.address}: size {display(spec, after)} is smaller than the volume's {display(spec, before)}; "
                 "shrinking a disk image loses data and is refused"
             )
+        running_value = live.running_values.get(spec.name, before) if live.active and live.running_values else before
+        if before == after and running_value == after:
+            continue
         effect = _effect(kind, spec, desired, live)
         if spec.effect is Effect.REPLACE:
             effect = Effect.REPLACE
             forcing.append(spec.name)
-        changes.append(_field(spec, spec.name, running_value if before == after else before, after, effect))
-    return changes, forcing
+        if before == after:
+            # The persistent config is already right; only the running domain lags behind.
+            if kind == "domain" and spec.name == "memory":
+                # libvirt reports the balloon's actual size; a guest without a balloon driver never
+                # reaches the target vmform set, and asking again would change nothing.
+                pending.append(f"memory (the guest reports {display(spec, running_value)}, target {display(spec, after)})")
+            elif effect is Effect.LIVE:
+                changes.append(_field(spec, spec.name, running_value, after, effect))
+            else:
+                pending.append(spec.name)
+            continue
+        changes.append(_field(spec, spec.name, before, after, effect))
+    return changes, forcing, pending
 
 
 def _collision(resource: Resource, live: LiveObject) -> PlanError:
@@ -163,6 +177,7 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
     owned = live.owned()
     errors: list[PlanError] = []
     changes: dict[str, Change] = {}
+    notes: list[str] = []
 
     for address in order:
         resource = manifests.resources[address]
@@ -179,10 +194,12 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
             changes[address] = Change(address, kind, resource.libvirt_name, Action.CREATE, after=resource.desired)
             continue
         try:
-            field_changes, forcing = compare(resource, current)
+            field_changes, forcing, pending = compare(resource, current)
         except PlanError as exc:
             errors.append(exc)
             continue
+        if pending:
+            notes.append(f"{address}: {', '.join(pending)}: configured, takes full effect at the next restart")
         renamed = current.name != resource.libvirt_name
         if renamed:
             forcing.append("name")
@@ -229,7 +246,7 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
     )
     if targets:
         final = _limit_to_targets(final, targets)
-    return Plan(manifests.project, live.uri, final)
+    return Plan(manifests.project, live.uri, final, tuple(notes))
 
 
 def _order(changes: dict[str, Change], dependents: dict[str, set[str]], order: list[str]) -> list[Change]:

@@ -76,11 +76,8 @@ def read_domain(dom: libvirt.virDomain, project: str) -> LiveObject:
     running: dict[str, Any] = {}
     if active:
         running_root = parse_xml(dom.XMLDesc(0))
-        for name in ("memory", "vcpus", "disks", "interfaces", "description"):
-            spec = KINDS["domain"].spec(name)
-            assert spec is not None and spec.binding is not None
-            running[name] = spec.binding.read(running_root)
-        running["description"] = running["description"] or ""
+        running = _read_bound("domain", running_root)
+        running["description"] = running.get("description") or ""
     owner = read_owner(config)
     obj = LiveObject("domain", dom.name(), values, {"uuid": dom.UUIDString()}, active=active, running_values=running)
     _set_owner(obj, owner, project)

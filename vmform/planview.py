@@ -72,7 +72,7 @@ def _change_lines(change: Change) -> list[str]:
 def plan_lines(plan: Plan) -> list[str]:
     """Rich-markup lines; the console strips the markup when colour is off."""
     if plan.empty:
-        return ["[green]No changes.[/green] The host matches the manifests."]
+        return ["[green]No changes.[/green] The host matches the manifests.", *(_escape(n) for n in plan.notes)]
     lines = [f"vmform will perform the following actions on {_escape(plan.host_uri)}:", ""]
     for change in plan.changes:
         lines.extend(_change_lines(change))

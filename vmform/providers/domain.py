@@ -144,7 +144,10 @@ class DomainProvider(Provider):
             if all(entry.get(key) != item.get(key) for entry in current):
                 return
             time.sleep(0.2)
-        raise RuntimeError(f"the guest did not release {name[:-1]} {item.get(key)} within {DETACH_TIMEOUT:.0f}s")
+        raise RuntimeError(
+            f"the guest did not release {name[:-1]} {item.get(key)} within {DETACH_TIMEOUT:.0f}s (guests without "
+            "ACPI hotplug support never do); it is gone from the configuration and leaves at the next restart"
+        )
 
     def _set_state(self, ctx: ApplyContext, dom: Any, state: str) -> None:
         import libvirt
