@@ -48,6 +48,7 @@ class Manifests:
     project: str
     resources: dict[str, Resource] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    invalid: set[str] = field(default_factory=set)  # addresses declared with errors (already reported)
 
     def get(self, kind: str, key: str) -> Resource | None:
         return self.resources.get(f"{kind}.{key}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 _BINARY = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4, "pib": 1024**5}
 _DECIMAL = {"kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4, "pb": 1000**5}
@@ -37,9 +38,9 @@ def parse_size(text: str | int) -> int:
             f"'{text}' uses a decimal unit; vmform sizes are binary: write {number}{binary} (or bytes)"
         )
     if unit not in _BINARY:
-        raise SizeSyntaxError(f"'{text}' has an unknown unit '{match.group(2)}'; use B, KiB, MiB, GiB or TiB")
-    value = float(number) * _BINARY[unit]
-    if value != int(value):
+        raise SizeSyntaxError(f"'{text}' has an unknown unit '{match.group(2)}'; use B, KiB, MiB, GiB, TiB or PiB")
+    value = Fraction(number) * _BINARY[unit]  # exact: floats round sizes above 2**53
+    if value.denominator != 1:
         raise SizeSyntaxError(f"'{text}' is not a whole number of bytes")
     return int(value)
 

@@ -11,7 +11,7 @@ Case file syntax (all in YAML comments, so the case stays a plain manifest):
 * ``# expect-resources: <address> ...`` -- after a clean load, exactly these resource addresses exist.
 * ``# expect-error-count: <n>`` -- the load reports exactly n errors.
 
-Cases whose file name starts with ``bug_`` pin down library bugs found while writing these tests.
+Cases whose file name starts with ``regression_`` pin down library bugs that were found and fixed.
 """
 
 from __future__ import annotations
@@ -389,7 +389,7 @@ def test_default_mac_does_not_move_when_a_mac_is_added_elsewhere(
 # --- library bugs found while writing these tests (expected to fail until fixed) -------------------------
 
 
-def test_bug_default_lists_are_shared_between_resources(load_files: Callable[..., Manifests]) -> None:
+def test_regression_default_lists_are_shared_between_resources(load_files: Callable[..., Manifests]) -> None:
     """LIBRARY BUG: FieldSpec defaults are shared mutable objects (boot default=["hd"], disks/interfaces
     default=[]): parse_fields puts the same list into every resource, and domain.bind hands the very same
     boot list out as desired["boot"]. Mutating one domain's desired value changes every other domain's,
@@ -405,7 +405,7 @@ def test_bug_default_lists_are_shared_between_resources(load_files: Callable[...
         web["boot"].remove("cdrom")  # do not poison the other tests while the bug exists
 
 
-def test_bug_control_character_is_a_manifest_error(load_errors: Callable[..., ManifestErrors]) -> None:
+def test_regression_control_character_is_a_manifest_error(load_errors: Callable[..., ManifestErrors]) -> None:
     """LIBRARY BUG: a non-printable character makes yaml.SafeLoader(text) raise ReaderError in
     load_yaml *before* its try block, so the raw yaml.reader.ReaderError escapes load_manifests."""
     errors = load_errors({"ctl.yaml": b'pools:\n  lab: {path: "/srv/\x01"}\n'}).errors
@@ -413,7 +413,7 @@ def test_bug_control_character_is_a_manifest_error(load_errors: Callable[..., Ma
     assert errors[0].position is not None and errors[0].position.file.endswith("ctl.yaml")
 
 
-def test_bug_positions_are_relative_to_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_regression_positions_are_relative_to_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """LIBRARY BUG: _display_path ignores `root` (both branches are relative to the cwd)."""
     project = tmp_path / "project"
     elsewhere = tmp_path / "elsewhere"
@@ -428,7 +428,7 @@ def test_bug_positions_are_relative_to_root(tmp_path: Path, monkeypatch: pytest.
     assert info.value.errors[0].position.file == str(Path("vms") / "web.yaml")
 
 
-def test_bug_more_than_26_disks_without_targets(load_files: Callable[..., Manifests]) -> None:
+def test_regression_more_than_26_disks_without_targets(load_files: Callable[..., Manifests]) -> None:
     """LIBRARY BUG: domain.bind picks default targets with next() over vda..vdz only; the 27th disk
     raises StopIteration out of load_manifests (the target pattern itself allows vdaa)."""
     volumes = "".join(f"  v{n}: {{pool: lab, size: 1GiB}}\n" for n in range(27))
@@ -443,7 +443,7 @@ def test_bug_more_than_26_disks_without_targets(load_files: Callable[..., Manife
     assert len(set(targets)) == 27
 
 
-def test_bug_unquoted_mac_error_shows_what_was_written(load_errors: Callable[..., ManifestErrors]) -> None:
+def test_regression_unquoted_mac_error_shows_what_was_written(load_errors: Callable[..., ManifestErrors]) -> None:
     """LIBRARY BUG (message): YAML 1.1 reads an unquoted all-digit MAC as a base-60 integer, and the error
     quotes that integer ('41135085296'), which the user never wrote."""
     errors = load_errors(

@@ -33,8 +33,9 @@ class _Collector:
 
 
 def _display_path(path: Path, root: Path | None) -> str:
+    """Paths in messages are relative to the project root (as they appear in the repository)."""
     try:
-        return os.path.relpath(path) if root is None else os.path.relpath(path, Path.cwd())
+        return os.path.relpath(path, root) if root is not None else os.path.relpath(path)
     except ValueError:
         return str(path)
 
@@ -109,6 +110,7 @@ def _load_resource(
         values = parse_fields(kind.all_fields, raw)
     except FieldError as exc:
         collector.field_errors(exc, source, path)
+        manifests.invalid.add(f"{kind.name}.{key}")  # declared, though wrong: references to it are fine
         return
     if kind.check is not None:
         for relative, message in kind.check(values):
@@ -133,13 +135,13 @@ def _check_references(manifests: Manifests, collector: _Collector) -> None:
     names: dict[tuple[str, str], str] = {}
     for resource in manifests.resources.values():
         for relative, kind, name in field_references(resource.kind.fields, resource.values):
-            if manifests.get(kind, name) is None:
+            if manifests.get(kind, name) is None and f"{kind}.{name}" not in manifests.invalid:
                 known = [r.key for r in manifests.of_kind(kind)]
                 hint = did_you_mean(name, known)
                 collector.add(f"{resource.address} refers to {kind} '{name}', which is not declared{hint}",
                               resource.position(*relative))
         for number, address in enumerate(resource.depends_on):
-            if address not in manifests.resources:
+            if address not in manifests.resources and address not in manifests.invalid:
                 hint = did_you_mean(address, list(manifests.resources))
                 collector.add(f"depends_on: no resource '{address}'{hint}", resource.position("depends_on", number))
         # Two resources of a kind may not share a libvirt object (volumes: within their pool).

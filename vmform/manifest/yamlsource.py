@@ -68,8 +68,10 @@ class _Converter:
             raise ManifestError("recursive YAML alias", _position(self.file, node.start_mark))
         self.source.values[path] = _position(self.file, node.start_mark)
         if isinstance(node, yaml.MappingNode):
-            self.loader.flatten_mapping(node)  # applies YAML merge keys (<<)
+            explicit = {id(key) for key, _ in node.value if key.tag != "tag:yaml.org,2002:merge"}
+            self.loader.flatten_mapping(node)  # applies YAML merge keys (<<); merged pairs come first
             result: dict[str, Any] = {}
+            merged: set[str] = set()
             inner = active | {id(node)}
             for key_node, value_node in node.value:
                 if not isinstance(key_node, yaml.ScalarNode):
@@ -83,13 +85,17 @@ class _Converter:
                             ManifestError(f"mapping key {key_node.value!r} must be a string", _position(self.file, key_node.start_mark))
                         )
                         continue
-                if key in result:
+                if key in result and key in merged and id(key_node) in explicit:
+                    merged.discard(key)  # an explicit key overrides a merged one, as YAML says
+                elif key in result:
                     first = self.source.keys.get((*path, key))
                     where = f" (first at line {first.line})" if first else ""
                     self.errors.append(
                         ManifestError(f"duplicate key '{key}'{where}", _position(self.file, key_node.start_mark))
                     )
                     continue
+                if id(key_node) not in explicit:
+                    merged.add(key)
                 self.source.keys[(*path, key)] = _position(self.file, key_node.start_mark)
                 result[key] = self.convert(value_node, (*path, key), inner)
             return result
@@ -104,10 +110,11 @@ class _Converter:
 
 def load_yaml(text: str, file: str) -> tuple[list[YamlDocument], list[ManifestError]]:
     """Every document of a YAML stream, converted, with the errors found on the way."""
-    loader = yaml.SafeLoader(text)
     documents: list[YamlDocument] = []
     errors: list[ManifestError] = []
+    loader: yaml.SafeLoader | None = None
     try:
+        loader = yaml.SafeLoader(text)
         while loader.check_node():
             node = loader.get_node()
             if node is None:
@@ -127,5 +134,6 @@ def load_yaml(text: str, file: str) -> tuple[list[YamlDocument], list[ManifestEr
     except yaml.YAMLError as exc:  # reader errors (bad characters) carry no mark
         errors.append(ManifestError(f"YAML error: {exc}", Position(file, 1, 1)))
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return documents, errors

@@ -31,6 +31,16 @@ BOOT_DEVICES = ("hd", "cdrom", "network", "fd")
 _DEV_PREFIX = {"virtio": "vd", "sata": "sd", "scsi": "sd", "usb": "sd", "ide": "hd"}
 
 
+def _device_names(prefix: str) -> Iterator[str]:
+    """vda … vdz, vdaa … vdzz: the names the kernel gives disks, in order."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for first in letters:
+        yield prefix + first
+    for first in letters:
+        for second in letters:
+            yield prefix + first + second
+
+
 def _vcpu_read_current(root: Element) -> Any:
     node = root.find("vcpu")
     if node is None or node.text is None:
@@ -342,7 +352,7 @@ def bind(resource: Any, index: Any) -> dict[str, Any]:
         target = disk.get("target")
         if not target:
             prefix = _DEV_PREFIX[disk["bus"]]
-            target = next(f"{prefix}{chr(97 + n)}" for n in range(26) if f"{prefix}{chr(97 + n)}" not in used)
+            target = next(name for name in _device_names(prefix) if name not in used)
             used.add(target)
         disks.append({
             "pool": pool.libvirt_name if pool is not None else None,

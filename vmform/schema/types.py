@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import ipaddress
 import re
@@ -164,6 +165,9 @@ class Size(ValueType):
 @dataclass(frozen=True)
 class Mac(ValueType):
     def parse(self, raw: Any) -> str:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            # YAML 1.1 reads an unquoted 52:54:00:12:34:56 as a base-60 number.
+            raise FieldError('a MAC address must be quoted, e.g. mac: "52:54:00:12:34:56"')
         text = Str().parse(raw).lower()
         if not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", text):
             raise FieldError(f"'{raw}' is not a MAC address like 52:54:00:12:34:56")
@@ -314,7 +318,7 @@ def parse_fields(specs: tuple[FieldSpec, ...], raw: Mapping[str, Any], extra_key
             if spec.required:
                 problems.append(FieldError(f"'{spec.name}' is required ({spec.doc})"))
             elif spec.default is not None:
-                values[spec.name] = spec.default
+                values[spec.name] = copy.deepcopy(spec.default)  # never share a default list between resources
             continue
         try:
             values[spec.name] = spec.type.parse(raw[spec.name])

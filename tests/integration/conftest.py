@@ -1,0 +1,129 @@
+"""Integration fixtures: a vmform project in a temp dir, driven through the real CLI against the real
+libvirt daemon. Every object is named vmftest-<id>-… and removed at teardown, even when the test fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+URI = os.environ.get("VMFORM_TEST_URI", "qemu:///system")
+
+
+def _libvirt() -> Any:
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    return libvirt
+
+
+@pytest.fixture(scope="session")
+def conn() -> Iterator[Any]:
+    libvirt = _libvirt()
+    try:
+        connection = libvirt.open(URI)
+    except libvirt.libvirtError as exc:  # pragma: no cover - the suite needs the daemon
+        pytest.fail(f"the integration tests need libvirtd at {URI}: {exc}")
+    yield connection
+    connection.close()
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+class TestProject:
+    """A vmform project whose libvirt objects all start with ``prefix``."""
+
+    def __init__(self, root: Path, prefix: str, conn: Any) -> None:
+        self.root = root
+        self.prefix = prefix
+        self.conn = conn
+        self.bridge_prefix = "vmft" + prefix.split("-")[1][:6]  # bridge names: at most 15 characters
+        (root / "vmform.toml").write_text(
+            f'[project]\nname = "{prefix}"\nuri = "{URI}"\nmanifests = ["*.yaml"]\nparallelism = 4\nshutdown_timeout = 5\n'
+        )
+
+    def write(self, text: str, name: str = "main.yaml") -> None:
+        body = textwrap.dedent(text).replace("PFX", self.prefix).replace("BRP", self.bridge_prefix)
+        (self.root / name).write_text(body)
+
+    def run(self, *args: str, check: bool | None = None) -> Result:
+        env = {**os.environ, "NO_COLOR": "1"}
+        completed = subprocess.run(
+            [sys.executable, "-m", "vmform", "-C", str(self.root), *args],
+            capture_output=True, text=True, env=env, timeout=600, stdin=subprocess.DEVNULL,
+        )
+        result = Result(completed.returncode, completed.stdout, completed.stderr)
+        if check is True and result.code != 0:
+            raise AssertionError(f"vmform {' '.join(args)} exited {result.code}\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def plan_json(self) -> dict[str, Any]:
+        result = self.run("plan", "--json", check=True)
+        return json.loads(result.stdout)
+
+    def apply(self) -> Result:
+        return self.run("apply", "--auto-approve", check=True)
+
+    def cleanup(self) -> None:
+        """Remove every libvirt object carrying this test's prefix (and only those)."""
+        libvirt = _libvirt()
+        conn = self.conn
+        for dom in conn.listAllDomains():
+            if dom.name().startswith(self.prefix):
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+        for pool in conn.listAllStoragePools():
+            if pool.name().startswith(self.prefix):
+                if pool.isActive():
+                    for vol in pool.listAllVolumes():
+                        vol.delete(0)
+                    pool.destroy()
+                try:
+                    pool.delete(0)
+                except libvirt.libvirtError:
+                    pass
+                pool.undefine()
+        for net in conn.listAllNetworks():
+            if net.name().startswith(self.prefix):
+                if net.isActive():
+                    net.destroy()
+                net.undefine()
+        for secret in conn.listAllSecrets():
+            if (secret.usageID() or "").startswith(f"vmform/{self.prefix}/"):
+                secret.undefine()
+
+    def leftovers(self) -> list[str]:
+        found = [f"domain {d.name()}" for d in self.conn.listAllDomains() if d.name().startswith(self.prefix)]
+        found += [f"network {n.name()}" for n in self.conn.listAllNetworks() if n.name().startswith(self.prefix)]
+        found += [f"pool {p.name()}" for p in self.conn.listAllStoragePools() if p.name().startswith(self.prefix)]
+        found += [f"secret {s.usageID()}" for s in self.conn.listAllSecrets() if (s.usageID() or "").startswith(f"vmform/{self.prefix}/")]
+        return found
+
+
+@pytest.fixture
+def project(tmp_path: Path, conn: Any) -> Iterator[TestProject]:
+    prefix = f"vmftest-{secrets.token_hex(3)}"
+    test_project = TestProject(tmp_path, prefix, conn)
+    test_project.pool_dir = tmp_path / "pool"  # type: ignore[attr-defined]
+    try:
+        yield test_project
+    finally:
+        test_project.cleanup()

@@ -1,0 +1,3 @@
+from vmform.cli import main
+
+main()
