@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 URI = os.environ.get("VMFORM_TEST_URI", "qemu:///system")
+POOL_ROOT = Path(os.environ.get("VMFORM_TEST_POOL_ROOT", "/var/lib/vmform-test"))
 
 
 def _libvirt() -> Any:
@@ -55,6 +57,8 @@ class TestProject:
         self.prefix = prefix
         self.conn = conn
         self.bridge_prefix = "vmft" + prefix.split("-")[1][:6]  # bridge names: at most 15 characters
+        # QEMU runs as another user: pools live where it can reach them, not in pytest's private tmp.
+        self.pool_dir = POOL_ROOT / prefix
         (root / "vmform.toml").write_text(
             f'[project]\nname = "{prefix}"\nuri = "{URI}"\nmanifests = ["*.yaml"]\nparallelism = 4\nshutdown_timeout = 5\n'
         )
@@ -122,8 +126,8 @@ class TestProject:
 def project(tmp_path: Path, conn: Any) -> Iterator[TestProject]:
     prefix = f"vmftest-{secrets.token_hex(3)}"
     test_project = TestProject(tmp_path, prefix, conn)
-    test_project.pool_dir = tmp_path / "pool"  # type: ignore[attr-defined]
     try:
         yield test_project
     finally:
         test_project.cleanup()
+        shutil.rmtree(test_project.pool_dir, ignore_errors=True)
