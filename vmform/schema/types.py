@@ -134,7 +134,7 @@ class Enum(ValueType):
         return raw
 
     def describe(self) -> str:
-        return " \\| ".join(self.choices)
+        return " | ".join(self.choices)
 
     def display(self, value: Any) -> str:
         return f'"{value}"'

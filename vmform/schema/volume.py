@@ -12,7 +12,8 @@ from vmform.schema.types import Effect, Enum, FieldSpec, Ref, Size, Str
 from vmform.schema.xmlbind import Attr, SizeText
 
 FIELDS: tuple[FieldSpec, ...] = (
-    FieldSpec("pool", Ref("pool"), "the pool holding the volume", effect=Effect.REPLACE, required=True),
+    FieldSpec("pool", Ref("pool"), "the pool holding the volume", effect=Effect.REPLACE, required=True,
+              xml="(the pool it lives in)"),
     FieldSpec("format", Enum(("qcow2", "raw")), "image format", effect=Effect.REPLACE, xml="target/format/@type",
               default="qcow2", binding=Attr("target/format", "type")),
     FieldSpec("size", Size(minimum=1024**2), "virtual size (default: the backing image's or the source's size)",
@@ -21,7 +22,7 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("backing", Ref("volume"), "volume this one is a qcow2 overlay of", effect=Effect.REPLACE,
               xml="backingStore/path"),
     FieldSpec("source", Str(), "local image file uploaded into the volume through libvirt (path relative to the manifest)",
-              effect=Effect.REPLACE),
+              effect=Effect.REPLACE, xml="(content digest kept in vmform's ledger)"),
 )
 
 
