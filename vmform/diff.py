@@ -66,7 +66,7 @@ def _effect(kind: str, spec: FieldSpec, desired: dict[str, Any], live: LiveObjec
     return spec.effect
 
 
-def _list_changes(kind: str, spec: FieldSpec, key: str, before: list[Any], after: list[Any], live: LiveObject,
+def _list_changes(kind: str, spec: FieldSpec, key: str, before: list[Any] | None, after: list[Any], live: LiveObject,
                   running: list[Any] | None) -> list[FieldChange]:
     changes: list[FieldChange] = []
     before_by = {item.get(key): item for item in before or []}

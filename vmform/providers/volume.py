@@ -100,7 +100,7 @@ class VolumeProvider(Provider):
     def delete(self, ctx: ApplyContext, change: Change) -> None:
         import libvirt
 
-        pool_name = change.identity.get("pool") or (change.before or {}).get("pool")
+        pool_name = str(change.identity.get("pool") or (change.before or {}).get("pool"))
         try:
             vol = _pool(ctx, pool_name).storageVolLookupByName(change.live_name or change.name)
         except libvirt.libvirtError as exc:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from lxml import etree
 
 from vmform.units import libvirt_to_bytes
 
-Element = etree._Element
+# lxml ships no type information of its own; elements are typed loosely.
+Element: TypeAlias = Any
 
 
 def ensure(root: Element, path: str) -> Element:
