@@ -58,6 +58,10 @@ class ValueType:
         return str(value)
 
 
+# Characters XML 1.0 cannot carry at all: refused at load time, never a crash at render time.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
 @dataclass(frozen=True)
 class Str(ValueType):
     pattern: str | None = None
@@ -68,8 +72,9 @@ class Str(ValueType):
         if isinstance(raw, bool) or raw is None or isinstance(raw, list | dict):
             raise FieldError(f"expected a string, got {_type_name(raw)}")
         text = str(raw)
-        if "\x00" in text:
-            raise FieldError("a NUL character is not allowed here")
+        bad = _NOT_XML.search(text)
+        if bad:
+            raise FieldError(f"character U+{ord(bad.group()):04X} is not allowed here (libvirt's XML cannot hold it)")
         if len(text) > self.max_length:
             raise FieldError(f"too long ({len(text)} characters, at most {self.max_length})")
         if self.pattern and not re.fullmatch(self.pattern, text):
@@ -143,6 +148,7 @@ class Enum(ValueType):
 @dataclass(frozen=True)
 class Size(ValueType):
     minimum: int = 0
+    multiple: int = 1  # libvirt keeps memory in KiB: anything finer would never converge
 
     def parse(self, raw: Any) -> int:
         if raw is None or isinstance(raw, list | dict | float):
@@ -153,6 +159,8 @@ class Size(ValueType):
             raise FieldError(str(exc)) from None
         if size < self.minimum:
             raise FieldError(f"{format_size(size)} is too small (at least {format_size(self.minimum)})")
+        if size % self.multiple:
+            raise FieldError(f"{raw} is not a whole number of {format_size(self.multiple)}")
         return size
 
     def describe(self) -> str:

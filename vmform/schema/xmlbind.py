@@ -55,7 +55,7 @@ class Text(XmlBinding):
         node = root.find(self.path)
         if node is None or node.text is None:
             return None
-        return self.to_value(node.text.strip())
+        return self.to_value(node.text)  # exact: whitespace a user wrote is part of the value
 
     def write(self, root: Element, value: Any) -> None:
         if value is None:
