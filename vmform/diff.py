@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vmform.errors import PlanError, PlanErrors
@@ -15,8 +16,13 @@ if TYPE_CHECKING:
 
     from vmform.model import Manifests, Resource
 
-# List fields whose items are matched by a key, so one added NIC is one change, not a new list.
-LIST_KEYS = {("domain", "disks"): "target", ("domain", "interfaces"): "mac"}
+# List fields whose items are matched by a key, so one added NIC is one change, not a new list; and how a
+# change to one item takes effect on a running object (adding and removing one is always live).
+LIST_KEYS: dict[tuple[str, str], tuple[str, Effect]] = {
+    ("domain", "disks"): ("target", Effect.RESTART),
+    ("domain", "interfaces"): ("mac", Effect.RESTART),
+    ("network", "dhcp_hosts"): ("mac", Effect.LIVE),
+}
 
 
 def display(spec: FieldSpec | None, value: Any) -> str:
@@ -67,7 +73,7 @@ def _effect(kind: str, spec: FieldSpec, desired: dict[str, Any], live: LiveObjec
 
 
 def _list_changes(kind: str, spec: FieldSpec, key: str, before: list[Any] | None, after: list[Any], live: LiveObject,
-                  running: list[Any] | None) -> list[FieldChange]:
+                  running: list[Any] | None, modify_effect: Effect = Effect.RESTART) -> list[FieldChange]:
     changes: list[FieldChange] = []
     before_by = {item.get(key): item for item in before or []}
     after_by = {item.get(key): item for item in after}
@@ -78,7 +84,7 @@ def _list_changes(kind: str, spec: FieldSpec, key: str, before: list[Any] | None
         if old is None or item_key not in running_by:
             changes.append(_field(spec, path, old, item, Effect.LIVE))
         elif _comparable(old, item) != item or _comparable(running_by[item_key], item) != item:
-            changes.append(_field(spec, path, old, item, Effect.RESTART if live.active else Effect.LIVE))
+            changes.append(_field(spec, path, old, item, modify_effect if live.active else Effect.LIVE))
     for item_key, item in before_by.items():
         if item_key not in after_by:
             changes.append(_field(spec, f"{spec.name}[{item_key}]", item, None, Effect.LIVE))
@@ -101,8 +107,9 @@ def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], li
     changes: list[FieldChange] = []
     forcing: list[str] = []
     pending: list[str] = []
+    ignored = set((resource.values.get("lifecycle") or {}).get("ignore_changes") or [])
     for spec in resource.kind.fields:
-        if not spec.compare or spec.name not in desired:
+        if not spec.compare or spec.name not in desired or spec.name in ignored:
             continue
         after = desired[spec.name]
         before = live.values.get(spec.name)
@@ -113,10 +120,12 @@ def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], li
                 changes.append(_field(spec, "source", live.values.get("source_sha256"), after_digest, Effect.REPLACE))
                 forcing.append("source")
             continue
+        if spec.name in ignored:
+            continue
         list_key = LIST_KEYS.get((kind, spec.name))
         if list_key is not None:
             running = live.running_values.get(spec.name) if live.active and live.running_values else None
-            changes.extend(_list_changes(kind, spec, list_key, before, after, live, running))
+            changes.extend(_list_changes(kind, spec, list_key[0], before, after, live, running, list_key[1]))
             continue
         if kind == "volume" and spec.name == "size" and before is not None and after < before:
             raise PlanError(
@@ -132,9 +141,9 @@ def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], li
             forcing.append(spec.name)
         if before == after:
             # The persistent config is already right; only the running domain lags behind.
-            if kind == "domain" and spec.name == "memory":
-                # libvirt reports the balloon's actual size; a guest without a balloon driver never
-                # reaches the target vmform set, and asking again would change nothing.
+            if kind == "domain" and spec.name == "memory" and _balloon_lagging(live, after, running_value):
+                # libvirt reports the balloon's actual size. vmform already asked for this target and the
+                # guest has not moved since (no balloon driver): asking again would change nothing.
                 pending.append(f"memory (the guest reports {display(spec, running_value)}, target {display(spec, after)})")
             elif effect is Effect.LIVE:
                 changes.append(_field(spec, spec.name, running_value, after, effect))
@@ -143,6 +152,11 @@ def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], li
             continue
         changes.append(_field(spec, spec.name, before, after, effect))
     return changes, forcing, pending
+
+
+def _balloon_lagging(live: LiveObject, target: int, actual: Any) -> bool:
+    record = live.running_values.get("balloon") or {}
+    return record.get("target") == target and record.get("actual") == actual
 
 
 def _collision(resource: Resource, live: LiveObject) -> PlanError:
@@ -173,11 +187,44 @@ def _live_dependencies(obj: LiveObject, owned_index: dict[tuple[str, str], str])
     return [d for d in deps if d]
 
 
-def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: list[str], targets: set[str] | None = None) -> Plan:
+@dataclass(frozen=True)
+class PlanOptions:
+    restart: bool = False  # apply --restart: restart-class changes may restart domains and networks
+    targets: frozenset[str] = frozenset()
+    protected: frozenset[str] = frozenset()  # prevent_destroy addresses (from the manifests, also for destroy)
+
+
+def _using_network(live: LiveState, network: str) -> tuple[str, ...]:
+    """Running domains with an interface on this network: a network restart must re-plug them."""
+    users = []
+    for obj in live.objects:
+        if obj.kind == "domain" and obj.active:
+            nics = obj.running_values.get("interfaces") or obj.values.get("interfaces") or []
+            if any(nic.get("network") == network for nic in nics):
+                users.append(obj.name)
+    return tuple(sorted(users))
+
+
+def _pending_changes(resource: Resource, live: LiveObject, pending: list[str]) -> list[FieldChange]:
+    """Restart-class values already in the persistent config, shown as what the restart brings."""
+    result = []
+    for name in pending:
+        field_name = name.split(" ", 1)[0]
+        spec = resource.kind.spec(field_name)
+        result.append(_field(spec, field_name, live.running_values.get(field_name), resource.desired.get(field_name),
+                             Effect.RESTART))
+    return result
+
+
+def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: list[str],
+              options: PlanOptions | set[str] | None = None) -> Plan:
+    if options is None or isinstance(options, set):
+        options = PlanOptions(targets=frozenset(options or ()))
     owned = live.owned()
     errors: list[PlanError] = []
     changes: dict[str, Change] = {}
     notes: list[str] = []
+    replaced: set[str] = set()
 
     for address in order:
         resource = manifests.resources[address]
@@ -198,26 +245,67 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
         except PlanError as exc:
             errors.append(exc)
             continue
-        if pending:
-            notes.append(f"{address}: {', '.join(pending)}: configured, takes full effect at the next restart")
         renamed = current.name != resource.libvirt_name
         if renamed:
             forcing.append("name")
             field_changes.append(_field(None, "name", current.name, resource.libvirt_name, Effect.REPLACE))
+        # A volume is rebuilt when what it stands on is: its pool, or its backing image.
+        if kind == "volume":
+            pool_address = f"pool.{resource.values['pool']}"
+            backing_address = f"volume.{resource.values['backing']}" if resource.values.get("backing") else None
+            if pool_address in replaced:
+                forcing.append(f"its pool {pool_address} is replaced")
+            if backing_address in replaced:
+                forcing.append(f"its backing volume {backing_address} is replaced")
+        if kind == "domain":
+            for disk, desired_disk in zip(resource.values.get("disks") or [], resource.desired.get("disks") or [], strict=False):
+                used = f"volume.{disk['volume']}" if isinstance(disk, dict) and disk.get("volume") else None
+                if used in replaced and current.active:
+                    field_changes.append(_field(None, f"disks[{desired_disk.get('target')}]", desired_disk, desired_disk,
+                                                Effect.RESTART))
+                    notes.append(f"{address}: {used} is replaced; the running guest keeps the old image until it restarts")
+        if forcing:
+            replaced.add(address)
+        restart = False
+        replug: tuple[str, ...] = ()
+        wants_running = resource.desired.get("state", "running") == "running"
+        restart_fields = [f for f in field_changes if f.effect is Effect.RESTART]
+        if current.active and not forcing and kind in ("domain", "network") and (restart_fields or pending):
+            if resource.restart_allowed(options.restart) and (kind == "network" or wants_running):
+                restart = True
+                field_changes.extend(_pending_changes(resource, current, [p for p in pending if not p.startswith("memory (")]))
+                if kind == "network":
+                    replug = _using_network(live, current.name)
+            elif pending:
+                what = "restarts" if kind == "domain" else "is restarted (its guests' interfaces are re-plugged)"
+                notes.append(f"{address}: {', '.join(pending)} configured; takes effect when it {what} "
+                             f"(apply --restart or restart_policy: allowed)")
         if not field_changes:
             continue
         action = Action.DELETE_THEN_CREATE if forcing else Action.UPDATE
+        if forcing and resource.lifecycle.get("create_before_destroy"):
+            moved = renamed or (kind == "volume" and current.identity.get("pool") != resource.desired.get("pool"))
+            if not moved:
+                errors.append(PlanError(
+                    f"{address}: create_before_destroy needs the replacement to differ in name (or pool) from the "
+                    f"object it replaces; libvirt cannot hold two '{resource.libvirt_name}' at once",
+                    resource.position("lifecycle", "create_before_destroy")))
+                continue
+            action = Action.CREATE_THEN_DELETE
         reason = f"{', '.join(forcing)} cannot change in place" if forcing else ""
+        if forcing and all(f.startswith("its ") for f in forcing):
+            reason = "; ".join(forcing)
         changes[address] = Change(
             address, kind, resource.libvirt_name, action, before=current.values, after=resource.desired,
             fields=tuple(field_changes), reason=reason, live_name=current.name if renamed else None,
-            identity=current.identity,
+            identity=current.identity, restart=restart, replug=replug,
         )
 
     for address, obj in owned.items():
         if address not in manifests.resources or manifests.resources[address].kind.name != obj.kind:
             changes[address] = Change(address, obj.kind, obj.name, Action.DELETE, before=obj.values, identity=obj.identity)
 
+    errors.extend(_refusals(manifests, changes, options))
     if errors:
         raise PlanErrors(errors)
 
@@ -228,25 +316,53 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
         owned_index[(obj.kind, key)] = address
     dependents: dict[str, set[str]] = {address: set() for address in changes}
     for address, change in changes.items():
-        if change.action is not Action.DELETE:
+        if change.action is not Action.DELETE and address in graph:
             for dependency in graph.predecessors(address):
                 if dependency in changes:
                     dependents[address].add(dependency)
-        else:
-            pass
     for address, obj in owned.items():
         if address not in changes:
             continue
         for used in _live_dependencies(obj, owned_index):
-            if used in changes and changes[used].action in (Action.DELETE, Action.DELETE_THEN_CREATE) and used != address:
+            # Deleting an object waits for the changes of whatever uses it (a domain detaching a disk, ...).
+            if used in changes and used != address and changes[used].action is Action.DELETE:
                 dependents[used].add(address)
     ordered = _order(changes, dependents, order)
     final = tuple(
         Change(**{**change.__dict__, "depends_on": tuple(sorted(dependents[change.address]))}) for change in ordered
     )
-    if targets:
-        final = _limit_to_targets(final, targets)
+    if options.targets:
+        final = _limit_to_targets(final, set(options.targets))
     return Plan(manifests.project, live.uri, final, tuple(notes))
+
+
+def _refusals(manifests: Manifests, changes: dict[str, Change], options: PlanOptions) -> list[PlanError]:
+    """Changes the manifests forbid: destroying protected resources, replacing volumes that hold data."""
+    errors = []
+    for address, change in changes.items():
+        resource = manifests.resources.get(address)
+        destroys = change.action is Action.DELETE or change.action.is_replace()
+        protected = address in options.protected or (resource is not None and resource.lifecycle.get("prevent_destroy"))
+        if destroys and protected:
+            what = "destroy" if change.action is Action.DELETE else f"replace ({change.reason})"
+            position = resource.position("lifecycle", "prevent_destroy") if resource is not None else None
+            errors.append(PlanError(f"{address} has lifecycle.prevent_destroy set, and this plan would {what} it", position))
+            continue
+        if change.kind == "volume" and change.action.is_replace() and resource is not None:
+            holds_data = not resource.values.get("source") or _attached(manifests, resource.key)
+            if holds_data and not resource.lifecycle.get("allow_data_loss"):
+                errors.append(PlanError(
+                    f"{address} must be replaced ({change.reason}), which discards the data it holds; "
+                    f"set lifecycle.allow_data_loss: true on it to allow that", resource.key_position()))
+    return errors
+
+
+def _attached(manifests: Manifests, volume_key: str) -> bool:
+    for domain in manifests.of_kind("domain"):
+        for disk in domain.values.get("disks") or []:
+            if isinstance(disk, dict) and disk.get("volume") == volume_key:
+                return True
+    return False
 
 
 def _order(changes: dict[str, Change], dependents: dict[str, set[str]], order: list[str]) -> list[Change]:

@@ -10,7 +10,7 @@ from lxml import etree
 
 from vmform.connection import libvirt_message
 from vmform.errors import HostError
-from vmform.ownership import Ledger, read_owner
+from vmform.ownership import BALLOON_NAMESPACE, Ledger, read_owner
 from vmform.schema.registry import KINDS
 from vmform.schema.xmlbind import Element
 
@@ -61,27 +61,40 @@ def _read_bound(kind: str, root: Element) -> dict[str, Any]:
     return values
 
 
+def domain_object(name: str, uuid: str, config: Element, running_root: Element | None, state: str,
+                  autostart: bool, project: str) -> LiveObject:
+    """A domain's LiveObject from its persistent XML and, when it runs, its live XML."""
+    values = _read_bound("domain", config)
+    values["description"] = values.get("description") or ""
+    values["state"] = state
+    values["autostart"] = autostart
+    running: dict[str, Any] = {}
+    if running_root is not None:
+        running = _read_bound("domain", running_root)
+        running["description"] = running.get("description") or ""
+        balloon = running_root.find(f"metadata/{{{BALLOON_NAMESPACE}}}balloon")
+        if balloon is not None:
+            try:
+                running["balloon"] = {"target": int(balloon.get("target")), "actual": int(balloon.get("actual"))}
+            except (TypeError, ValueError):
+                pass
+    obj = LiveObject("domain", name, values, {"uuid": uuid}, active=running_root is not None, running_values=running)
+    _set_owner(obj, read_owner(config), project)
+    return obj
+
+
 def read_domain(dom: libvirt.virDomain, project: str) -> LiveObject:
     import libvirt
 
     config = parse_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     state, _reason = dom.state()
     active = state not in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED, libvirt.VIR_DOMAIN_NOSTATE)
-    values = _read_bound("domain", config)
-    values["description"] = values.get("description") or ""
-    values["state"] = {libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended"}.get(
+    state_name = {libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended"}.get(
         state, "running" if active else "stopped"
     )
-    values["autostart"] = bool(dom.autostart()) if dom.isPersistent() else False
-    running: dict[str, Any] = {}
-    if active:
-        running_root = parse_xml(dom.XMLDesc(0))
-        running = _read_bound("domain", running_root)
-        running["description"] = running.get("description") or ""
-    owner = read_owner(config)
-    obj = LiveObject("domain", dom.name(), values, {"uuid": dom.UUIDString()}, active=active, running_values=running)
-    _set_owner(obj, owner, project)
-    return obj
+    autostart = bool(dom.autostart()) if dom.isPersistent() else False
+    running_root = parse_xml(dom.XMLDesc(0)) if active else None
+    return domain_object(dom.name(), dom.UUIDString(), config, running_root, state_name, autostart, project)
 
 
 def read_network(net: libvirt.virNetwork, project: str) -> LiveObject:

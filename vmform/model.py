@@ -34,6 +34,13 @@ class Resource:
     def depends_on(self) -> list[str]:
         return list(self.values.get("depends_on") or [])
 
+    @property
+    def lifecycle(self) -> dict[str, Any]:
+        return dict(self.values.get("lifecycle") or {})
+
+    def restart_allowed(self, everywhere: bool) -> bool:
+        return everywhere or self.values.get("restart_policy") == "allowed"
+
     def position(self, *relative: str | int) -> Position:
         return self.source.value((*self.path, *relative))
 

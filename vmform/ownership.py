@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 NAMESPACE = "https://vmform.dev/xmlns/owner/1"
 PREFIX = "vmform"
+# Live-only record of the balloon target vmform asked for and the size the guest reported then.
+BALLOON_NAMESPACE = "https://vmform.dev/xmlns/balloon/1"
 LEDGER_VERSION = 1
 
 

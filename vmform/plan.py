@@ -17,10 +17,11 @@ class Action(Enum):
     CREATE = "+"
     UPDATE = "~"
     DELETE_THEN_CREATE = "-/+"
+    CREATE_THEN_DELETE = "+/-"
     DELETE = "-"
 
     def is_replace(self) -> bool:
-        return self is Action.DELETE_THEN_CREATE
+        return self in (Action.DELETE_THEN_CREATE, Action.CREATE_THEN_DELETE)
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,13 @@ class Change:
     depends_on: tuple[str, ...] = ()  # addresses that must be done first (apply order)
     live_name: str | None = None  # the libvirt name today, when it differs
     identity: dict[str, Any] = field(default_factory=dict)  # uuid / pool uuid / volume key, to find the object
+    restart: bool = False  # apply restarts the domain or network so restart-class changes take effect
+    replug: tuple[str, ...] = ()  # running domains whose interfaces a network restart re-plugs
 
     @property
-    def restarts(self) -> bool:
-        return any(f.effect is Effect.RESTART for f in self.fields)
+    def waits_for_restart(self) -> bool:
+        """Restart-class changes that this apply writes but does not restart for."""
+        return not self.restart and any(f.effect is Effect.RESTART for f in self.fields)
 
 
 @dataclass(frozen=True)
@@ -61,9 +65,9 @@ class Plan:
     notes: tuple[str, ...] = ()  # things the user should know that are not changes (pending restarts, ...)
 
     def counts(self) -> dict[str, int]:
-        add = sum(1 for c in self.changes if c.action in (Action.CREATE, Action.DELETE_THEN_CREATE))
+        add = sum(1 for c in self.changes if c.action is Action.CREATE or c.action.is_replace())
         change = sum(1 for c in self.changes if c.action is Action.UPDATE)
-        destroy = sum(1 for c in self.changes if c.action in (Action.DELETE, Action.DELETE_THEN_CREATE))
+        destroy = sum(1 for c in self.changes if c.action is Action.DELETE or c.action.is_replace())
         return {"add": add, "change": change, "destroy": destroy}
 
     @property

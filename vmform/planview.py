@@ -7,11 +7,13 @@ from vmform.plan import Action, Change, Plan
 from vmform.schema.registry import KINDS
 from vmform.schema.types import Effect
 
-STYLE = {Action.CREATE: "green", Action.UPDATE: "yellow", Action.DELETE_THEN_CREATE: "magenta", Action.DELETE: "red"}
+STYLE = {Action.CREATE: "green", Action.UPDATE: "yellow", Action.DELETE_THEN_CREATE: "magenta",
+         Action.CREATE_THEN_DELETE: "magenta", Action.DELETE: "red"}
 HEADLINE = {
     Action.CREATE: "will be created",
     Action.UPDATE: "will be updated in place",
     Action.DELETE_THEN_CREATE: "must be replaced",
+    Action.CREATE_THEN_DELETE: "must be replaced (the new one is created first)",
     Action.DELETE: "will be destroyed",
 }
 EFFECT_NOTE = {
@@ -35,8 +37,12 @@ def _change_lines(change: Change) -> list[str]:
     style = STYLE[change.action]
     symbol = change.action.value
     headline = HEADLINE[change.action]
-    if change.action is Action.DELETE_THEN_CREATE and change.reason:
+    if change.action.is_replace() and change.reason:
         headline += f" ({change.reason})"
+    if change.restart:
+        headline += ", and [bold]restarted[/bold]" if change.kind == "domain" else ", and [bold]restarted[/bold]"
+        if change.replug:
+            headline += f" (re-plugging the interfaces of {', '.join(change.replug)})"
     lines = [f"  [bold]# {change.address}[/bold] {headline}"]
     kind = KINDS.get(change.kind)
     if change.action is Action.DELETE:
@@ -77,9 +83,13 @@ def plan_lines(plan: Plan) -> list[str]:
     for change in plan.changes:
         lines.extend(_change_lines(change))
         lines.append("")
-    restarting = [c.address for c in plan.changes if c.restarts]
+    restarting = [c.address for c in plan.changes if c.restart]
     if restarting:
-        lines.append(f"[yellow]Changes waiting for a restart:[/yellow] {', '.join(restarting)} (not restarted by this apply)")
+        lines.append(f"[bold yellow]Restarted by this apply:[/bold yellow] {', '.join(restarting)}")
+    waiting = [c.address for c in plan.changes if c.waits_for_restart]
+    if waiting:
+        lines.append(f"[yellow]Changes waiting for a restart:[/yellow] {', '.join(waiting)} "
+                     "(not restarted by this apply; use apply --restart or restart_policy: allowed)")
     for note in plan.notes:
         lines.append(_escape(note))
     lines.append(f"[bold]{summary_line(plan)}[/bold]")

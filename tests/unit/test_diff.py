@@ -29,7 +29,7 @@ import yaml
 
 from vmform.diff import compare
 from vmform.errors import PlanError
-from vmform.live import LiveObject, _read_bound, _resolve_backing, parse_xml
+from vmform.live import LiveObject, _read_bound, _resolve_backing, domain_object, parse_xml
 from vmform.manifest.loader import load_manifests
 from vmform.model import Manifests, Resource
 from vmform.plan import FieldChange
@@ -90,15 +90,12 @@ def live_object(resource: Resource, data: dict[str, Any]) -> LiveObject:
     values = _read_bound(kind, root)
     name = root.findtext("name") or resource.libvirt_name
     if kind == "domain":
-        values["description"] = values.get("description") or ""
-        values["state"] = data.get("state", "running" if active else "stopped")
-        values["autostart"] = bool(data.get("autostart", False))
-        running: dict[str, Any] = {}
-        if active:
-            running = _read_bound(kind, parse_xml(data.get("running_xml") or data["live_xml"]))
-            running["description"] = running.get("description") or ""
-        return LiveObject(kind, name, values, {"uuid": root.findtext("uuid")}, address=resource.address,
-                          active=active, running_values=running)
+        running_root = parse_xml(data.get("running_xml") or data["live_xml"]) if active else None
+        obj = domain_object(name, root.findtext("uuid") or "", root, running_root,
+                            data.get("state", "running" if active else "stopped"), bool(data.get("autostart", False)),
+                            PROJECT)
+        obj.address = resource.address
+        return obj
     if kind in ("network", "pool"):
         values["autostart"] = bool(data.get("autostart", True))
         return LiveObject(kind, name, values, {"uuid": root.findtext("uuid")}, address=resource.address, active=active)

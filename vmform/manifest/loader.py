@@ -112,6 +112,12 @@ def _load_resource(
         collector.field_errors(exc, source, path)
         manifests.invalid.add(f"{kind.name}.{key}")  # declared, though wrong: references to it are fine
         return
+    lifecycle = values.get("lifecycle") or {}
+    names = [spec.name for spec in kind.fields if spec.compare]
+    for number, field_name in enumerate(lifecycle.get("ignore_changes", [])):
+        if field_name not in names:
+            collector.add(f"ignore_changes: {kind.name} has no field '{field_name}'{did_you_mean(field_name, names)}",
+                          source.value((*path, "lifecycle", "ignore_changes", number)))
     if kind.check is not None:
         for relative, message in kind.check(values):
             collector.add(message, source.value((*path, *relative)))

@@ -15,6 +15,7 @@ from vmform.render.xml import render_domain, to_text, write_fields
 from vmform.schema.domain import disk_element, interface_element
 from vmform.schema.registry import KINDS
 from vmform.schema.types import Effect
+from vmform.schema.xmlbind import SizeText
 
 API_FIELDS = {"state", "autostart"}
 DETACH_TIMEOUT = 30.0
@@ -42,6 +43,25 @@ def wait_until_off(dom: Any, timeout: float) -> bool:
             return True
         time.sleep(0.2)
     return not dom.isActive()
+
+
+def record_balloon(dom: Any, target: int) -> None:
+    """Remember (live only) the balloon target asked for and the size the guest reports now, so the next
+    plan can tell a guest that does not balloon (nothing to do) from one whose memory was changed since."""
+    import libvirt
+
+    from vmform.ownership import BALLOON_NAMESPACE
+
+    root = parse_xml(dom.XMLDesc(0))
+    actual = SizeText("currentMemory").read(root)
+    record = etree.Element("balloon", target=str(target), actual=str(actual))
+    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, etree.tostring(record, encoding="unicode"), "vmfballoon",
+                    BALLOON_NAMESPACE, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+
+def start(dom: Any, memory: int) -> None:
+    dom.create()
+    record_balloon(dom, memory)
 
 
 def stop(dom: Any, timeout: float, graceful: bool = True) -> None:
@@ -76,7 +96,7 @@ class DomainProvider(Provider):
         if change.after.get("autostart"):
             dom.setAutostart(1)
         if change.after.get("state", "running") == "running":
-            dom.create()
+            start(dom, change.after["memory"])
 
     def update(self, ctx: ApplyContext, change: Change) -> None:
         import libvirt
@@ -100,7 +120,10 @@ class DomainProvider(Provider):
         if "autostart" in touched:
             dom.setAutostart(1 if after["autostart"] else 0)
         if "state" in touched:
-            self._set_state(ctx, dom, after["state"])
+            self._set_state(ctx, dom, after["state"], after["memory"])
+        elif change.restart and dom.isActive():
+            stop(dom, ctx.shutdown_timeout)
+            start(dom, after["memory"])
 
     def _apply_live(self, dom: Any, change: FieldChange, after: dict[str, Any]) -> None:
         import libvirt
@@ -109,6 +132,7 @@ class DomainProvider(Provider):
         name = _top_field(change.path)
         if name == "memory":
             dom.setMemoryFlags(after["memory"] // 1024, live)
+            record_balloon(dom, after["memory"])
         elif name == "vcpus":
             dom.setVcpusFlags(after["vcpus"], live)
         elif name == "description":
@@ -149,7 +173,7 @@ class DomainProvider(Provider):
             "ACPI hotplug support never do); it is gone from the configuration and leaves at the next restart"
         )
 
-    def _set_state(self, ctx: ApplyContext, dom: Any, state: str) -> None:
+    def _set_state(self, ctx: ApplyContext, dom: Any, state: str, ctx_memory: int) -> None:
         import libvirt
 
         current, _ = dom.state()
@@ -159,7 +183,7 @@ class DomainProvider(Provider):
             elif current == libvirt.VIR_DOMAIN_PMSUSPENDED:
                 dom.pMWakeup(0)
             elif not dom.isActive():
-                dom.create()
+                start(dom, ctx_memory)
         else:
             stop(dom, ctx.shutdown_timeout)
 

@@ -6,12 +6,28 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmform.schema.types import NAME, FieldSpec, ListOf, Obj, Ref, Str, ValueType
+from vmform.schema.types import NAME, Bool, Enum, FieldSpec, ListOf, Obj, Ref, Str, ValueType
 
 # Keys every resource accepts besides its kind's fields.
+LIFECYCLE = Obj((
+    FieldSpec("prevent_destroy", Bool(), "a plan that would delete or replace this resource is an error", default=False,
+              compare=False),
+    FieldSpec("ignore_changes", ListOf(Str()), "fields whose drift on the host is not corrected", default=[],
+              compare=False),
+    FieldSpec("create_before_destroy", Bool(),
+              "on replace, create the new object first (it needs a different name or pool)", default=False,
+              compare=False),
+    FieldSpec("allow_data_loss", Bool(), "allow a replace that discards this volume's contents", default=False,
+              compare=False),
+))
+
 META_FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("name", NAME, "the libvirt object name (default: the manifest key)", compare=False),
     FieldSpec("depends_on", ListOf(Str()), "addresses this resource waits for, e.g. [network.lan]", compare=False),
+    FieldSpec("lifecycle", LIFECYCLE, "how vmform may change this resource", compare=False),
+    FieldSpec("restart_policy", Enum(("never", "allowed")),
+              "may apply restart this domain or network to make restart-class changes take effect "
+              "(apply --restart allows it for every resource)", default="never", compare=False),
 )
 
 
