@@ -13,6 +13,8 @@ from vmform.schema.types import (
     Bool,
     Effect,
     Enum,
+    FieldError,
+    FieldErrors,
     FieldSpec,
     Int,
     ListOf,
@@ -22,10 +24,17 @@ from vmform.schema.types import (
     Size,
     Str,
 )
-from vmform.schema.xmlbind import Attr, Element, SizeText, Text, XmlBinding, ensure
+from vmform.schema.xmlbind import Attr, Element, SizeText, Text, XmlBinding, ensure, to_yes_no
 from vmform.units import format_size
 
 DISK_BUSES = ("virtio", "sata", "scsi", "ide", "usb")
+DISK_DEVICES = ("disk", "cdrom")
+DISK_FORMATS = ("raw", "qcow2", "qed", "vmdk", "vdi", "vpc", "vhdx", "luks")
+DISK_CACHES = ("none", "writeback", "writethrough", "directsync", "unsafe", "default")
+VIDEO_MODELS = ("none", "virtio", "qxl", "vga", "cirrus", "bochs", "ramfb")
+CPU_MODES = ("host-passthrough", "host-model", "maximum", "custom")
+FS_DRIVERS = ("virtiofs", "9p")
+PCI_ADDRESS = r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]"
 NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139", "vmxnet3")
 BOOT_DEVICES = ("hd", "cdrom", "network", "fd")
 _DEV_PREFIX = {"virtio": "vd", "sata": "sd", "scsi": "sd", "usb": "sd", "ide": "hd"}
@@ -94,10 +103,14 @@ class BootDevices(XmlBinding):
 
 
 def _disk_from_xml(node: Element) -> dict[str, Any]:
+    """A <disk> as a value in libvirt terms; optional keys (cache, serial, device) only when present."""
     source = node.find("source")
     target = node.find("target")
     driver = node.find("driver")
     disk: dict[str, Any] = {}
+    device = node.get("device") or "disk"
+    if device != "disk":
+        disk["device"] = device
     if node.get("type") == "volume" and source is not None:
         disk["pool"] = source.get("pool")
         disk["volume"] = source.get("volume")
@@ -105,57 +118,115 @@ def _disk_from_xml(node: Element) -> dict[str, Any]:
         disk["path"] = source.get("file")
     elif source is not None and source.get("dev") is not None:
         disk["path"] = source.get("dev")
-    disk["format"] = driver.get("type") if driver is not None else None
+    if driver is not None and driver.get("type") is not None:
+        disk["format"] = driver.get("type")
     disk["target"] = target.get("dev") if target is not None else None
     disk["bus"] = target.get("bus") if target is not None else None
     disk["readonly"] = node.find("readonly") is not None
+    if driver is not None and driver.get("cache") is not None:
+        disk["cache"] = driver.get("cache")
+    serial = node.findtext("serial")
+    if serial is not None:
+        disk["serial"] = serial
     return disk
+
+
+def _disk_type(disk: dict[str, Any]) -> str:
+    if disk.get("volume") is not None:
+        return "volume"
+    path = disk.get("path")
+    return "block" if path is not None and path.startswith("/dev/") else "file"
+
+
+def _disk_source(disk: dict[str, Any]) -> dict[str, str] | None:
+    if disk.get("volume") is not None:
+        return {"pool": disk["pool"], "volume": disk["volume"]}
+    if disk.get("path") is not None:
+        return {"dev" if _disk_type(disk) == "block" else "file": disk["path"]}
+    return None  # an empty cdrom drive
 
 
 def disk_element(disk: dict[str, Any]) -> Element:
     """The <disk> element for a desired disk (also what live attach sends)."""
-    node = etree.Element("disk", type="volume", device="disk")
-    etree.SubElement(node, "driver", name="qemu", type=disk["format"])
-    etree.SubElement(node, "source", pool=disk["pool"], volume=disk["volume"])
+    node = etree.Element("disk", type=_disk_type(disk), device=disk.get("device", "disk"))
+    driver = etree.SubElement(node, "driver", name="qemu")
+    if disk.get("format"):
+        driver.set("type", disk["format"])
+    if disk.get("cache"):
+        driver.set("cache", disk["cache"])
+    source = _disk_source(disk)
+    if source is not None:
+        etree.SubElement(node, "source", **source)
     etree.SubElement(node, "target", dev=disk["target"], bus=disk["bus"])
     if disk.get("readonly"):
         etree.SubElement(node, "readonly")
+    if disk.get("serial") is not None:
+        etree.SubElement(node, "serial").text = disk["serial"]
     return node
 
 
 def _update_disk(node: Element, disk: dict[str, Any]) -> None:
-    """Rewrite a live <disk> to the desired one, keeping what libvirt added (address, alias, ...)."""
-    fresh = disk_element(disk)
-    node.set("type", "volume")
-    for tag in ("driver", "source", "target"):
-        old = node.find(tag)
-        new = fresh.find(tag)
-        assert new is not None
-        if old is None:
-            node.append(new)
-        else:
-            for attr in ("type", "pool", "volume", "dev", "bus", "file", "name"):
-                old.attrib.pop(attr, None)
-            for attr, value in new.attrib.items():
-                old.set(attr, value)
+    """Rewrite a live <disk> to the desired one, keeping what libvirt added (address, alias, ...).
+    Optional settings the desired disk does not state (cache, serial) are left as they are."""
+    node.set("type", _disk_type(disk))
+    node.set("device", disk.get("device", "disk"))
+    driver = node.find("driver")
+    if driver is None:
+        driver = etree.Element("driver", name="qemu")
+        node.insert(0, driver)
+    if disk.get("format"):
+        driver.set("type", disk["format"])
+    if disk.get("cache"):
+        driver.set("cache", disk["cache"])
+    wanted = _disk_source(disk)
+    source = node.find("source")
+    if wanted is None:
+        if source is not None:
+            node.remove(source)
+    else:
+        if source is None:
+            source = etree.Element("source")
+            driver.addnext(source)
+        for attr in ("pool", "volume", "file", "dev", "index"):
+            source.attrib.pop(attr, None)
+        for attr, value in wanted.items():
+            source.set(attr, value)
+    target = node.find("target")
+    if target is None:
+        target = etree.SubElement(node, "target")
+    if target.get("bus") not in (None, disk["bus"]):
+        address = node.find("address")
+        if address is not None:  # a drive address does not fit a PCI bus (and back): libvirt assigns anew
+            node.remove(address)
+    target.set("dev", disk["target"])
+    target.set("bus", disk["bus"])
     readonly = node.find("readonly")
     if disk.get("readonly") and readonly is None:
-        etree.SubElement(node, "readonly")
+        target.addnext(etree.Element("readonly"))
     elif not disk.get("readonly") and readonly is not None:
         node.remove(readonly)
+    if disk.get("serial") is not None:
+        serial = node.find("serial")
+        if serial is None:
+            serial = etree.Element("serial")
+            (node.find("readonly") if node.find("readonly") is not None else target).addnext(serial)
+        serial.text = disk["serial"]
+
+
+_DISK_XPATH = "devices/disk[@device='disk']|devices/disk[@device='cdrom']"
 
 
 class DiskList(XmlBinding):
-    """All <disk device='disk'> of a domain, matched by target device."""
+    """All <disk device='disk'> and <disk device='cdrom'> of a domain, matched by target device."""
 
     def read(self, root: Element) -> Any:
-        return [_disk_from_xml(node) for node in root.findall("devices/disk[@device='disk']")]
+        return [_disk_from_xml(node) for node in root.xpath(_DISK_XPATH)]
 
     def write(self, root: Element, value: Any) -> None:
         devices = ensure(root, "devices")
         existing = {
             (node.find("target").get("dev") if node.find("target") is not None else None): node  # type: ignore[union-attr]
-            for node in devices.findall("disk[@device='disk']")
+            for node in root.xpath(_DISK_XPATH)
         }
         wanted = {disk["target"] for disk in value}
         for target, node in existing.items():
@@ -252,9 +323,6 @@ class Graphics(XmlBinding):
         if value != "none":
             node = etree.SubElement(devices, "graphics", type=value, autoport="yes", listen="127.0.0.1")
             etree.SubElement(node, "listen", type="address", address="127.0.0.1")
-            if devices.find("video") is None:
-                video = etree.SubElement(devices, "video")
-                etree.SubElement(video, "model", type="virtio" if value == "vnc" else "qxl")
 
 
 class SerialConsole(XmlBinding):
@@ -275,14 +343,368 @@ class SerialConsole(XmlBinding):
                     devices.remove(node)
 
 
-DISK = Obj(
+_SEC_BOOT_LOADERS = ("secboot", ".ms.", "secure", "enrolled")
+
+
+def _legacy_efi_loader(os_node: Element | None) -> Element | None:
+    """A hand-written <loader type='pflash'>…OVMF/edk2…</loader> (no firmware auto-selection)."""
+    loader = os_node.find("loader") if os_node is not None else None
+    if loader is None:
+        return None
+    text = (loader.text or "").lower()
+    if loader.get("type") == "pflash" or "ovmf" in text or "edk2" in text or "aavmf" in text:
+        return loader
+    return None
+
+
+class Firmware(XmlBinding):
+    """``<os firmware='efi|bios'>`` (libvirt picks the firmware image); an explicit OVMF pflash loader reads
+    as efi too. A domain with neither reads as unset (libvirt's default: bios on x86)."""
+
+    def read(self, root: Element) -> Any:
+        os_node = root.find("os")
+        if os_node is None:
+            return None
+        if os_node.get("firmware") in ("efi", "bios"):
+            return os_node.get("firmware")
+        return "efi" if _legacy_efi_loader(os_node) is not None else None
+
+    def write(self, root: Element, value: Any) -> None:
+        if value is None or self.read(root) == value:
+            return
+        os_node = ensure(root, "os")
+        if value == "efi":
+            os_node.set("firmware", "efi")
+            return
+        # bios: drop any EFI loader, NVRAM and firmware feature requests.
+        os_node.set("firmware", "bios")
+        for tag in ("loader", "nvram", "firmware"):
+            for node in os_node.findall(tag):
+                os_node.remove(node)
+
+
+class SecureBoot(XmlBinding):
+    """``<os><firmware><feature name='secure-boot'/>`` and ``enrolled-keys`` (libvirt needs keys enrolled for a
+    secure boot that actually verifies; both follow the one switch). Secure boot also needs SMM."""
+
+    def read(self, root: Element) -> Any:
+        feature = root.find("os/firmware/feature[@name='secure-boot']")
+        if feature is not None:
+            return feature.get("enabled") == "yes"
+        loader = _legacy_efi_loader(root.find("os"))
+        if loader is not None:
+            if loader.get("secure") is not None:
+                return loader.get("secure") == "yes"
+            text = (loader.text or "").lower()
+            return any(mark in text for mark in _SEC_BOOT_LOADERS)
+        return None
+
+    def write(self, root: Element, value: Any) -> None:
+        if value is None:
+            return
+        os_node = ensure(root, "os")
+        loader = _legacy_efi_loader(os_node)
+        if loader is not None and os_node.get("firmware") is None:
+            # A hand-picked firmware image: switch to libvirt's auto-selection so the feature request applies.
+            for tag in ("loader", "nvram"):
+                for node in os_node.findall(tag):
+                    os_node.remove(node)
+            os_node.set("firmware", "efi")
+        firmware = os_node.find("firmware")
+        if firmware is None:
+            firmware = etree.Element("firmware")
+            type_node = os_node.find("type")
+            if type_node is not None:
+                type_node.addnext(firmware)
+            else:
+                os_node.insert(0, firmware)
+        for name in ("enrolled-keys", "secure-boot"):
+            feature = firmware.find(f"feature[@name='{name}']")
+            if feature is None:
+                feature = etree.SubElement(firmware, "feature", name=name)
+            feature.set("enabled", to_yes_no(value))
+        if value:
+            ensure(root, "features/smm").set("state", "on")
+
+
+class Cpu(XmlBinding):
+    """``<cpu mode=…>`` and, for custom, ``<model>``; topology, features and the rest are kept."""
+
+    def read(self, root: Element) -> Any:
+        node = root.find("cpu")
+        if node is None:
+            return None
+        model = node.findtext("model")
+        mode = node.get("mode") or ("custom" if model is not None else None)
+        if mode is None:
+            return None
+        value = {"mode": mode}
+        if mode == "custom" and model is not None:
+            value["model"] = model
+        return value
+
+    def write(self, root: Element, value: Any) -> None:
+        if value is None:
+            return
+        node = ensure(root, "cpu")
+        node.set("mode", value["mode"])
+        model = node.find("model")
+        if value["mode"] == "custom":
+            if model is None:
+                model = etree.Element("model")
+                node.insert(0, model)
+            if model.text != value.get("model"):
+                model.text = value.get("model")
+                model.attrib.pop("vendor_id", None)
+        else:
+            for attr in ("match",):
+                node.attrib.pop(attr, None)
+            if model is not None:
+                node.remove(model)
+
+
+class Video(XmlBinding):
+    """The first (primary) ``<video><model type=…>``; none is libvirt's explicit ``<model type='none'/>`` (no
+    adapter even with graphics)."""
+
+    def read(self, root: Element) -> Any:
+        node = root.find("devices/video/model")
+        return None if node is None else node.get("type")
+
+    def write(self, root: Element, value: Any) -> None:
+        if value is None:
+            return
+        devices = ensure(root, "devices")
+        videos = devices.findall("video")
+        if value == "none":
+            for node in videos[1:]:
+                devices.remove(node)
+        if videos:
+            model = ensure(videos[0], "model")
+            if model.get("type") != value:
+                model.attrib.clear()  # sizes and heads belong to the old model; libvirt fills in the new one's
+                model.set("type", value)
+                address = videos[0].find("address")
+                if address is not None:
+                    videos[0].remove(address)
+            return
+        video = etree.Element("video")
+        etree.SubElement(video, "model", type=value)
+        _insert_device(devices, video)
+
+
+class Rng(XmlBinding):
+    """A virtio RNG fed from the host's /dev/urandom. No RNG reads as unset (None); ``bind`` turns false into
+    None, which removes any RNG."""
+
+    def read(self, root: Element) -> Any:
+        return True if root.find("devices/rng") is not None else None
+
+    def write(self, root: Element, value: Any) -> None:
+        devices = ensure(root, "devices")
+        nodes = devices.findall("rng")
+        if value and not nodes:
+            rng = etree.Element("rng", model="virtio")
+            etree.SubElement(rng, "backend", model="random").text = "/dev/urandom"
+            _insert_device(devices, rng)
+        elif not value:
+            for node in nodes:
+                devices.remove(node)
+
+
+class Tpm(XmlBinding):
+    """An emulated TPM 2.0 (swtpm): ``<tpm model='tpm-crb'><backend type='emulator' version='2.0'/>``;
+    tpm-tis reads as emulated too. A passthrough TPM is not expressible (reads as unset)."""
+
+    def read(self, root: Element) -> Any:
+        node = root.find("devices/tpm")
+        if node is None:
+            return None  # bind turns "none" into None
+        backend = node.find("backend")
+        return "emulated" if backend is not None and backend.get("type") == "emulator" else None
+
+    def write(self, root: Element, value: Any) -> None:
+        if self.read(root) == value:
+            return
+        devices = ensure(root, "devices")
+        for node in devices.findall("tpm"):
+            devices.remove(node)
+        if value == "emulated":
+            tpm = etree.Element("tpm", model="tpm-crb")
+            etree.SubElement(tpm, "backend", type="emulator", version="2.0")
+            _insert_device(devices, tpm)
+
+
+def _filesystem_from_xml(node: Element) -> dict[str, Any]:
+    driver = node.find("driver")
+    return {
+        "source": node.find("source").get("dir") if node.find("source") is not None else None,  # type: ignore[union-attr]
+        "target": node.find("target").get("dir") if node.find("target") is not None else None,  # type: ignore[union-attr]
+        "driver": "virtiofs" if driver is not None and driver.get("type") == "virtiofs" else "9p",
+    }
+
+
+def _by_key(items: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """Unordered device lists compare sorted by their key (the order in the XML carries no meaning)."""
+    return sorted(items, key=lambda item: str(item.get(key)))
+
+
+class Filesystems(XmlBinding):
+    """``<filesystem type='mount'>`` shares of host directories, matched by mount tag. virtiofs needs shared
+    memory: ``<memoryBacking><source type='memfd'/><access mode='shared'/>`` is written when one is present."""
+
+    XPATH = "devices/filesystem[@type='mount']|devices/filesystem[not(@type)]"
+
+    def read(self, root: Element) -> Any:
+        return _by_key([_filesystem_from_xml(node) for node in root.xpath(self.XPATH)], "target")
+
+    def write(self, root: Element, value: Any) -> None:
+        devices = ensure(root, "devices")
+        existing = {_filesystem_from_xml(node)["target"]: node for node in root.xpath(self.XPATH)}
+        wanted = {fs["target"] for fs in value}
+        for target, node in existing.items():
+            if target not in wanted:
+                devices.remove(node)
+        for fs in value:
+            node = existing.get(fs["target"])
+            if node is None:
+                node = etree.Element("filesystem", type="mount")
+                etree.SubElement(node, "source", dir=fs["source"])
+                etree.SubElement(node, "target", dir=fs["target"])
+                _insert_device(devices, node)
+            ensure(node, "source").set("dir", fs["source"])
+            driver = node.find("driver")
+            if fs["driver"] == "virtiofs":
+                if driver is None:
+                    driver = etree.Element("driver")
+                    node.insert(0, driver)
+                driver.attrib.clear()
+                driver.set("type", "virtiofs")
+                node.set("accessmode", "passthrough")
+            else:
+                if driver is not None and driver.get("type") == "virtiofs":
+                    node.remove(driver)
+                if node.get("accessmode") is None:
+                    node.set("accessmode", "mapped")
+        if any(fs["driver"] == "virtiofs" for fs in value):
+            backing = root.find("memoryBacking")
+            if backing is None:
+                backing = etree.Element("memoryBacking")
+                anchor = root.find("currentMemory") if root.find("currentMemory") is not None else root.find("memory")
+                if anchor is not None:
+                    anchor.addnext(backing)
+                else:
+                    root.append(backing)
+            ensure(backing, "source").set("type", "memfd")
+            ensure(backing, "access").set("mode", "shared")
+
+
+def _pci_text(address: Element) -> str:
+    return "{:04x}:{:02x}:{:02x}.{:x}".format(
+        *(int(address.get(part) or "0", 16) for part in ("domain", "bus", "slot", "function"))
+    )
+
+
+class HostDevs(XmlBinding):
+    """PCI host devices passed through (``<hostdev mode='subsystem' type='pci' managed='yes'>``), by address."""
+
+    XPATH = "devices/hostdev[@mode='subsystem'][@type='pci']"
+
+    def _existing(self, root: Element) -> dict[str, Element]:
+        found = {}
+        for node in root.xpath(self.XPATH):
+            address = node.find("source/address")
+            if address is not None:
+                found[_pci_text(address)] = node
+        return found
+
+    def read(self, root: Element) -> Any:
+        return [{"pci": pci} for pci in sorted(self._existing(root))]
+
+    def write(self, root: Element, value: Any) -> None:
+        devices = ensure(root, "devices")
+        existing = self._existing(root)
+        wanted = {dev["pci"] for dev in value}
+        for pci, node in existing.items():
+            if pci not in wanted:
+                devices.remove(node)
+        for dev in value:
+            if dev["pci"] in existing:
+                continue
+            domain, bus, rest = dev["pci"].split(":")
+            slot, function = rest.split(".")
+            node = etree.Element("hostdev", mode="subsystem", type="pci", managed="yes")
+            etree.SubElement(etree.SubElement(node, "source"), "address", domain=f"0x{domain}", bus=f"0x{bus}",
+                             slot=f"0x{slot}", function=f"0x{function}")
+            _insert_device(devices, node)
+
+
+class DiskObj(Obj):
+    """A disk entry: a volume, a path, or (cdrom only) nothing; the missing source is reported with the other
+    problems of the entry."""
+
+    def parse(self, raw: Any) -> dict[str, Any]:
+        if self.shorthand and isinstance(raw, str):
+            raw = {self.shorthand: raw}
+        problems: list[FieldError] = []
+        values: dict[str, Any] = {}
+        try:
+            values = super().parse(raw)
+        except FieldErrors as exc:
+            problems.extend(exc.errors)
+        except FieldError as exc:
+            problems.append(exc)
+        if isinstance(raw, dict) and raw.get("volume") is None and raw.get("path") is None \
+                and raw.get("device", "disk") != "cdrom":
+            problems.append(FieldError("'volume' is required (or 'path'; only a cdrom may be an empty drive)"))
+        if problems:
+            raise FieldErrors(problems)
+        return values
+
+
+DISK = DiskObj(
     (
-        FieldSpec("volume", Ref("volume"), "the volume attached as this disk", required=True),
-        FieldSpec("bus", Enum(DISK_BUSES), "disk bus", default="virtio"),
+        FieldSpec("volume", Ref("volume"), "the volume attached as this disk (or give 'path')"),
+        FieldSpec("path", Str(pattern=r"/[^\x00]*", hint="an absolute path"),
+                  "a host file (or a /dev/… block device) attached as this disk, instead of a volume"),
+        FieldSpec("format", Enum(DISK_FORMATS), "image format of a 'path' disk (required: vmform never lets qemu probe "
+                  "it); a volume's format is the volume's"),
+        FieldSpec("device", Enum(DISK_DEVICES), "disk, or cdrom (a cdrom without volume/path is an empty drive)",
+                  default="disk"),
+        FieldSpec("bus", Enum(DISK_BUSES), "disk bus (default: virtio; sata for a cdrom)"),
         FieldSpec("target", Str(pattern=r"(vd|sd|hd|xvd)[a-z]{1,2}", hint="e.g. vda, sdb"), "guest device name (default: next free for the bus)"),
-        FieldSpec("readonly", Bool(), "attach read-only", default=False),
+        FieldSpec("readonly", Bool(), "attach read-only (default: false; true for a cdrom)"),
+        FieldSpec("cache", Enum(DISK_CACHES), "host cache mode (default: libvirt's)"),
+        FieldSpec("serial", Str(pattern=r"[A-Za-z0-9_ .+-]{1,36}", hint="letters, digits, _ .+-, at most 36"),
+                  "serial number the guest sees"),
     ),
     shorthand="volume",
+)
+
+CPU = Obj(
+    (
+        FieldSpec("mode", Enum(CPU_MODES), "host-passthrough, host-model, maximum, or custom (with model)", required=True),
+        FieldSpec("model", Str(pattern=r"[A-Za-z0-9_.-]+"), "CPU model name for mode custom, e.g. Skylake-Client"),
+    ),
+    shorthand="mode",
+)
+
+FILESYSTEM = Obj(
+    (
+        FieldSpec("source", Str(pattern=r"/[^\x00]*", hint="an absolute path"), "host directory shared", required=True),
+        FieldSpec("target", Str(pattern=r"[A-Za-z0-9_.-]{1,36}", hint="letters, digits, _.-"),
+                  "mount tag the guest mounts", required=True),
+        FieldSpec("driver", Enum(FS_DRIVERS), "virtiofs (needs shared memory, written for you) or 9p",
+                  default="virtiofs"),
+    ),
+)
+
+HOSTDEV = Obj(
+    (
+        FieldSpec("pci", Str(pattern=PCI_ADDRESS, hint="domain:bus:slot.function, e.g. 0000:01:00.0"),
+                  "PCI address of the host device", required=True),
+    ),
+    shorthand="pci",
 )
 
 INTERFACE = Obj(
@@ -304,6 +726,12 @@ FIELDS: tuple[FieldSpec, ...] = (
               "guest architecture (default: the host's)", xml="os/type/@arch", binding=Attr("os/type", "arch")),
     FieldSpec("machine", Str(pattern=r"[A-Za-z0-9_.-]+"), "machine type, e.g. q35 or pc (default: libvirt's)",
               xml="os/type/@machine", binding=Attr("os/type", "machine")),
+    FieldSpec("firmware", Enum(("bios", "efi")), "firmware, picked by libvirt's auto-selection (never a distro OVMF "
+              "path); an existing OVMF pflash loader reads as efi", xml="os/@firmware", binding=Firmware()),
+    FieldSpec("secure_boot", Bool(), "UEFI secure boot with the distribution's keys enrolled (needs firmware: efi; "
+              "turns on SMM)", xml="os/firmware/feature[@name='secure-boot']", binding=SecureBoot()),
+    FieldSpec("cpu", CPU, "CPU model: host-passthrough | host-model | maximum, or {mode: custom, model: NAME}",
+              xml="cpu/@mode, cpu/model", binding=Cpu()),
     FieldSpec("vcpus", Int(1, 4096), "virtual CPUs online", effect=Effect.LIVE, xml="vcpu/@current", default=1,
               effect_doc="live up to max_vcpus, else restart", binding=VcpuCurrent()),
     FieldSpec("max_vcpus", Int(1, 4096), "virtual CPUs the domain can grow to live (default: vcpus)", xml="vcpu",
@@ -314,14 +742,25 @@ FIELDS: tuple[FieldSpec, ...] = (
               xml="memory", binding=SizeText("memory")),
     FieldSpec("boot", ListOf(Enum(BOOT_DEVICES), max_items=4), "boot device order", xml="os/boot/@dev", default=["hd"],
               binding=BootDevices()),
-    FieldSpec("disks", ListOf(DISK), "disks, each a volume", effect=Effect.LIVE, xml="devices/disk[@device='disk']",
+    FieldSpec("disks", ListOf(DISK), "disks and cdroms: a volume, a host path, or (cdrom) nothing", effect=Effect.LIVE,
+              xml="devices/disk[@device='disk' or 'cdrom']",
               default=[], effect_doc="adding/removing a disk is live; changing one restarts", binding=DiskList()),
     FieldSpec("interfaces", ListOf(INTERFACE), "network interfaces", effect=Effect.LIVE, xml="devices/interface",
               default=[], effect_doc="adding/removing an interface is live; changing one restarts", binding=InterfaceList()),
+    FieldSpec("filesystems", ListOf(FILESYSTEM), "host directories shared with the guest, by mount tag",
+              xml="devices/filesystem", binding=Filesystems()),
+    FieldSpec("hostdevs", ListOf(HOSTDEV), "PCI host devices passed through to the guest (managed by libvirt)",
+              xml="devices/hostdev[@type='pci']", binding=HostDevs()),
     FieldSpec("graphics", Enum(("none", "vnc", "spice")), "graphical console (listens on 127.0.0.1)",
               xml="devices/graphics/@type", default="none", binding=Graphics()),
+    FieldSpec("video", Enum(VIDEO_MODELS), "video adapter (default: virtio when graphics is vnc or spice, else "
+              "libvirt's)", xml="devices/video/model/@type", binding=Video()),
     FieldSpec("serial_console", Bool(), "a serial port and console on a pty", xml="devices/serial", default=True,
               binding=SerialConsole()),
+    FieldSpec("rng", Bool(), "a virtio random number generator fed from the host's /dev/urandom",
+              xml="devices/rng", binding=Rng()),
+    FieldSpec("tpm", Enum(("none", "emulated")), "TPM: emulated is a TPM 2.0 (tpm-crb) backed by swtpm; a tpm-tis "
+              "emulated TPM reads as emulated too", xml="devices/tpm", binding=Tpm()),
     FieldSpec("state", Enum(("running", "stopped")), "whether the domain runs", effect=Effect.LIVE, default="running"),
     FieldSpec("autostart", Bool(), "start with the host", effect=Effect.LIVE, default=False),
 )
@@ -347,21 +786,34 @@ def bind(resource: Any, index: Any) -> dict[str, Any]:
             used.add(disk["target"])
     disks = []
     for disk in desired["disks"]:
-        volume = index.get("volume", disk["volume"])
-        pool = index.get("pool", volume.values["pool"]) if volume is not None else None
+        device = disk.get("device", "disk")
+        bus = disk.get("bus") or ("sata" if device == "cdrom" else "virtio")
         target = disk.get("target")
         if not target:
-            prefix = _DEV_PREFIX[disk["bus"]]
+            prefix = _DEV_PREFIX[bus]
             target = next(name for name in _device_names(prefix) if name not in used)
             used.add(target)
-        disks.append({
-            "pool": pool.libvirt_name if pool is not None else None,
-            "volume": volume.libvirt_name if volume is not None else disk["volume"],
-            "format": volume.values.get("format", "qcow2") if volume is not None else "qcow2",
-            "target": target,
-            "bus": disk["bus"],
-            "readonly": disk["readonly"],
-        })
+        item: dict[str, Any] = {}
+        if device != "disk":
+            item["device"] = device
+        if disk.get("volume") is not None:
+            volume = index.get("volume", disk["volume"])
+            pool = index.get("pool", volume.values["pool"]) if volume is not None else None
+            item["pool"] = pool.libvirt_name if pool is not None else None
+            item["volume"] = volume.libvirt_name if volume is not None else disk["volume"]
+            item["format"] = volume.values.get("format", "qcow2") if volume is not None else "qcow2"
+        elif disk.get("path") is not None:
+            item["path"] = disk["path"]
+            item["format"] = disk.get("format")
+        else:
+            item["format"] = disk.get("format") or "raw"  # libvirt writes raw into an empty drive's driver
+        item["target"] = target
+        item["bus"] = bus
+        item["readonly"] = disk["readonly"] if disk.get("readonly") is not None else device == "cdrom"
+        for key in ("cache", "serial"):
+            if disk.get(key) is not None:
+                item[key] = disk[key]
+        disks.append(item)
     desired["disks"] = disks
     nics = []
     for number, nic in enumerate(desired["interfaces"]):
@@ -374,6 +826,16 @@ def bind(resource: Any, index: Any) -> dict[str, Any]:
         entry["model"] = nic["model"]
         nics.append(entry)
     desired["interfaces"] = nics
+    if "video" not in desired and desired.get("graphics", "none") != "none":
+        desired["video"] = "virtio"
+    for name, key in (("filesystems", "target"), ("hostdevs", "pci")):
+        if name in desired:
+            desired[name] = _by_key(desired[name], key)
+    # "No RNG" and "no TPM" are the absence of the device, which reads as None.
+    if desired.get("rng") is False:
+        desired["rng"] = None
+    if desired.get("tpm") == "none":
+        desired["tpm"] = None
     return desired
 
 
@@ -390,6 +852,28 @@ def check(values: dict[str, Any]) -> Iterator[tuple[tuple[str | int, ...], str]]
             if disk["target"] in targets:
                 yield ("disks", number, "target"), f"target {disk['target']} is already used by disks[{targets[disk['target']]}]"
             targets[disk["target"]] = number
+    for number, disk in enumerate(values.get("disks", [])):
+        sources = [key for key in ("volume", "path") if disk.get(key) is not None]
+        if len(sources) > 1:
+            yield ("disks", number), "a disk takes either 'volume' or 'path', not both"
+        if disk.get("path") is not None and disk.get("format") is None:
+            yield ("disks", number, "path"), "a 'path' disk needs 'format' (raw, qcow2, …): vmform never lets qemu probe it"
+        if disk.get("volume") is not None and disk.get("format") is not None:
+            yield ("disks", number, "format"), "a volume disk takes its format from the volume; drop 'format'"
+    cpu = values.get("cpu")
+    if cpu is not None:
+        if cpu["mode"] == "custom" and not cpu.get("model"):
+            yield ("cpu",), "cpu mode custom needs 'model'"
+        if cpu["mode"] != "custom" and cpu.get("model"):
+            yield ("cpu", "model"), f"'model' applies only to cpu mode custom, not {cpu['mode']}"
+    if values.get("secure_boot") and values.get("firmware") != "efi":
+        yield ("secure_boot",), "secure_boot needs firmware: efi"
+    for name, key in (("filesystems", "target"), ("hostdevs", "pci")):
+        seen: dict[str, int] = {}
+        for number, item in enumerate(values.get(name, [])):
+            if item[key] in seen:
+                yield (name, number, key), f"{key} {item[key]} is already used by {name}[{seen[item[key]]}]"
+            seen[item[key]] = number
     macs: dict[str, int] = {}
     for number, nic in enumerate(values.get("interfaces", [])):
         has_network, has_bridge = nic.get("network") is not None, nic.get("bridge") is not None
