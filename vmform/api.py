@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from vmform.apply import ApplyResult, ProgressCallback, execute
 from vmform.connection import ConnectionPool
-from vmform.diff import make_plan
+from vmform.diff import PlanOptions, make_plan
 from vmform.graph import build_graph, creation_order
 from vmform.live import LiveState, read_host
 from vmform.manifest.loader import load_manifests
@@ -50,10 +50,17 @@ def read_live(workspace: Workspace, connections: ConnectionPool) -> LiveState:
     return read_host(connections.main, workspace.project.name, pools)
 
 
-def plan(workspace: Workspace, connections: ConnectionPool, targets: list[str] | None = None) -> Plan:
+def _protected(workspace: Workspace) -> frozenset[str]:
+    return frozenset(a for a, r in workspace.manifests.resources.items() if r.lifecycle.get("prevent_destroy"))
+
+
+def plan(workspace: Workspace, connections: ConnectionPool, targets: list[str] | None = None,
+         restart: bool = False) -> Plan:
+    """What apply would change. ``restart`` lets restart-class changes restart domains and networks."""
     _check_targets(workspace, targets)
     live = read_live(workspace, connections)
-    return make_plan(workspace.manifests, workspace.graph, live, workspace.order, set(targets or []))
+    options = PlanOptions(restart=restart, targets=frozenset(targets or ()), protected=_protected(workspace))
+    return make_plan(workspace.manifests, workspace.graph, live, workspace.order, options)
 
 
 def destroy_plan(workspace: Workspace, connections: ConnectionPool, targets: list[str] | None = None) -> Plan:
@@ -62,7 +69,7 @@ def destroy_plan(workspace: Workspace, connections: ConnectionPool, targets: lis
 
     live = read_live(workspace, connections)
     nothing = Manifests(workspace.project.name)
-    full = make_plan(nothing, nx.DiGraph(), live, [])
+    full = make_plan(nothing, nx.DiGraph(), live, [], PlanOptions(protected=_protected(workspace)))
     if not targets:
         return full
     _check_targets(workspace, targets)

@@ -40,6 +40,9 @@ def _run(ctx: ApplyContext, change: Change) -> None:
         provider.delete(ctx, change)
     elif change.action is Action.DELETE_THEN_CREATE:
         provider.replace(ctx, change)
+    elif change.action is Action.CREATE_THEN_DELETE:
+        provider.create(ctx, change)
+        provider.delete(ctx, change)
 
 
 def _message(exc: BaseException) -> str:

@@ -79,8 +79,9 @@ def _print_plan(out: Output, plan: Any) -> None:
 @click.option("--target", "targets", multiple=True, metavar="ADDRESS", help="Limit to ADDRESS and what it depends on.")
 @click.option("--detailed-exitcode", is_flag=True, help="Exit 0: no changes, 1: error, 2: changes present.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--restart", is_flag=True, help="Plan as apply --restart would: restart-class changes restart their objects.")
 @click.pass_context
-def plan(ctx: click.Context, targets: tuple[str, ...], detailed_exitcode: bool, as_json: bool) -> None:
+def plan(ctx: click.Context, targets: tuple[str, ...], detailed_exitcode: bool, as_json: bool, restart: bool) -> None:
     """Show what apply would change on the host."""
     from vmform import api
 
@@ -88,7 +89,7 @@ def plan(ctx: click.Context, targets: tuple[str, ...], detailed_exitcode: bool, 
     workspace = _workspace(ctx)
     connections = api.connect(workspace)
     try:
-        the_plan = api.plan(workspace, connections, list(targets))
+        the_plan = api.plan(workspace, connections, list(targets), restart=restart)
     finally:
         connections.close()
     if as_json:
@@ -110,8 +111,8 @@ def _confirm(out: Output, what: str, auto_approve: bool) -> bool:
     return str(answer).strip() == "yes"
 
 
-PAST = {"+": "created", "~": "updated", "-/+": "replaced", "-": "destroyed"}
-PRESENT = {"+": "creating", "~": "updating", "-/+": "replacing", "-": "destroying"}
+PAST = {"+": "created", "~": "updated", "-/+": "replaced", "+/-": "replaced", "-": "destroyed"}
+PRESENT = {"+": "creating", "~": "updating", "-/+": "replacing", "+/-": "replacing", "-": "destroying"}
 
 
 def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: Any, parallelism: int | None,
@@ -165,8 +166,10 @@ def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: A
 @click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--parallelism", type=click.IntRange(1, 64), default=None, help="Changes made at once (default: vmform.toml).")
 @click.option("--target", "targets", multiple=True, metavar="ADDRESS", help="Limit to ADDRESS and what it depends on.")
+@click.option("--restart", is_flag=True,
+              help="Restart domains and networks whose restart-class changes need it (clean shutdown first).")
 @click.pass_context
-def apply(ctx: click.Context, auto_approve: bool, parallelism: int | None, targets: tuple[str, ...]) -> None:
+def apply(ctx: click.Context, auto_approve: bool, parallelism: int | None, targets: tuple[str, ...], restart: bool) -> None:
     """Plan, confirm, then make the host match the manifests."""
     from vmform import api
 
@@ -174,7 +177,7 @@ def apply(ctx: click.Context, auto_approve: bool, parallelism: int | None, targe
     workspace = _workspace(ctx)
     connections = api.connect(workspace)
     try:
-        the_plan = api.plan(workspace, connections, list(targets))
+        the_plan = api.plan(workspace, connections, list(targets), restart=restart)
         _print_plan(out, the_plan)
         if the_plan.empty:
             return

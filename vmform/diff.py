@@ -144,7 +144,8 @@ def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], li
             if kind == "domain" and spec.name == "memory" and _balloon_lagging(live, after, running_value):
                 # libvirt reports the balloon's actual size. vmform already asked for this target and the
                 # guest has not moved since (no balloon driver): asking again would change nothing.
-                pending.append(f"memory (the guest reports {display(spec, running_value)}, target {display(spec, after)})")
+                pending.append(f"memory (the guest reports {display(spec, running_value)} of memory, vmform asked for "
+                               f"{display(spec, after)})")
             elif effect is Effect.LIVE:
                 changes.append(_field(spec, spec.name, running_value, after, effect))
             else:
@@ -270,10 +271,14 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
         replug: tuple[str, ...] = ()
         wants_running = resource.desired.get("state", "running") == "running"
         restart_fields = [f for f in field_changes if f.effect is Effect.RESTART]
+        for lag in [p for p in pending if p.startswith("memory (")]:
+            notes.append(f"{address}: {lag[len('memory ('):-1]}; the guest has not ballooned to it "
+                         "(no balloon driver, or not yet)")
+        pending = [p for p in pending if not p.startswith("memory (")]
         if current.active and not forcing and kind in ("domain", "network") and (restart_fields or pending):
             if resource.restart_allowed(options.restart) and (kind == "network" or wants_running):
                 restart = True
-                field_changes.extend(_pending_changes(resource, current, [p for p in pending if not p.startswith("memory (")]))
+                field_changes.extend(_pending_changes(resource, current, pending))
                 if kind == "network":
                     replug = _using_network(live, current.name)
             elif pending:

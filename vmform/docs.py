@@ -28,6 +28,8 @@ def _rows(specs: tuple[FieldSpec, ...], prefix: str = "") -> list[str]:
         effect = spec.effect.value + (f" ({spec.effect_doc})" if spec.effect_doc else "")
         if not spec.compare:
             effect = "—"
+        elif prefix:
+            effect = ""  # a part of a value changes the way the whole value does
         xml = f"`{spec.xml}`" if spec.xml else ("API" if spec.binding is None and spec.compare and not prefix else "")
         rows.append(f"| `{prefix}{spec.name}` | {_cell(spec.type.describe())} | {_cell(default)} | {_cell(effect)} | {_cell(xml)} | {_cell(spec.doc)} |")
         inner = spec.type.item if isinstance(spec.type, ListOf) else spec.type

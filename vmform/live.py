@@ -103,7 +103,9 @@ def read_network(net: libvirt.virNetwork, project: str) -> LiveObject:
     config = parse_xml(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE))
     values = _read_bound("network", config)
     values["autostart"] = bool(net.autostart())
-    obj = LiveObject("network", net.name(), values, {"uuid": net.UUIDString()}, active=bool(net.isActive()))
+    active = bool(net.isActive())
+    running = _read_bound("network", parse_xml(net.XMLDesc(0))) if active else {}
+    obj = LiveObject("network", net.name(), values, {"uuid": net.UUIDString()}, active=active, running_values=running)
     _set_owner(obj, read_owner(config), project)
     return obj
 

@@ -141,12 +141,27 @@ class Ledger:
         return None
 
     def record(self, kind: str, address: str, entry: dict[str, Any]) -> None:
+        """Own a new object. An older object still recorded under the address (create-before-destroy)
+        stays owned under ``address~replaced-N`` until it is deleted, so it is never orphaned."""
         with self._lock:
-            (self.pools if kind == "pool" else self.volumes)[address] = entry
+            entries = self.pools if kind == "pool" else self.volumes
+            old = entries.get(address)
+            identity = ("uuid",) if kind == "pool" else ("pool", "name")
+            if old is not None and any(old.get(k) != entry.get(k) for k in identity):
+                number = 1
+                while f"{address}~replaced-{number}" in entries:
+                    number += 1
+                entries[f"{address}~replaced-{number}"] = old
+            entries[address] = entry
 
-    def forget(self, kind: str, address: str) -> None:
+    def forget(self, kind: str, address: str, **identity: Any) -> None:
+        """Drop an entry; with identity (name=, pool=, uuid=), only when it still describes that object
+        (a create-before-destroy replacement has already recorded the new one under the same address)."""
         with self._lock:
-            (self.pools if kind == "pool" else self.volumes).pop(address, None)
+            entries = self.pools if kind == "pool" else self.volumes
+            for key in [k for k in entries if k == address or k.startswith(f"{address}~replaced-")]:
+                if all(entries[key].get(name) == value for name, value in identity.items()):
+                    del entries[key]
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,9 @@ class TestProject:
         self.bridge_prefix = "vmft" + prefix.split("-")[1][:6]  # bridge names: at most 15 characters
         # QEMU runs as another user: pools live where it can reach them, not in pytest's private tmp.
         self.pool_dir = POOL_ROOT / prefix
+        # A /24 of its own (10.200-249.x.0), so tests running side by side never fight over a subnet.
+        number = int(prefix.split("-")[1], 16)
+        self.subnet = f"10.{200 + number % 50}.{(number // 50) % 256}"
         (root / "vmform.toml").write_text(
             f'[project]\nname = "{prefix}"\nuri = "{URI}"\nmanifests = ["*.yaml"]\nparallelism = 4\nshutdown_timeout = 5\n'
         )

@@ -11,8 +11,8 @@ networks:
   PFX-lan:
     mode: isolated
     bridge: BRPa
-    ipv4: 10.254.71.1/24
-    dhcp: {start: 10.254.71.100, end: 10.254.71.200}
+    ipv4: SUBNET.1/24
+    dhcp: {start: SUBNET.100, end: SUBNET.200}
   PFX-back:
     mode: isolated
     bridge: BRPb
@@ -44,7 +44,7 @@ domains:
 
 def manifest(project: Any, vcpus: int = 1, memory: str = "64MiB",
              interfaces: str = '[{network: PFX-lan, mac: "52:54:00:aa:00:01"}]', with_db: bool = True) -> str:
-    text = MANIFEST.replace("POOLDIR", str(project.pool_dir)).replace("VCPUS", str(vcpus))
+    text = MANIFEST.replace("POOLDIR", str(project.pool_dir)).replace("SUBNET", project.subnet).replace("VCPUS", str(vcpus))
     text = text.replace("MEMORY", memory).replace("INTERFACES", interfaces)
     if not with_db:
         text = text.split("  PFX-db:\n")[0]

@@ -1,20 +1,61 @@
-"""Networks: define, start, autostart; updates redefine the persistent config."""
+"""Networks: define, start, autostart; DHCP reservations changed live with networkUpdate; restart-class
+changes applied by restarting the network and re-plugging the running guests' interfaces."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
+
+from lxml import etree
 
 from vmform.live import parse_xml
 from vmform.plan import Change
 from vmform.providers.base import ApplyContext, Provider
 from vmform.render.validate import validate
 from vmform.render.xml import render_network, to_text, write_fields
+from vmform.schema.network import dhcp_host_element
+from vmform.schema.types import Effect
+
+LIVE_FIELDS = {"autostart", "dhcp_hosts"}
 
 
 def _lookup(ctx: ApplyContext, change: Change) -> Any:
     conn = ctx.connections.get()
     uuid = change.identity.get("uuid")
     return conn.networkLookupByUUIDString(uuid) if uuid else conn.networkLookupByName(change.live_name or change.name)
+
+
+def replug(ctx: ApplyContext, network: str, domain_names: tuple[str, ...]) -> None:
+    """After a network restart its bridge is new and the guests' taps hang loose. Switching an interface
+    to type='bridge' on that bridge and back to type='network' makes libvirt re-attach the tap, live,
+    without the guest noticing more than a short link outage."""
+    import libvirt
+
+    conn = ctx.connections.get()
+    bridge = parse_xml(conn.networkLookupByName(network).XMLDesc(0)).find("bridge").get("name")
+    for name in domain_names:
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            continue  # gone since the plan was made: nothing to re-plug
+        if not dom.isActive():
+            continue
+        for node in parse_xml(dom.XMLDesc(0)).findall("devices/interface[@type='network']"):
+            source = node.find("source")
+            if source is None or source.get("network") != network:
+                continue
+            as_bridge = copy.deepcopy(node)
+            as_bridge.set("type", "bridge")
+            as_bridge.find("source").attrib.clear()
+            as_bridge.find("source").set("bridge", bridge)
+            as_network = copy.deepcopy(node)
+            as_network.find("source").attrib.clear()
+            as_network.find("source").set("network", network)
+            for element in (as_bridge, as_network):
+                target = element.find("target")
+                if target is not None:
+                    element.remove(target)
+                dom.updateDeviceFlags(etree.tostring(element, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
 
 class NetworkProvider(Provider):
@@ -37,17 +78,39 @@ class NetworkProvider(Provider):
 
         assert change.after is not None
         net = _lookup(ctx, change)
-        touched = {f.path for f in change.fields}
+        touched = {f.path.split("[", 1)[0] for f in change.fields}
         xml_fields = sorted(touched - {"autostart"})
         if xml_fields:
             root = parse_xml(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE))
             write_fields("network", root, change.after, xml_fields)
             validate("network", root, change.address)
             ctx.connections.get().networkDefineXML(to_text(root))
+        if net.isActive() and change.restart:
+            net.destroy()
+            net.create()
+            replug(ctx, net.name(), change.replug)
+        elif net.isActive():
+            for field in change.fields:
+                if field.path.startswith("dhcp_hosts[") and field.effect is Effect.LIVE:
+                    self._update_host(net, field.before, field.after)
         if "autostart" in touched:
             net.setAutostart(1 if change.after["autostart"] else 0)
         if not net.isActive():
             net.create()
+
+    def _update_host(self, net: Any, before: dict[str, Any] | None, after: dict[str, Any] | None) -> None:
+        import libvirt
+
+        section = libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST
+        if after is None:
+            command, host = libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE, before
+        elif before is None:
+            command, host = libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, after
+        else:
+            command, host = libvirt.VIR_NETWORK_UPDATE_COMMAND_MODIFY, after
+        assert host is not None
+        xml = etree.tostring(dhcp_host_element(host), encoding="unicode")
+        net.update(command, section, -1, xml, libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE)
 
     def delete(self, ctx: ApplyContext, change: Change) -> None:
         net = _lookup(ctx, change)

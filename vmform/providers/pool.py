@@ -34,7 +34,7 @@ class PoolProvider(Provider):
         try:
             pool = conn.storagePoolDefineXML(to_text(root))
         except libvirt.libvirtError:
-            ctx.ledger.forget("pool", change.address)
+            ctx.ledger.forget("pool", change.address, uuid=pool_uuid)
             ctx.save_ledger()
             raise
         try:
@@ -42,7 +42,7 @@ class PoolProvider(Provider):
             pool.create(0)
         except libvirt.libvirtError:
             pool.undefine()
-            ctx.ledger.forget("pool", change.address)
+            ctx.ledger.forget("pool", change.address, uuid=pool_uuid)
             ctx.save_ledger()
             raise
         pool.setAutostart(1 if change.after.get("autostart", True) else 0)
@@ -74,7 +74,7 @@ class PoolProvider(Provider):
             except libvirt.libvirtError:
                 pass
             pool.undefine()
-        ctx.ledger.forget("pool", change.address)
+        ctx.ledger.forget("pool", change.address, uuid=change.identity.get("uuid"))
         ctx.save_ledger()
 
 

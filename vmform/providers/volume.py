@@ -53,7 +53,7 @@ class VolumeProvider(Provider):
             try:
                 vol = pool.createXML(to_text(root), 0)
             except libvirt.libvirtError:
-                ctx.ledger.forget("volume", change.address)
+                ctx.ledger.forget("volume", change.address, pool=after["pool"], name=change.name)
                 ctx.save_ledger()
                 raise
             try:
@@ -63,7 +63,7 @@ class VolumeProvider(Provider):
                         vol.resize(after["size"], 0)
             except Exception:
                 vol.delete(0)
-                ctx.ledger.forget("volume", change.address)
+                ctx.ledger.forget("volume", change.address, pool=after["pool"], name=change.name)
                 ctx.save_ledger()
                 raise
 
@@ -109,7 +109,7 @@ class VolumeProvider(Provider):
         else:
             with ctx.pool_locks[pool_name]:
                 vol.delete(0)
-        ctx.ledger.forget("volume", change.address)
+        ctx.ledger.forget("volume", change.address, pool=pool_name, name=change.live_name or change.name)
         ctx.save_ledger()
 
 

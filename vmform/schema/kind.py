@@ -31,6 +31,12 @@ META_FIELDS: tuple[FieldSpec, ...] = (
 )
 
 
+def _own_fields(resource: Any) -> dict[str, Any]:
+    """The desired values of a kind without references to bind: its own fields, without the meta keys."""
+    names = {spec.name for spec in resource.kind.fields}
+    return {key: value for key, value in resource.values.items() if key in names}
+
+
 @dataclass(frozen=True)
 class Kind:
     name: str  # "domain"
@@ -38,7 +44,7 @@ class Kind:
     fields: tuple[FieldSpec, ...]
     doc: str
     # Resolve references (manifest names) into libvirt terms and fill derived defaults.
-    bind: Callable[[Any, Any], dict[str, Any]] = field(default=lambda resource, index: dict(resource.values))
+    bind: Callable[[Any, Any], dict[str, Any]] = field(default=lambda resource, index: _own_fields(resource))
     # Extra checks across fields: yields (relative path, message).
     check: Callable[[dict[str, Any]], Iterator[tuple[tuple[str | int, ...], str]]] | None = None
 

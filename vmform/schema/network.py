@@ -9,7 +9,19 @@ from typing import Any
 from lxml import etree
 
 from vmform.schema.kind import Kind
-from vmform.schema.types import Bool, Effect, Enum, FieldSpec, Int, IPv4Address, IPv4Interface, Obj, Str
+from vmform.schema.types import (
+    Bool,
+    Effect,
+    Enum,
+    FieldSpec,
+    Int,
+    IPv4Address,
+    IPv4Interface,
+    ListOf,
+    Mac,
+    Obj,
+    Str,
+)
 from vmform.schema.xmlbind import Attr, Element, XmlBinding, ensure
 
 MODES = ("isolated", "nat", "route", "open", "bridge")
@@ -90,6 +102,52 @@ class Dhcp(XmlBinding):
         dhcp.insert(0, etree.Element("range", start=value["start"], end=value["end"]))
 
 
+def dhcp_host_element(host: dict[str, Any]) -> Element:
+    node = etree.Element("host", mac=host["mac"])
+    if host.get("name"):
+        node.set("name", host["name"])
+    node.set("ip", host["ip"])
+    return node
+
+
+class DhcpHosts(XmlBinding):
+    """Static DHCP reservations, matched by MAC (``networkUpdate`` changes them on a running network)."""
+
+    def read(self, root: Element) -> Any:
+        node = _ipv4(root)
+        if node is None:
+            return []
+        hosts = []
+        for host in node.findall("dhcp/host"):
+            entry = {"mac": (host.get("mac") or "").lower(), "ip": host.get("ip")}
+            if host.get("name"):
+                entry["name"] = host.get("name")
+            hosts.append(entry)
+        return hosts
+
+    def write(self, root: Element, value: Any) -> None:
+        node = _ipv4(root)
+        if node is None:
+            return
+        dhcp = node.find("dhcp")
+        if dhcp is None:
+            if not value:
+                return
+            dhcp = etree.SubElement(node, "dhcp")
+        for host in dhcp.findall("host"):
+            dhcp.remove(host)
+        for host in value:
+            dhcp.append(dhcp_host_element(host))  # after the ranges, as libvirt's schema orders them
+        if len(dhcp) == 0:
+            node.remove(dhcp)
+
+
+DHCP_HOST = Obj((
+    FieldSpec("mac", Mac(), "the guest interface's MAC address", required=True),
+    FieldSpec("ip", IPv4Address(), "the address it always gets", required=True),
+    FieldSpec("name", Str(pattern=r"[A-Za-z0-9][A-Za-z0-9-]{0,62}", hint="a host name"), "host name handed out with it"),
+))
+
 FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("mode", Enum(MODES), "isolated (no forwarding), nat, route, open, or bridge (an existing host bridge)",
               xml="forward/@mode", default="isolated", binding=Mode()),
@@ -101,6 +159,9 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("dhcp", Obj((FieldSpec("start", IPv4Address(), "first leased address", required=True),
                            FieldSpec("end", IPv4Address(), "last leased address", required=True))),
               "DHCP range", xml="ip/dhcp/range", binding=Dhcp()),
+    FieldSpec("dhcp_hosts", ListOf(DHCP_HOST), "static DHCP reservations", effect=Effect.LIVE,
+              xml="ip/dhcp/host", default=[], binding=DhcpHosts(),
+              effect_doc="networkUpdate, no network restart"),
     FieldSpec("mtu", Int(68, 65535), "MTU of the bridge", xml="mtu/@size", binding=Attr("mtu", "size", int, str)),
     FieldSpec("domain", Str(pattern=r"[A-Za-z0-9.-]{1,253}", hint="a DNS domain name"), "DNS domain of the network",
               xml="domain/@name", binding=Attr("domain", "name")),
@@ -127,6 +188,22 @@ def check(values: dict[str, Any]) -> Iterator[tuple[tuple[str | int, ...], str]]
                     yield ("dhcp", key), f"{addr} is outside the network {net}"
             if start > end:
                 yield ("dhcp",), f"dhcp start {start} is after end {end}"
+    hosts = values.get("dhcp_hosts") or []
+    if hosts and "ipv4" not in values:
+        yield ("dhcp_hosts",), "dhcp_hosts needs ipv4 (the network's own address and prefix)"
+    elif hosts:
+        net = ipaddress.IPv4Interface(values["ipv4"]).network
+        seen_mac: dict[str, int] = {}
+        seen_ip: dict[str, int] = {}
+        for number, host in enumerate(hosts):
+            if ipaddress.IPv4Address(host["ip"]) not in net:
+                yield ("dhcp_hosts", number, "ip"), f"{host['ip']} is outside the network {net}"
+            if host["mac"] in seen_mac:
+                yield ("dhcp_hosts", number, "mac"), f"MAC {host['mac']} is already reserved by dhcp_hosts[{seen_mac[host['mac']]}]"
+            if host["ip"] in seen_ip:
+                yield ("dhcp_hosts", number, "ip"), f"{host['ip']} is already reserved by dhcp_hosts[{seen_ip[host['ip']]}]"
+            seen_mac[host["mac"]] = number
+            seen_ip[host["ip"]] = number
     if mode in ("nat", "route", "open") and "ipv4" not in values:
         yield ("mode",), f"mode {mode} needs ipv4 (the network's own address and prefix)"
 
