@@ -66,7 +66,9 @@ def errors_of(data: Any, kind: str = "domain") -> list[FieldError]:
 
 def test_corpus_is_large_enough() -> None:
     counts = {kind: sum(1 for k, _ in FILES if k == kind) for kind in KINDS.values()}
-    assert counts["domain"] >= 7 and counts["network"] >= 9 and counts["pool"] >= 7, counts
+    assert counts["domain"] >= 15 and counts["network"] >= 19 and counts["pool"] >= 14, counts
+    # libvirt's own formatting of the samples (generate_live.py, test driver) is part of it
+    assert sum(1 for _, path in FILES if path.name.startswith("live-")) >= 24
 
 
 @pytest.mark.parametrize(("kind", "path"), FILES, ids=[f"{p.parent.name}/{p.name}" for _, p in FILES])
@@ -129,7 +131,7 @@ def test_shapes_scalars_text_and_empty_elements() -> None:
 
 def test_repeatable_children_are_lists_even_with_one_item() -> None:
     data = domain_data("doc-hostdev-metadata.xml")
-    assert data["cputune"]["iothreadpin"] == [{"iothread": "1", "cpuset": "5,6"}]
+    assert data["cputune"]["iothreadpin"] == [{"iothread": "2", "cpuset": "5,6"}]
     assert isinstance(data["cputune"]["emulatorpin"], dict)  # cannot repeat: a single mapping
     assert isinstance(data["sysinfo"], list)
     assert isinstance(data["devices"]["disk"][2]["target"], dict)
@@ -345,6 +347,14 @@ def test_import_refuses_what_the_schema_does_not_allow() -> None:
     with pytest.raises(FieldErrors) as caught:
         generic.element_to_data(element, "domain")
     assert {e.path for e in caught.value.errors} == {("nmae",), ("os", "bogus")}
+    with pytest.raises(FieldErrors) as caught:
+        generic.element_to_data(element, "domain", path=("domain", "web", "libvirt"))
+    assert ("domain", "web", "libvirt", "nmae") in {e.path for e in caught.value.errors}
+    with pytest.raises(FieldErrors, match="expected a <network> document"):
+        generic.element_to_data(element, "network")
+    twice = etree.fromstring("<domain><name>x</name><name>y</name></domain>")
+    with pytest.raises(FieldErrors, match="more than once"):
+        generic.element_to_data(twice, "domain")
 
 
 # ------------------------------------------------------------------------------------------- model

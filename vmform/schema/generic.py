@@ -465,6 +465,8 @@ def element_to_data(element: Element, kind: str, path: Path = ()) -> Any:
 
     Raises FieldErrors (paths relative to ``path``) for content the schema does not allow."""
     schema = model(kind)
+    if element.tag != ROOTS[kind]:
+        raise FieldErrors([FieldError(f"expected a <{ROOTS[kind]}> document, got <{element.tag}>", path)])
     errors: list[FieldError] = []
     data = _to_data(element, schema.defs[schema.root], schema, path, errors)
     if errors:
