@@ -25,6 +25,11 @@ LIST_KEYS: dict[tuple[str, str], tuple[str, Effect]] = {
 }
 
 
+# Parts of a list item libvirt changes on the running object (updateDeviceFlags moves a NIC to another
+# network or bridge without unplugging it).
+LIVE_ITEM_KEYS: dict[tuple[str, str], set[str]] = {("domain", "interfaces"): {"network", "bridge"}}
+
+
 def display(spec: FieldSpec | None, value: Any) -> str:
     if value is None:
         return "(unset)"
@@ -84,7 +89,11 @@ def _list_changes(kind: str, spec: FieldSpec, key: str, before: list[Any] | None
         if old is None or item_key not in running_by:
             changes.append(_field(spec, path, old, item, Effect.LIVE))
         elif _comparable(old, item) != item or _comparable(running_by[item_key], item) != item:
-            changes.append(_field(spec, path, old, item, modify_effect if live.active else Effect.LIVE))
+            effect = modify_effect if live.active else Effect.LIVE
+            differing = {k for k in item if old.get(k) != item[k] or running_by[item_key].get(k) != item[k]}
+            if live.active and differing <= LIVE_ITEM_KEYS.get((kind, spec.name), set()):
+                effect = Effect.LIVE
+            changes.append(_field(spec, path, old, item, effect))
     for item_key, item in before_by.items():
         if item_key not in after_by:
             changes.append(_field(spec, f"{spec.name}[{item_key}]", item, None, Effect.LIVE))

@@ -260,3 +260,24 @@ def test_dhcp_reservations_change_live_and_network_restart_replugs(project: Any,
     assert "<mtu size='1400'/>" in net.XMLDesc(0)
     assert tap_master(dom) == bridge, "the guest must not be left detached"
     no_changes(project)
+
+
+def test_moving_a_nic_to_another_network_is_live(project: Any, conn: Any) -> None:
+    p = project.prefix
+    other = f"""
+  {p}-other:
+    mode: isolated
+    bridge: {project.bridge_prefix}b
+"""
+    project.write(lab(project, network_extra=other))
+    project.apply()
+    dom = conn.lookupByName(f"{p}-vm")
+    first_id = domain_id_of(conn, dom)
+    assert tap_master(dom) == f"{project.bridge_prefix}a"
+    moved = lab(project, network_extra=other).replace(f"{{network: {p}-lan, mac:", f"{{network: {p}-other, mac:")
+    project.write(moved)
+    assert fields(project.plan_json(), f"domain.{p}-vm") == {"interfaces[52:54:00:aa:72:01]": "live"}
+    project.apply()
+    assert tap_master(dom) == f"{project.bridge_prefix}b"
+    assert domain_id_of(conn, dom) == first_id
+    no_changes(project)

@@ -143,6 +143,9 @@ class DomainProvider(Provider):
                 dom.attachDeviceFlags(etree.tostring(build(change.after), encoding="unicode"), live)
             elif change.after is None and change.before is not None:
                 self._detach(dom, name, change.before)
+            elif name == "interfaces" and change.after is not None:
+                # Another network or bridge for the same NIC: libvirt re-plugs the tap, the guest keeps its device.
+                dom.updateDeviceFlags(etree.tostring(build(change.after), encoding="unicode"), live)
 
     def _detach(self, dom: Any, name: str, item: dict[str, Any]) -> None:
         """Detach is asynchronous: the guest must let go. Wait (bounded) until the device is gone."""
