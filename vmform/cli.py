@@ -274,5 +274,43 @@ def validate(ctx: click.Context) -> None:
     out.line(f"[green]Valid:[/green] {len(workspace.manifests.resources)} resources in {len(workspace.manifests.files)} files.")
 
 
+
+@main.command("import")
+@click.argument("addresses", nargs=-1)
+@click.option("--all", "take_all", is_flag=True, help="Every unmanaged domain, network and pool (see --filter).")
+@click.option("--filter", "pattern", default="*", show_default=True, help="With --all: only names matching GLOB.")
+@click.option("-o", "output", type=click.Path(dir_okay=False), default=None,
+              help="Manifest file to write (default: imported.yaml in the project root).")
+@click.option("--force", is_flag=True, help="Overwrite the output file.")
+@click.pass_context
+def import_(ctx: click.Context, addresses: tuple[str, ...], take_all: bool, pattern: str, output: str | None,
+            force: bool) -> None:
+    """Adopt existing unmanaged objects (domain.NAME, network.NAME, pool.NAME): write manifests, mark them owned."""
+    from pathlib import Path
+
+    from vmform.connection import open_connection
+    from vmform.importer import import_objects
+
+    out: Output = ctx.obj["out"]
+    if not addresses and not take_all:
+        raise VmformError("name what to import (domain.NAME, network.NAME, pool.NAME) or pass --all")
+    workspace = _workspace(ctx)
+    conn = open_connection(workspace.project.uri)
+    try:
+        result = import_objects(workspace, conn, list(addresses), take_all, pattern,
+                                Path(output) if output else None, force)
+    finally:
+        conn.close()
+    for item in result.objects:
+        out.line(f"[green]{item.address}: imported[/green]")
+        for path in item.not_expressed:
+            out.line(f"  not managed (kept as it is on the host): {path}")
+        for note in item.notes:
+            out.line(f"  note: {note}")
+    out.line(f"Wrote {result.output} ({len(result.objects)} objects, now owned by project {workspace.project.name}).")
+    if result.outside_globs:
+        out.line("[yellow]The file is outside the project's manifest patterns (vmform.toml): plan will not read it.[/yellow]")
+
+
 if __name__ == "__main__":
     main()

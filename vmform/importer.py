@@ -1,0 +1,474 @@
+"""Adopting existing, unmanaged libvirt objects: their persistent XML is read through the *same* field
+bindings the diff uses, turned back into manifest values, written as YAML, and the objects are marked as
+owned by the project (metadata for domains and networks, the ledger for pools).
+
+No printing here: ``import_objects`` returns an ``ImportResult`` the CLI shows.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from lxml import etree
+
+from vmform.connection import libvirt_message
+from vmform.errors import VmformError
+from vmform.live import parse_xml
+from vmform.ownership import NAMESPACE, Ledger, ProjectLock, read_owner, set_owner
+from vmform.schema.domain import DISK_BUSES, NIC_MODELS
+from vmform.schema.registry import KINDS
+from vmform.schema.types import NAME, FieldError, FieldSpec, ListOf, Obj, Size
+from vmform.schema.xmlbind import Element
+from vmform.units import format_size
+
+if TYPE_CHECKING:
+    import libvirt
+
+    from vmform.api import Workspace
+
+IMPORTABLE = ("network", "pool", "domain")  # in the order their sections are written
+
+# What libvirt generates or adds by itself: never reported as "not expressible".
+_IGNORED_PATHS = {
+    "uuid", "metadata", "currentMemory", "resource", "seclabel", "genid", "on_poweroff", "on_reboot", "on_crash",
+    "os/type", "os/nvram", "features/acpi", "features/apic", "clock/@offset",
+    "devices/emulator", "devices/controller", "devices/memballoon", "devices/input", "devices/audio",
+    "devices/console", "devices/serial/target/model", "devices/video/model/@heads", "devices/video/model/@primary",
+    "devices/video/model/@ram", "devices/video/model/@vram", "devices/video/model/@vgamem",
+    "devices/graphics/@port", "devices/graphics/@autoport", "devices/graphics/@listen", "devices/graphics/listen",
+    "devices/disk/driver/@name", "devices/disk/source/@index", "devices/disk/backingStore",
+    "devices/interface/source/@portid", "devices/interface/source/@bridge", "devices/interface/target",
+    "devices/hostdev/@managed", "devices/filesystem/@accessmode", "devices/filesystem/@type",
+    "devices/tpm/@model", "devices/tpm/backend/@version", "devices/rng/@model", "devices/rng/backend",
+    "memoryBacking", "vcpu/@placement", "vcpu/@current", "cpu/@check", "cpu/@match", "cpu/model/@fallback",
+    "devices/serial/@type", "devices/serial/target/@type", "devices/serial/target/@port", "devices/serial/source",
+    "mac", "bridge/@stp", "bridge/@delay", "ip/@netmask", "source", "target/permissions", "capacity", "allocation",
+    "available",
+}
+_IGNORED_LEAVES = {"address", "alias"}
+
+
+@dataclass
+class ImportedObject:
+    address: str
+    kind: str
+    name: str  # libvirt name
+    values: dict[str, Any]  # manifest values, in field-declaration order
+    not_expressed: list[str] = field(default_factory=list)  # live XML paths no curated field covers
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ImportResult:
+    output: Path
+    objects: list[ImportedObject]
+    outside_globs: bool = False  # the output file is not one of the project's manifest patterns
+
+
+class ImportError_(VmformError):
+    pass
+
+
+def _quoted(value: str) -> Any:
+    return _Quoted(value)
+
+
+class _Quoted(str):
+    pass
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(_Quoted, lambda dumper, data: dumper.represent_scalar("tag:yaml.org,2002:str", str(data), style='"'))
+
+
+def _manifest_value(spec: FieldSpec, value: Any) -> Any:
+    """A live (libvirt-terms) value in the form a manifest writes it."""
+    if value is None:
+        return None
+    if isinstance(spec.type, Size):
+        return format_size(value)
+    if isinstance(spec.type, ListOf) and isinstance(spec.type.item, Obj):
+        return [_obj_value(spec.type.item, item) for item in value]
+    if isinstance(spec.type, Obj):
+        return _obj_value(spec.type, value)
+    if isinstance(value, str) and ":" in value:
+        return _quoted(value)  # MACs, PCI addresses: YAML 1.1 would read some as numbers
+    return value
+
+
+def _obj_value(obj: Obj, value: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for spec in obj.fields:
+        if value.get(spec.name) is not None:
+            result[spec.name] = _manifest_value(spec, value[spec.name])
+    return result
+
+
+def _read_fields(kind: str, root: Element) -> dict[str, Any]:
+    return {spec.name: spec.binding.read(root) for spec in KINDS[kind].fields if spec.binding is not None}
+
+
+class _Refs:
+    """Manifest names of declared or imported networks, pools and volumes, by libvirt identity."""
+
+    def __init__(self, workspace: Workspace, imported: list[tuple[str, str, str]]) -> None:
+        self.networks: dict[str, str] = {}
+        self.volumes: dict[tuple[Any, str], str] = {}
+        for resource in workspace.manifests.resources.values():
+            kind = resource.kind.name
+            if kind == "network":
+                self.networks[resource.libvirt_name] = resource.key
+            elif kind == "volume":
+                self.volumes[(resource.desired.get("pool"), resource.libvirt_name)] = resource.key
+        for kind, name, key in imported:
+            if kind == "network":
+                self.networks.setdefault(name, key)
+
+
+def _domain_values(conn: libvirt.virConnect, dom: libvirt.virDomain, root: Element, refs: _Refs,
+                   obj: ImportedObject) -> dict[str, Any]:
+    live = _read_fields("domain", root)
+    values: dict[str, Any] = {}
+    for spec in KINDS["domain"].fields:
+        name = spec.name
+        value = live.get(name)
+        if name == "description":
+            if value:
+                values[name] = value
+        elif name == "disks":
+            values[name] = [_disk_value(conn, disk, refs, obj) for disk in value or []]
+        elif name == "interfaces":
+            values[name] = [_interface_value(nic, refs, obj) for nic in value or []]
+        elif name == "rng":
+            values[name] = bool(value)
+        elif name == "tpm":
+            if value is not None or root.find("devices/tpm") is None:
+                values[name] = value or "none"
+        elif name == "state":
+            values[name] = "running" if dom.isActive() else "stopped"
+        elif name == "autostart":
+            values[name] = bool(dom.autostart())
+        elif name == "graphics":
+            if value not in ("none", "vnc", "spice"):
+                raise ImportError_(f"{obj.address}: graphics type '{value}' cannot be expressed (vnc, spice or none)")
+            values[name] = value
+        elif value is not None:
+            values[name] = _manifest_value(spec, value)
+    if root.find("devices/graphics") is not None and len(root.findall("devices/graphics")) > 1:
+        obj.notes.append("more than one graphics device: only the first is managed")
+    return values
+
+
+def _disk_value(conn: libvirt.virConnect, disk: dict[str, Any], refs: _Refs, obj: ImportedObject) -> dict[str, Any]:
+    import libvirt
+
+    entry: dict[str, Any] = {}
+    target = disk.get("target")
+    if disk.get("volume") is not None:
+        key = refs.volumes.get((disk.get("pool"), disk["volume"]))
+        if key is not None:
+            entry["volume"] = key
+        else:
+            try:
+                path = conn.storagePoolLookupByName(disk["pool"]).storageVolLookupByName(disk["volume"]).path()
+            except libvirt.libvirtError as exc:
+                raise ImportError_(f"{obj.address}: disk {target}: volume {disk['pool']}/{disk['volume']}: "
+                                   f"{libvirt_message(exc)}") from None
+            entry["path"] = path
+            obj.notes.append(f"disk {target}: volume {disk['pool']}/{disk['volume']} is not declared in the manifests; "
+                             "imported as its path (apply would switch the disk to type='file'); declare the volume "
+                             "and write 'volume:' instead")
+    elif disk.get("path") is not None:
+        entry["path"] = disk["path"]
+    device = disk.get("device", "disk")
+    if device != "disk":
+        entry["device"] = device
+    if disk.get("format") is not None and "volume" not in entry:
+        entry["format"] = disk["format"]
+    elif "path" in entry:
+        raise ImportError_(f"{obj.address}: disk {target} has no driver format; vmform never lets qemu probe one "
+                           "(add <driver type='raw|qcow2'/> first)")
+    if disk.get("bus") not in DISK_BUSES:
+        raise ImportError_(f"{obj.address}: disk {target}: bus '{disk.get('bus')}' cannot be expressed")
+    entry["bus"] = disk["bus"]
+    entry["target"] = target
+    if bool(disk.get("readonly")) != (device == "cdrom"):
+        entry["readonly"] = bool(disk.get("readonly"))
+    for key in ("cache", "serial"):
+        if disk.get(key) is not None:
+            entry[key] = disk[key]
+    return entry
+
+
+def _interface_value(nic: dict[str, Any], refs: _Refs, obj: ImportedObject) -> dict[str, Any]:
+    entry: dict[str, Any] = {}
+    if nic.get("network") is not None:
+        key = refs.networks.get(nic["network"])
+        if key is None:
+            raise ImportError_(
+                f"{obj.address}: interface {nic.get('mac')} uses network '{nic['network']}', which is neither declared "
+                f"in the manifests nor imported; import network.{nic['network']} as well"
+            )
+        entry["network"] = key
+    elif nic.get("bridge") is not None:
+        entry["bridge"] = nic["bridge"]
+    else:
+        raise ImportError_(f"{obj.address}: interface {nic.get('mac')} of type '{nic.get('type')}' cannot be expressed "
+                           "(network or bridge)")
+    entry["mac"] = _quoted(nic["mac"])
+    model = nic.get("model")
+    if model not in NIC_MODELS:
+        raise ImportError_(f"{obj.address}: interface {nic.get('mac')}: model '{model}' cannot be expressed")
+    entry["model"] = model
+    return entry
+
+
+def _generic_values(kind: str, root: Element, autostart: bool) -> dict[str, Any]:
+    live = _read_fields(kind, root)
+    values: dict[str, Any] = {}
+    for spec in KINDS[kind].fields:
+        if spec.name == "autostart":
+            values["autostart"] = autostart
+        elif live.get(spec.name) is not None and live.get(spec.name) != []:
+            values[spec.name] = _manifest_value(spec, live[spec.name])
+    return values
+
+
+def _paths(root: Element) -> set[str]:
+    """Element and attribute paths of a document (relative to the root, positions dropped)."""
+    found: set[str] = set()
+
+    def walk(node: Element, prefix: str) -> None:
+        for child in node:
+            if not isinstance(child.tag, str):
+                continue
+            tag = etree.QName(child).localname
+            path = f"{prefix}{tag}"
+            found.add(path)
+            for attr in child.attrib:
+                found.add(f"{path}/@{etree.QName(attr).localname}")
+            walk(child, path + "/")
+
+    walk(root, "")
+    for attr in root.attrib:
+        found.add(f"@{attr}")
+    return found
+
+
+def _ignored(path: str) -> bool:
+    parts = path.split("/")
+    if any(part in _IGNORED_LEAVES for part in parts):
+        return True
+    return any(path == ignored or path.startswith(ignored + "/") for ignored in _IGNORED_PATHS)
+
+
+def not_expressed(live_root: Element, rendered_root: Element) -> list[str]:
+    """Paths present in the live XML and absent from the XML vmform renders from the imported values."""
+    rendered = _paths(rendered_root)
+    missing = [p for p in sorted(_paths(live_root) - rendered) if not _ignored(p)]
+    # Report an element once, not each of its attributes and children as well.
+    return [p for p in missing if not any(p.startswith(other + "/") for other in missing if other != p)]
+
+
+def _lookup(conn: libvirt.virConnect, kind: str, name: str) -> Any:
+    import libvirt
+
+    try:
+        if kind == "domain":
+            return conn.lookupByName(name)
+        if kind == "network":
+            return conn.networkLookupByName(name)
+        return conn.storagePoolLookupByName(name)
+    except libvirt.libvirtError:
+        return None
+
+
+def _all_ledgers(conn: libvirt.virConnect) -> list[Ledger]:
+    ledgers = []
+    for secret in conn.listAllSecrets():
+        usage = secret.usageID() or ""
+        if usage.startswith("vmform/") and usage.endswith("/ledger"):
+            ledgers.append(Ledger.load(conn, usage[len("vmform/"):-len("/ledger")]))
+    return ledgers
+
+
+def _owner_of(conn: libvirt.virConnect, kind: str, obj: Any, root: Element) -> tuple[str, str] | None:
+    if kind in ("domain", "network"):
+        return read_owner(root)
+    for ledger in _all_ledgers(conn):
+        address = ledger.pool_address(obj.name(), obj.UUIDString())
+        if address is not None:
+            return ledger.project, address
+    return None
+
+
+def _xml(kind: str, obj: Any) -> Element:
+    import libvirt
+
+    flag = {"domain": libvirt.VIR_DOMAIN_XML_INACTIVE, "network": libvirt.VIR_NETWORK_XML_INACTIVE,
+            "pool": libvirt.VIR_STORAGE_XML_INACTIVE}[kind]
+    return parse_xml(obj.XMLDesc(flag))
+
+
+def _select(conn: libvirt.virConnect, addresses: list[str], take_all: bool, pattern: str) -> list[tuple[str, str]]:
+    chosen: list[tuple[str, str]] = []
+    for address in addresses:
+        kind, _, name = address.partition(".")
+        if kind not in IMPORTABLE or not name:
+            raise ImportError_(f"'{address}' is not an address like domain.NAME, network.NAME or pool.NAME")
+        if (kind, name) not in chosen:
+            chosen.append((kind, name))
+    if take_all:
+        listing = {"domain": conn.listAllDomains, "network": conn.listAllNetworks, "pool": conn.listAllStoragePools}
+        for kind in IMPORTABLE:
+            for obj in listing[kind]():
+                name = obj.name()
+                if not fnmatch.fnmatchcase(name, pattern) or (kind, name) in chosen:
+                    continue
+                if _owner_of(conn, kind, obj, _xml(kind, obj)) is None:
+                    chosen.append((kind, name))
+    return chosen
+
+
+def import_objects(workspace: Workspace, conn: libvirt.virConnect, addresses: list[str], take_all: bool = False,
+                   pattern: str = "*", output: Path | None = None, force: bool = False) -> ImportResult:
+    """Write manifests for unmanaged objects and mark them owned by the workspace's project."""
+    import libvirt
+
+    from vmform.render.xml import render_resource
+
+    project = workspace.project.name
+    out = Path(output) if output is not None else workspace.project.root / "imported.yaml"
+    if not out.is_absolute():
+        out = Path.cwd() / out
+    if out.exists() and not force:
+        raise ImportError_(f"{out} exists; choose another file with -o or pass --force to overwrite it")
+    try:
+        chosen = _select(conn, addresses, take_all, pattern)
+    except libvirt.libvirtError as exc:
+        raise ImportError_(f"cannot list the host's objects: {libvirt_message(exc)}") from None
+    if not chosen:
+        raise ImportError_("nothing to import" + (f" (no unmanaged object matches '{pattern}')" if take_all else ""))
+
+    # Look everything up and refuse early: missing objects, owned objects, names a manifest already uses.
+    found: list[tuple[str, str, Any, Element]] = []
+    for kind, name in chosen:
+        obj = _lookup(conn, kind, name)
+        if obj is None:
+            raise ImportError_(f"{kind}.{name}: no {kind} named '{name}' on {conn.getURI()}")
+        root = _xml(kind, obj)
+        owner = _owner_of(conn, kind, obj, root)
+        if owner is not None:
+            if owner[0] == project:
+                raise ImportError_(f"{kind}.{name}: already owned by this project (as {owner[1]})")
+            raise ImportError_(f"{kind}.{name}: owned by vmform project '{owner[0]}'; vmform will not adopt it")
+        try:
+            NAME.parse(name)
+        except FieldError as exc:
+            raise ImportError_(f"{kind}.{name}: the name {exc.message}") from None
+        address = f"{kind}.{name}"
+        if address in workspace.manifests.resources:
+            raise ImportError_(f"{address} is already declared in the manifests")
+        for resource in workspace.manifests.resources.values():
+            if resource.kind.name == kind and resource.libvirt_name == name:
+                raise ImportError_(f"{address}: {resource.address} already declares a {kind} named '{name}'")
+        if kind == "pool" and (root.get("type") != "dir"):
+            raise ImportError_(f"{address}: pool type '{root.get('type')}' cannot be expressed (dir only)")
+        found.append((kind, name, obj, root))
+
+    refs = _Refs(workspace, [(kind, name, name) for kind, name, _, _ in found])
+    objects: list[ImportedObject] = []
+    for kind, name, obj, root in found:
+        item = ImportedObject(f"{kind}.{name}", kind, name, {})
+        if kind == "domain":
+            item.values = _domain_values(conn, obj, root, refs, item)
+        else:
+            item.values = _generic_values(kind, root, bool(obj.autostart()))
+        objects.append(item)
+
+    # Check the YAML loads with the declared manifests, then render it to find what it cannot express.
+    text = render_yaml(objects, project)
+    manifests = _load_with(workspace, text)
+    for item in objects:
+        resource = manifests.resources[item.address]
+        rendered = render_resource(item.kind, item.name, resource.desired, project, item.address)
+        live_root = [r for k, n, _, r in found if k == item.kind and n == item.name][0]
+        item.not_expressed = not_expressed(live_root, rendered)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    _mark(conn, project, found, objects)
+    globs = [str(workspace.project.root / p) for p in workspace.project.manifest_patterns]
+    outside = not any(fnmatch.fnmatch(str(out), g) for g in globs)
+    return ImportResult(out, objects, outside)
+
+
+def _load_with(workspace: Workspace, text: str) -> Any:
+    import tempfile
+
+    from vmform.errors import ManifestErrors
+    from vmform.manifest.loader import load_manifests
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "imported.yaml"
+        path.write_text(text, encoding="utf-8")
+        try:
+            return load_manifests(workspace.project.name, [*workspace.project.manifest_files(), path],
+                                  workspace.project.root)
+        except ManifestErrors as exc:
+            problems = "; ".join(str(e) for e in exc.errors)
+            raise ImportError_(f"the imported manifests would not load (nothing was written or marked): {problems}") from None
+
+
+def render_yaml(objects: list[ImportedObject], project: str) -> str:
+    sections: dict[str, dict[str, Any]] = {}
+    for kind in IMPORTABLE:
+        for item in objects:
+            if item.kind == kind:
+                sections.setdefault(KINDS[kind].section, {})[item.name] = item.values
+    header = [
+        f"# Imported by `vmform import` into project {project}: these objects are now owned by it.",
+        "# Only the fields below are managed; anything else in their libvirt XML is kept as it is.",
+    ]
+    for item in objects:
+        if item.not_expressed:
+            header.append(f"# {item.address}: not managed: {', '.join(item.not_expressed)}")
+    body = yaml.dump(sections, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)
+    return "\n".join(header) + "\n" + body
+
+
+def _mark(conn: libvirt.virConnect, project: str, found: list[tuple[str, str, Any, Element]],
+          objects: list[ImportedObject]) -> None:
+    import libvirt
+
+    with ProjectLock(conn, project, "import"):
+        ledger: Ledger | None = None
+        for (kind, name, obj, _root), item in zip(found, objects, strict=True):
+            try:
+                if kind == "domain":
+                    # libvirt puts the element into the namespace itself: give it without one.
+                    owner = etree.tostring(etree.Element("owner", project=project, address=item.address),
+                                           encoding="unicode")
+                    flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+                    if obj.isActive():
+                        flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+                    obj.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, owner, "vmform", NAMESPACE, flags)
+                elif kind == "network":
+                    root = _xml("network", obj)
+                    set_owner(root, project, item.address)
+                    conn.networkDefineXML(etree.tostring(root, encoding="unicode"))
+                else:
+                    if ledger is None:
+                        ledger = Ledger.load(conn, project)
+                    ledger.record("pool", item.address, {"name": name, "uuid": obj.UUIDString()})
+                    ledger.save(conn)
+            except libvirt.libvirtError as exc:
+                raise ImportError_(f"{item.address}: cannot mark it as owned: {libvirt_message(exc)} (the objects "
+                                   "before it in the file are owned; remove this one from the file)") from None
