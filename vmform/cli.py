@@ -274,7 +274,6 @@ def validate(ctx: click.Context) -> None:
     out.line(f"[green]Valid:[/green] {len(workspace.manifests.resources)} resources in {len(workspace.manifests.files)} files.")
 
 
-
 @main.command("import")
 @click.argument("addresses", nargs=-1)
 @click.option("--all", "take_all", is_flag=True, help="Every unmanaged domain, network and pool (see --filter).")
