@@ -25,11 +25,6 @@ LIST_KEYS: dict[tuple[str, str], tuple[str, Effect]] = {
 }
 
 
-# Parts of a list item libvirt changes on the running object (updateDeviceFlags moves a NIC to another
-# network or bridge without unplugging it).
-LIVE_ITEM_KEYS: dict[tuple[str, str], set[str]] = {("domain", "interfaces"): {"network", "bridge"}}
-
-
 def display(spec: FieldSpec | None, value: Any) -> str:
     if value is None:
         return "(unset)"
@@ -77,30 +72,52 @@ def _effect(kind: str, spec: FieldSpec, desired: dict[str, Any], live: LiveObjec
     return spec.effect
 
 
+def _hotpluggable(kind: str, field_name: str, item: dict[str, Any]) -> bool:
+    """Whether libvirt can attach or detach this item on a running domain: PCI-like buses only; IDE and
+    SATA drives (cdroms included) are fixed for the life of the QEMU process."""
+    if kind == "domain" and field_name == "disks":
+        return item.get("bus") in ("virtio", "scsi", "usb")
+    return True
+
+
 def _list_changes(kind: str, spec: FieldSpec, key: str, before: list[Any] | None, after: list[Any], live: LiveObject,
                   running: list[Any] | None, modify_effect: Effect = Effect.RESTART) -> list[FieldChange]:
     changes: list[FieldChange] = []
     before_by = {item.get(key): item for item in before or []}
     after_by = {item.get(key): item for item in after}
     running_by = {item.get(key): item for item in running} if running is not None else before_by
+
+    def plug_effect(item: dict[str, Any]) -> Effect:
+        return Effect.LIVE if not live.active or _hotpluggable(kind, spec.name, item) else Effect.RESTART
+
     for item_key, item in after_by.items():
         old = before_by.get(item_key)
         path = f"{spec.name}[{item_key}]"
         if old is None or item_key not in running_by:
-            changes.append(_field(spec, path, old, item, Effect.LIVE))
+            changes.append(_field(spec, path, old, item, plug_effect(item)))
         elif _comparable(old, item) != item or _comparable(running_by[item_key], item) != item:
             effect = modify_effect if live.active else Effect.LIVE
             differing = {k for k in item if old.get(k) != item[k] or running_by[item_key].get(k) != item[k]}
-            if live.active and differing <= LIVE_ITEM_KEYS.get((kind, spec.name), set()):
+            if live.active and differing <= _live_item_keys(kind, spec.name, item):
                 effect = Effect.LIVE
             changes.append(_field(spec, path, old, item, effect))
     for item_key, item in before_by.items():
         if item_key not in after_by:
-            changes.append(_field(spec, f"{spec.name}[{item_key}]", item, None, Effect.LIVE))
+            changes.append(_field(spec, f"{spec.name}[{item_key}]", item, None, plug_effect(item)))
     for item_key, item in running_by.items():  # attached live only (e.g. virsh attach-interface --live)
         if item_key not in after_by and item_key not in before_by:
-            changes.append(_field(spec, f"{spec.name}[{item_key}]", item, None, Effect.LIVE))
+            changes.append(_field(spec, f"{spec.name}[{item_key}]", item, None, plug_effect(item)))
     return changes
+
+
+def _live_item_keys(kind: str, field_name: str, item: dict[str, Any]) -> set[str]:
+    """Parts of a list item libvirt changes on the running object with updateDeviceFlags: a NIC's network
+    or bridge, a cdrom's medium."""
+    if kind == "domain" and field_name == "interfaces":
+        return {"network", "bridge"}
+    if kind == "domain" and field_name == "disks" and item.get("device") == "cdrom":
+        return {"path", "volume", "pool", "format"}
+    return set()
 
 
 def _comparable(live_item: dict[str, Any], desired_item: dict[str, Any]) -> dict[str, Any]:

@@ -143,8 +143,9 @@ class DomainProvider(Provider):
                 dom.attachDeviceFlags(etree.tostring(build(change.after), encoding="unicode"), live)
             elif change.after is None and change.before is not None:
                 self._detach(dom, name, change.before)
-            elif name == "interfaces" and change.after is not None:
-                # Another network or bridge for the same NIC: libvirt re-plugs the tap, the guest keeps its device.
+            elif change.after is not None:
+                # Another network or bridge for the same NIC (libvirt re-plugs the tap), or another medium in a
+                # cdrom drive: the guest keeps its device.
                 dom.updateDeviceFlags(etree.tostring(build(change.after), encoding="unicode"), live)
 
     def _detach(self, dom: Any, name: str, item: dict[str, Any]) -> None:
@@ -187,6 +188,11 @@ class DomainProvider(Provider):
                 dom.pMWakeup(0)
             elif not dom.isActive():
                 start(dom, ctx_memory)
+        elif state == "paused":
+            if not dom.isActive():
+                start(dom, ctx_memory)
+            if dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
+                dom.suspend()
         else:
             stop(dom, ctx.shutdown_timeout)
 

@@ -761,7 +761,7 @@ FIELDS: tuple[FieldSpec, ...] = (
               xml="devices/rng", binding=Rng()),
     FieldSpec("tpm", Enum(("none", "emulated")), "TPM: emulated is a TPM 2.0 (tpm-crb) backed by swtpm; a tpm-tis "
               "emulated TPM reads as emulated too", xml="devices/tpm", binding=Tpm()),
-    FieldSpec("state", Enum(("running", "stopped")), "whether the domain runs", effect=Effect.LIVE, default="running"),
+    FieldSpec("state", Enum(("running", "stopped", "paused")), "whether the domain runs (paused: started, then its vCPUs stopped)", effect=Effect.LIVE, default="running"),
     FieldSpec("autostart", Bool(), "start with the host", effect=Effect.LIVE, default=False),
 )
 
