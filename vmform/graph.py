@@ -28,17 +28,21 @@ def build_graph(manifests: Manifests) -> nx.DiGraph:
         for number, target in enumerate(resource.depends_on):
             if target in manifests.resources:
                 graph.add_edge(target, address, via=("depends_on", number))
-    try:
-        cycle = nx.find_cycle(graph)
-    except nx.NetworkXNoCycle:
-        return graph
-    members = [edge[0] for edge in cycle]
-    chain = " -> ".join([*members, members[0]])
     errors = []
-    for source, target in cycle:
+    # One error per strongly connected component that loops, so every independent cycle is reported at once.
+    for component in nx.strongly_connected_components(graph):
+        first = next(iter(component))
+        if len(component) == 1 and not graph.has_edge(first, first):
+            continue
+        cycle = nx.find_cycle(graph.subgraph(component), source=min(component))
+        members = [edge[0] for edge in cycle]
+        chain = " -> ".join([*members, members[0]])
+        source, target = cycle[0]
         via = graph.edges[source, target]["via"]
         errors.append(ManifestError(f"dependency cycle: {chain}", manifests.resources[target].position(*via)))
-    raise ManifestErrors(errors[:1])
+    if errors:
+        raise ManifestErrors(sorted(errors, key=lambda error: str(error.position)))
+    return graph
 
 
 def creation_order(graph: nx.DiGraph) -> list[str]:

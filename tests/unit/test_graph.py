@@ -175,3 +175,18 @@ def test_cycle_position_points_at_the_closing_reference(load_files: Load) -> Non
     error = cycle_error(load_files, {"c.yaml": text})
     assert error.message in rotations("volume.v", "domain.d")
     assert error.position is not None and error.position.line in (4, 7)
+
+
+def test_every_independent_cycle_is_reported(load_files: Load) -> None:
+    text = (
+        "domains:\n  a:\n    depends_on: [domain.a]\n"
+        "  b:\n    depends_on: [domain.c]\n  c:\n    depends_on: [domain.b]\n"
+        "  d:\n    depends_on: [domain.a]\n"
+    )
+    manifests = load_files({"two.yaml": text})
+    with pytest.raises(ManifestErrors) as info:
+        build_graph(manifests)
+    messages = sorted(error.message for error in info.value.errors)
+    assert len(messages) == 2, messages
+    assert messages[0] == "dependency cycle: domain.a -> domain.a"
+    assert messages[1] in rotations("domain.b", "domain.c")
