@@ -106,7 +106,7 @@ def _confirm(out: Output, what: str, auto_approve: bool) -> bool:
     if auto_approve:
         return True
     if not sys.stdin.isatty():
-        raise VmformError(f"{what} needs confirmation and there is no terminal to ask on; pass --auto-approve")
+        raise VmformError(f"cannot ask whether to {what}: there is no terminal to ask on; pass --auto-approve")
     answer = click.prompt(f"Do you want to {what}? Only 'yes' will be accepted", default="", show_default=False)
     return str(answer).strip() == "yes"
 

@@ -81,7 +81,11 @@ def _hotpluggable(kind: str, field_name: str, item: dict[str, Any]) -> bool:
 
 
 def _list_changes(kind: str, spec: FieldSpec, key: str, before: list[Any] | None, after: list[Any], live: LiveObject,
-                  running: list[Any] | None, modify_effect: Effect = Effect.RESTART) -> list[FieldChange]:
+                  running: list[Any] | None, pending: list[str], modify_effect: Effect = Effect.RESTART
+                  ) -> list[FieldChange]:
+    """Per-item changes of a keyed list. An item the persistent config already has right, but the running
+    object does not, is a change only when libvirt can fix it live; otherwise it is pending (waits for the
+    next restart), so a plan right after apply is empty."""
     changes: list[FieldChange] = []
     before_by = {item.get(key): item for item in before or []}
     after_by = {item.get(key): item for item in after}
@@ -90,23 +94,38 @@ def _list_changes(kind: str, spec: FieldSpec, key: str, before: list[Any] | None
     def plug_effect(item: dict[str, Any]) -> Effect:
         return Effect.LIVE if not live.active or _hotpluggable(kind, spec.name, item) else Effect.RESTART
 
+    def lagging(path: str, effect: Effect, old: Any, new: Any) -> None:
+        if effect is Effect.LIVE:
+            changes.append(_field(spec, path, old, new, effect))
+        else:
+            pending.append(path)
+
     for item_key, item in after_by.items():
         old = before_by.get(item_key)
         path = f"{spec.name}[{item_key}]"
-        if old is None or item_key not in running_by:
+        if old is None:
             changes.append(_field(spec, path, old, item, plug_effect(item)))
-        elif _comparable(old, item) != item or _comparable(running_by[item_key], item) != item:
-            effect = modify_effect if live.active else Effect.LIVE
-            differing = {k for k in item if old.get(k) != item[k] or running_by[item_key].get(k) != item[k]}
-            if live.active and differing <= _live_item_keys(kind, spec.name, item):
-                effect = Effect.LIVE
+            continue
+        config_right = _comparable(old, item) == item
+        if item_key not in running_by:
+            lagging(path, plug_effect(item), None, item)
+            continue
+        if config_right and _comparable(running_by[item_key], item) == item:
+            continue
+        effect = modify_effect if live.active else Effect.LIVE
+        differing = {k for k in item if old.get(k) != item[k] or running_by[item_key].get(k) != item[k]}
+        if live.active and differing <= _live_item_keys(kind, spec.name, item):
+            effect = Effect.LIVE
+        if config_right:
+            lagging(path, effect, running_by[item_key], item)
+        else:
             changes.append(_field(spec, path, old, item, effect))
     for item_key, item in before_by.items():
         if item_key not in after_by:
             changes.append(_field(spec, f"{spec.name}[{item_key}]", item, None, plug_effect(item)))
     for item_key, item in running_by.items():  # attached live only (e.g. virsh attach-interface --live)
         if item_key not in after_by and item_key not in before_by:
-            changes.append(_field(spec, f"{spec.name}[{item_key}]", item, None, plug_effect(item)))
+            lagging(f"{spec.name}[{item_key}]", plug_effect(item), item, None)
     return changes
 
 
@@ -151,7 +170,7 @@ def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], li
         list_key = LIST_KEYS.get((kind, spec.name))
         if list_key is not None:
             running = live.running_values.get(spec.name) if live.active and live.running_values else None
-            changes.extend(_list_changes(kind, spec, list_key[0], before, after, live, running, list_key[1]))
+            changes.extend(_list_changes(kind, spec, list_key[0], before, after, live, running, pending, list_key[1]))
             continue
         if kind == "volume" and spec.name == "size" and before is not None and after < before:
             raise PlanError(
@@ -237,10 +256,21 @@ def _pending_changes(resource: Resource, live: LiveObject, pending: list[str]) -
     result = []
     for name in pending:
         field_name = name.split(" ", 1)[0]
+        if "[" in field_name:  # one item of a keyed list: "disks[sda]"
+            list_name, item_key = field_name[:-1].split("[", 1)
+            key = LIST_KEYS[(resource.kind.name, list_name)][0]
+            running_item = _keyed(live.running_values.get(list_name), key, item_key)
+            desired_item = _keyed(resource.desired.get(list_name), key, item_key)
+            result.append(_field(resource.kind.spec(list_name), field_name, running_item, desired_item, Effect.RESTART))
+            continue
         spec = resource.kind.spec(field_name)
         result.append(_field(spec, field_name, live.running_values.get(field_name), resource.desired.get(field_name),
                              Effect.RESTART))
     return result
+
+
+def _keyed(items: list[Any] | None, key: str, item_key: str) -> Any:
+    return next((item for item in items or [] if str(item.get(key)) == item_key), None)
 
 
 def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: list[str],

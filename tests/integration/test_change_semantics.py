@@ -281,3 +281,45 @@ def test_moving_a_nic_to_another_network_is_live(project: Any, conn: Any) -> Non
     assert tap_master(dom) == f"{project.bridge_prefix}b"
     assert domain_id_of(conn, dom) == first_id
     no_changes(project)
+
+
+def test_disk_hotplug_is_live_and_sata_waits_for_restart(project: Any, conn: Any) -> None:
+    p = project.prefix
+    extra_volumes = f"\n  {p}-data: {{pool: {p}-pool, size: 16MiB}}\n  {p}-sata: {{pool: {p}-pool, size: 16MiB}}"
+    project.write(lab(project, volume_extra="}" + extra_volumes + "\n#"))
+    project.apply()
+    dom = conn.lookupByName(f"{p}-vm")
+    first_id = domain_id_of(conn, dom)
+    with_data = lab(project, volume_extra="}" + extra_volumes + "\n#").replace(
+        f"disks: [{p}-root]", f"disks: [{p}-root, {{volume: {p}-data, bus: virtio}}, {{volume: {p}-sata, bus: sata}}]")
+    project.write(with_data)
+    plan = project.plan_json()
+    assert fields(plan, f"domain.{p}-vm") == {"disks[vdb]": "live", "disks[sda]": "restart"}
+    project.apply()
+    running = etree.fromstring(dom.XMLDesc(0).encode())
+    assert sorted(t.get("dev") for t in running.findall("devices/disk/target")) == ["vda", "vdb"]
+    config = etree.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode())
+    assert sorted(t.get("dev") for t in config.findall("devices/disk/target")) == ["sda", "vda", "vdb"]
+    assert domain_id_of(conn, dom) == first_id, "hot-plugging a disk must not restart the domain"
+    after = project.run("plan", check=True).stdout
+    assert "No changes." in after and "takes effect when it restarts" in after, after
+    restarted = project.run("plan", "--restart", check=True).stdout
+    assert f"Restarted by this apply: domain.{p}-vm" in restarted and "disks[sda]" in restarted, restarted
+    project.run("apply", "--auto-approve", "--restart", check=True)
+    running = etree.fromstring(dom.XMLDesc(0).encode())
+    assert sorted(t.get("dev") for t in running.findall("devices/disk/target")) == ["sda", "vda", "vdb"]
+    no_changes(project)
+
+
+def test_paused_state_is_kept_and_resumed(project: Any, conn: Any) -> None:
+    p = project.prefix
+    project.write(lab(project, state="paused"))
+    project.apply()
+    dom = conn.lookupByName(f"{p}-vm")
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+    no_changes(project)
+    project.write(lab(project, state="running"))
+    assert fields(project.plan_json(), f"domain.{p}-vm") == {"state": "live"}
+    project.apply()
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    no_changes(project)

@@ -95,8 +95,10 @@ class DomainProvider(Provider):
         dom = conn.defineXML(to_text(root))
         if change.after.get("autostart"):
             dom.setAutostart(1)
-        if change.after.get("state", "running") == "running":
+        if change.after.get("state", "running") in ("running", "paused"):
             start(dom, change.after["memory"])
+            if change.after.get("state") == "paused":
+                dom.suspend()
 
     def update(self, ctx: ApplyContext, change: Change) -> None:
         import libvirt
