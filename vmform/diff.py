@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from vmform.errors import PlanError, PlanErrors
 from vmform.live import LiveObject, LiveState
 from vmform.plan import Action, Change, FieldChange, Plan
+from vmform.schema import extra_xml
 from vmform.schema.registry import KINDS
 from vmform.schema.types import Effect, FieldSpec
 
@@ -165,7 +166,8 @@ def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], li
                 changes.append(_field(spec, "source", live.values.get("source_sha256"), after_digest, Effect.REPLACE))
                 forcing.append("source")
             continue
-        if spec.name in ignored:
+        if spec.name == "xml":
+            changes.extend(_extra_xml_changes(resource, spec, live, pending))
             continue
         list_key = LIST_KEYS.get((kind, spec.name))
         if list_key is not None:
@@ -198,6 +200,22 @@ def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], li
             continue
         changes.append(_field(spec, spec.name, before, after, effect))
     return changes, forcing, pending
+
+
+def _extra_xml_changes(resource: Resource, spec: FieldSpec, live: LiveObject, pending: list[str]) -> list[FieldChange]:
+    """The xml: section: every stated value must be on the host (libvirt's own additions are not changes)."""
+    kind = resource.kind.name
+    desired = resource.desired["xml"]
+    found = [
+        FieldChange(extra_xml.path_text(path), before, after, Effect.RESTART if live.active else Effect.LIVE,
+                    display(None, before), display(None, after))
+        for path, before, after in extra_xml.changes(desired, extra_xml.document_data(live.config_root, kind))
+    ]
+    if not found and live.active and live.running_root is not None:
+        running = extra_xml.document_data(live.running_root, kind)
+        if any(True for _ in extra_xml.changes(desired, running)):
+            pending.append("xml")  # configured; the running object picks it up when it restarts
+    return found
 
 
 def _balloon_lagging(live: LiveObject, target: int, actual: Any) -> bool:
@@ -264,8 +282,8 @@ def _pending_changes(resource: Resource, live: LiveObject, pending: list[str]) -
             result.append(_field(resource.kind.spec(list_name), field_name, running_item, desired_item, Effect.RESTART))
             continue
         spec = resource.kind.spec(field_name)
-        result.append(_field(spec, field_name, live.running_values.get(field_name), resource.desired.get(field_name),
-                             Effect.RESTART))
+        before = live.running_values.get(field_name) if field_name != "xml" else None
+        result.append(_field(spec, field_name, before, resource.desired.get(field_name), Effect.RESTART))
     return result
 
 

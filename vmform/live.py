@@ -35,6 +35,9 @@ class LiveObject:
     owner_project: str | None = None  # another project that owns it (domains, networks)
     active: bool = False
     running_values: dict[str, Any] = field(default_factory=dict)  # live-effect fields of a running domain
+    # The parsed documents, for the xml: section's comparison (read only when a manifest states one).
+    config_root: Element | None = field(default=None, repr=False, compare=False)
+    running_root: Element | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -78,7 +81,8 @@ def domain_object(name: str, uuid: str, config: Element, running_root: Element |
                 running["balloon"] = {"target": int(balloon.get("target")), "actual": int(balloon.get("actual"))}
             except (TypeError, ValueError):
                 pass
-    obj = LiveObject("domain", name, values, {"uuid": uuid}, active=running_root is not None, running_values=running)
+    obj = LiveObject("domain", name, values, {"uuid": uuid}, active=running_root is not None, running_values=running,
+                     config_root=config, running_root=running_root)
     _set_owner(obj, read_owner(config), project)
     return obj
 
@@ -104,8 +108,10 @@ def read_network(net: libvirt.virNetwork, project: str) -> LiveObject:
     values = _read_bound("network", config)
     values["autostart"] = bool(net.autostart())
     active = bool(net.isActive())
-    running = _read_bound("network", parse_xml(net.XMLDesc(0))) if active else {}
-    obj = LiveObject("network", net.name(), values, {"uuid": net.UUIDString()}, active=active, running_values=running)
+    running_root = parse_xml(net.XMLDesc(0)) if active else None
+    running = _read_bound("network", running_root) if running_root is not None else {}
+    obj = LiveObject("network", net.name(), values, {"uuid": net.UUIDString()}, active=active, running_values=running,
+                     config_root=config, running_root=running_root)
     _set_owner(obj, read_owner(config), project)
     return obj
 

@@ -98,7 +98,8 @@ def live_object(resource: Resource, data: dict[str, Any]) -> LiveObject:
         return obj
     if kind in ("network", "pool"):
         values["autostart"] = bool(data.get("autostart", True))
-        return LiveObject(kind, name, values, {"uuid": root.findtext("uuid")}, address=resource.address, active=active)
+        return LiveObject(kind, name, values, {"uuid": root.findtext("uuid")}, address=resource.address, active=active,
+                          config_root=root, running_root=root if active else None)
     # volume: as live.read_volumes, then _resolve_backing across the host's volumes
     pool = data.get("live_pool") or resource.desired["pool"]
     values["pool"] = pool
@@ -144,6 +145,13 @@ def run_case(case: Case, tmp_path: Path) -> None:
 
 def check_change_values(resource: Resource, live: LiveObject, change: FieldChange) -> None:
     """A change carries the desired value as 'after' and the live (config or running) value as 'before'."""
+    if change.path.startswith("xml."):
+        wanted_value: Any = resource.desired["xml"]
+        for step in change.path.split(".")[1:]:
+            wanted_value = wanted_value[step]
+        assert change.after == wanted_value
+        assert change.display_after, f"{change.path}: empty display"
+        return
     name, _, key = change.path.partition("[")
     desired = resource.desired[name]
     if key:
@@ -182,7 +190,7 @@ def test_coverage_every_managed_field_changes_somewhere() -> None:
             continue
         kind = case.data["address"].split(".")[0]
         for field_path, effect in case.expect:
-            name = field_path.split("[")[0]
+            name = field_path.split("[")[0].split(".")[0]
             seen.add((kind, name))
             effects.setdefault((kind, name), set()).add(effect)
         if case.data.get("expect_error"):

@@ -10,6 +10,7 @@ from typing import Any
 from vmform.errors import ManifestError, ManifestErrors, Position
 from vmform.manifest.yamlsource import SourceMap, YamlDocument, load_yaml
 from vmform.model import Manifests, Resource
+from vmform.schema.extra_xml import YIELDS_WITH, overlap, owned_paths, regions
 from vmform.schema.kind import Kind, field_references
 from vmform.schema.registry import KINDS, SECTIONS
 from vmform.schema.types import NAME, FieldError, FieldErrors, did_you_mean, parse_fields
@@ -67,7 +68,36 @@ def load_manifests(project_name: str, files: Iterable[Path], root: Path | None =
         raise ManifestErrors(collector.errors)
     for resource in manifests.resources.values():
         resource.desired = resource.kind.bind(resource, manifests)
+        _check_extra_xml(resource, collector)
+    if collector.errors:
+        raise ManifestErrors(collector.errors)
     return manifests
+
+
+def _check_extra_xml(resource: Resource, collector: _Collector) -> None:
+    """A curated field and the xml: section may not both set one part of the document. A curated field the
+    manifest does not write (only its default would apply) yields that part to the xml: section."""
+    extra = resource.desired.get("xml")
+    if not extra:
+        return
+    owned = list(owned_paths(extra))
+    for spec in resource.kind.fields:
+        if spec.name == "xml" or spec.binding is None or not spec.xml:
+            continue
+        hit = next(((o, r) for o in owned for r in regions(spec) if overlap(o, r)), None)
+        if hit is None:
+            continue
+        if (*resource.path, spec.name) in resource.source.keys:
+            where = "/".join(hit[1])
+            collector.add(f"xml: {'.'.join(hit[0])} sets <{where}>, which '{spec.name}' (at "
+                          f"{resource.key_position(spec.name)}) sets too; write it in one place",
+                          resource.position("xml", *hit[0]))
+        else:
+            resource.desired.pop(spec.name, None)
+            # A default bounded by the yielded field yields with it (currentMemory must fit in memory).
+            follower = YIELDS_WITH.get((resource.kind.name, spec.name))
+            if follower and (*resource.path, follower) not in resource.source.keys:
+                resource.desired.pop(follower, None)
 
 
 def _load_document(document: YamlDocument, file: Path, manifests: Manifests, collector: _Collector) -> None:

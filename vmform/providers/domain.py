@@ -33,7 +33,8 @@ def _lookup(ctx: ApplyContext, change: Change) -> Any:
 
 
 def _top_field(path: str) -> str:
-    return path.split("[", 1)[0]
+    """The field a change path belongs to: disks[vda] -> disks, xml.devices.watchdog -> xml."""
+    return path.split("[", 1)[0].split(".", 1)[0]
 
 
 def wait_until_off(dom: Any, timeout: float) -> bool:
@@ -59,9 +60,10 @@ def record_balloon(dom: Any, target: int) -> None:
                     BALLOON_NAMESPACE, libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
 
-def start(dom: Any, memory: int) -> None:
+def start(dom: Any, memory: int | None) -> None:
     dom.create()
-    record_balloon(dom, memory)
+    if memory is not None:  # None: the xml: section states the memory, not the curated field
+        record_balloon(dom, memory)
 
 
 def stop(dom: Any, timeout: float, graceful: bool = True) -> None:
@@ -96,7 +98,7 @@ class DomainProvider(Provider):
         if change.after.get("autostart"):
             dom.setAutostart(1)
         if change.after.get("state", "running") in ("running", "paused"):
-            start(dom, change.after["memory"])
+            start(dom, change.after.get("memory"))
             if change.after.get("state") == "paused":
                 dom.suspend()
 
@@ -122,10 +124,10 @@ class DomainProvider(Provider):
         if "autostart" in touched:
             dom.setAutostart(1 if after["autostart"] else 0)
         if "state" in touched:
-            self._set_state(ctx, dom, after["state"], after["memory"])
+            self._set_state(ctx, dom, after["state"], after.get("memory"))
         elif change.restart and dom.isActive():
             stop(dom, ctx.shutdown_timeout)
-            start(dom, after["memory"])
+            start(dom, after.get("memory"))
 
     def _apply_live(self, dom: Any, change: FieldChange, after: dict[str, Any]) -> None:
         import libvirt
@@ -179,7 +181,7 @@ class DomainProvider(Provider):
             "ACPI hotplug support never do); it is gone from the configuration and leaves at the next restart"
         )
 
-    def _set_state(self, ctx: ApplyContext, dom: Any, state: str, ctx_memory: int) -> None:
+    def _set_state(self, ctx: ApplyContext, dom: Any, state: str, ctx_memory: int | None) -> None:
         import libvirt
 
         current, _ = dom.state()

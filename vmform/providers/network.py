@@ -78,7 +78,7 @@ class NetworkProvider(Provider):
 
         assert change.after is not None
         net = _lookup(ctx, change)
-        touched = {f.path.split("[", 1)[0] for f in change.fields}
+        touched = {f.path.split("[", 1)[0].split(".", 1)[0] for f in change.fields}
         xml_fields = sorted(touched - {"autostart"})
         if xml_fields:
             root = parse_xml(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE))

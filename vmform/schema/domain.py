@@ -8,6 +8,7 @@ from typing import Any
 
 from lxml import etree
 
+from vmform.schema.extra_xml import ExtraXml, ExtraXmlBinding
 from vmform.schema.kind import Kind
 from vmform.schema.types import (
     Bool,
@@ -734,12 +735,12 @@ FIELDS: tuple[FieldSpec, ...] = (
               xml="cpu/@mode, cpu/model", binding=Cpu()),
     FieldSpec("vcpus", Int(1, 4096), "virtual CPUs online", effect=Effect.LIVE, xml="vcpu/@current", default=1,
               effect_doc="live up to max_vcpus, else restart", binding=VcpuCurrent()),
-    FieldSpec("max_vcpus", Int(1, 4096), "virtual CPUs the domain can grow to live (default: vcpus)", xml="vcpu",
+    FieldSpec("max_vcpus", Int(1, 4096), "virtual CPUs the domain can grow to live (default: vcpus)", xml="vcpu/text()",
               binding=VcpuMax()),
-    FieldSpec("memory", Size(minimum=16 * 1024**2, multiple=1024), "memory (balloon target)", effect=Effect.LIVE, xml="currentMemory",
+    FieldSpec("memory", Size(minimum=16 * 1024**2, multiple=1024), "memory (balloon target)", effect=Effect.LIVE, xml="currentMemory/text()",
               default=512 * 1024**2, effect_doc="live up to max_memory, else restart", binding=SizeText("currentMemory")),
     FieldSpec("max_memory", Size(minimum=16 * 1024**2, multiple=1024), "memory the domain can balloon up to live (default: memory)",
-              xml="memory", binding=SizeText("memory")),
+              xml="memory/text()", binding=SizeText("memory")),
     FieldSpec("boot", ListOf(Enum(BOOT_DEVICES), max_items=4), "boot device order", xml="os/boot/@dev", default=["hd"],
               binding=BootDevices()),
     FieldSpec("disks", ListOf(DISK), "disks and cdroms: a volume, a host path, or (cdrom) nothing", effect=Effect.LIVE,
@@ -763,6 +764,8 @@ FIELDS: tuple[FieldSpec, ...] = (
               "emulated TPM reads as emulated too", xml="devices/tpm", binding=Tpm()),
     FieldSpec("state", Enum(("running", "stopped", "paused")), "whether the domain runs (paused: started, then its vCPUs stopped)", effect=Effect.LIVE, default="running"),
     FieldSpec("autostart", Bool(), "start with the host", effect=Effect.LIVE, default=False),
+    FieldSpec("xml", ExtraXml("domain"), "anything else of libvirt's domain XML, element by element (see "
+              "'The xml: section'); merged after the curated fields", xml="(any)", binding=ExtraXmlBinding("domain")),
 )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from lxml import etree
 
+from vmform.schema.extra_xml import ExtraXml, ExtraXmlBinding
 from vmform.schema.kind import Kind
 from vmform.schema.types import (
     Bool,
@@ -166,6 +167,8 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("domain", Str(pattern=r"[A-Za-z0-9.-]{1,253}", hint="a DNS domain name"), "DNS domain of the network",
               xml="domain/@name", binding=Attr("domain", "name")),
     FieldSpec("autostart", Bool(), "start with the host", effect=Effect.LIVE, default=True),
+    FieldSpec("xml", ExtraXml("network"), "anything else of libvirt's network XML, element by element (see "
+              "'The xml: section'); merged after the curated fields", xml="(any)", binding=ExtraXmlBinding("network")),
 )
 
 

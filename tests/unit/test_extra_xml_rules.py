@@ -1,0 +1,72 @@
+"""The xml: section's comparison and overlap rules (vmform/schema/extra_xml.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from vmform.model import Manifests
+from vmform.schema import extra_xml
+from vmform.schema.domain import FIELDS as DOMAIN_FIELDS
+
+Load = Callable[[dict[str, str]], Manifests]
+
+
+def spec(name: str) -> Any:
+    return next(s for s in DOMAIN_FIELDS if s.name == name)
+
+
+@pytest.mark.parametrize(("field_name", "expected"), [
+    ("disks", [("devices", "disk")]),
+    ("arch", [("os", "type", "arch")]),
+    ("type", [("type",)]),
+    ("max_vcpus", [("vcpu", "_text")]),
+    ("vcpus", [("vcpu", "current")]),
+])
+def test_regions_come_from_the_declarations(field_name: str, expected: list[tuple[str, ...]]) -> None:
+    assert extra_xml.regions(spec(field_name)) == expected
+
+
+@pytest.mark.parametrize(("desired", "live", "changed"), [
+    # libvirt's additions around stated values are not changes
+    ({"on_crash": "restart"}, {"on_crash": "restart", "on_reboot": "restart"}, []),
+    ({"devices": {"watchdog": {"model": "i6300esb"}}},
+     {"devices": {"watchdog": {"model": "i6300esb", "action": "reset", "address": {"type": "pci"}}}}, []),
+    # a list matches a subsequence of the live list, in order
+    ({"devices": {"controller": [{"type": "usb", "model": "qemu-xhci"}]}},
+     {"devices": {"controller": [{"type": "pci", "model": "pci-root"}, {"type": "usb", "model": "qemu-xhci", "index": "0"}]}},
+     []),
+    ({"cpu": {"feature": [{"name": "b"}, {"name": "a"}]}},
+     {"cpu": {"feature": [{"name": "a"}, {"name": "b"}]}}, [("cpu", "feature")]),
+    # amounts compare in bytes, whatever the unit
+    ({"memoryBacking": {"hugepages": {"page": [{"size": "2", "unit": "MiB"}]}}},
+     {"memoryBacking": {"hugepages": {"page": [{"size": "2048", "unit": "KiB"}]}}}, []),
+    ({"memory": {"_text": "1", "unit": "GiB"}}, {"memory": {"_text": "1048576", "unit": "KiB"}}, []),
+    ({"memory": {"_text": "2", "unit": "GiB"}}, {"memory": {"_text": "1048576", "unit": "KiB"}}, [("memory",)]),
+    # MACs and UUIDs are printed lower-case
+    ({"devices": {"interface": [{"mac": {"address": "52:54:00:AA:BB:CC"}}]}},
+     {"devices": {"interface": [{"mac": {"address": "52:54:00:aa:bb:cc"}, "type": "network"}]}}, []),
+    # a difference is reported at the deepest mapping that holds it
+    ({"os": {"bootmenu": {"enable": "yes", "timeout": "500"}}}, {"os": {"bootmenu": {"enable": "yes"}}},
+     [("os", "bootmenu", "timeout")]),
+    ({"on_crash": "restart"}, {}, [("on_crash",)]),
+    ({"memoryBacking": {"nosharepages": {}}}, {"memoryBacking": {"nosharepages": ""}}, []),
+])
+def test_changes(desired: dict[str, Any], live: dict[str, Any], changed: list[tuple[str, ...]]) -> None:
+    assert [path for path, _, _ in extra_xml.changes(desired, live)] == changed
+
+
+def test_defaults_yield_and_written_fields_stay(load_files: Load) -> None:
+    manifests = load_files({"m.yaml": (
+        "domains:\n"
+        "  db:\n    xml:\n      memory: {unit: MiB, _text: 64}\n      os: {boot: [{dev: network}]}\n      vcpu: 2\n"
+        "  web:\n    vcpus: 2\n    memory: 64MiB\n    xml: {on_crash: restart, vcpu: {placement: static}}\n"
+    )})
+    db = manifests.resources["domain.db"].desired
+    for yielded in ("max_memory", "memory", "boot", "max_vcpus", "vcpus"):
+        assert yielded not in db, yielded
+    assert db["disks"] == [] and db["type"] == "kvm"
+    web = manifests.resources["domain.web"].desired
+    assert web["vcpus"] == 2 and web["max_vcpus"] == 2 and web["memory"] == 64 * 1024**2
