@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from vmform.errors import ManifestErrors
 from vmform.model import Manifests
 from vmform.schema import extra_xml
 from vmform.schema.domain import FIELDS as DOMAIN_FIELDS
@@ -24,9 +27,10 @@ def spec(name: str) -> Any:
     ("type", [("type",)]),
     ("max_vcpus", [("vcpu", "_text")]),
     ("vcpus", [("vcpu", "current")]),
+    ("max_memory", [("memory", "_text"), ("memory", "unit")]),
 ])
 def test_regions_come_from_the_declarations(field_name: str, expected: list[tuple[str, ...]]) -> None:
-    assert extra_xml.regions(spec(field_name)) == expected
+    assert extra_xml.regions(spec(field_name), "domain") == expected
 
 
 @pytest.mark.parametrize(("desired", "live", "changed"), [
@@ -70,3 +74,38 @@ def test_defaults_yield_and_written_fields_stay(load_files: Load) -> None:
     assert db["disks"] == [] and db["type"] == "kvm"
     web = manifests.resources["domain.web"].desired
     assert web["vcpus"] == 2 and web["max_vcpus"] == 2 and web["memory"] == 64 * 1024**2
+
+
+def test_every_curated_field_writes_only_where_its_declaration_says(tmp_path: Path) -> None:
+    """The overlap rules and import trust each field's ``xml`` declaration: check it against what the binding
+    really writes, for every value the diff cases use."""
+    from lxml import etree
+
+    from vmform.manifest.loader import load_manifests
+    from vmform.schema import generic
+
+    checked: set[tuple[str, str]] = set()
+    outside: set[tuple[str, str, tuple[str, ...]]] = set()
+    for number, case in enumerate(sorted((Path(__file__).parent / "diff_cases").glob("*.yaml"))):
+        manifest = tmp_path / f"m{number}.yaml"
+        manifest.write_text(yaml.safe_load(case.read_text())["manifest"])
+        try:
+            manifests = load_manifests("unit", [manifest], tmp_path)
+        except ManifestErrors:
+            continue  # cases about load errors
+        for resource in manifests.resources.values():
+            kind = resource.kind.name
+            if kind not in ("domain", "network"):
+                continue
+            for field_spec in resource.kind.fields:
+                if field_spec.binding is None or field_spec.name == "xml" or field_spec.name not in resource.desired:
+                    continue
+                root = etree.Element(kind)
+                field_spec.binding.write(root, resource.desired[field_spec.name])
+                written = generic.element_to_data(root, kind)
+                checked.add((kind, field_spec.name))
+                for path in extra_xml.owned_paths(written):
+                    if not any(extra_xml.overlap(path, region) for region in extra_xml.regions(field_spec, kind)):
+                        outside.add((kind, field_spec.name, path))
+    assert not outside, sorted(outside)
+    assert len(checked) >= 25, sorted(checked)

@@ -84,7 +84,7 @@ def _check_extra_xml(resource: Resource, collector: _Collector) -> None:
     for spec in resource.kind.fields:
         if spec.name == "xml" or spec.binding is None or not spec.xml:
             continue
-        hit = next(((o, r) for o in owned for r in regions(spec) if overlap(o, r)), None)
+        hit = next(((o, r) for o in owned for r in regions(spec, resource.kind.name) if overlap(o, r)), None)
         if hit is None:
             continue
         if (*resource.path, spec.name) in resource.source.keys:

@@ -70,7 +70,6 @@ class VcpuCurrent(XmlBinding):
     def write(self, root: Element, value: Any) -> None:
         node = ensure(root, "vcpu")
         maximum = int(node.text) if node.text else value
-        node.set("placement", node.get("placement") or "static")
         if value == maximum:
             node.attrib.pop("current", None)
         else:
@@ -730,17 +729,17 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("firmware", Enum(("bios", "efi")), "firmware, picked by libvirt's auto-selection (never a distro OVMF "
               "path); an existing OVMF pflash loader reads as efi", xml="os/@firmware", binding=Firmware()),
     FieldSpec("secure_boot", Bool(), "UEFI secure boot with the distribution's keys enrolled (needs firmware: efi; "
-              "turns on SMM)", xml="os/firmware/feature[@name='secure-boot']", binding=SecureBoot()),
+              "turns on SMM)", xml="os/firmware/feature[@name='secure-boot'], features/smm", binding=SecureBoot()),
     FieldSpec("cpu", CPU, "CPU model: host-passthrough | host-model | maximum, or {mode: custom, model: NAME}",
               xml="cpu/@mode, cpu/model", binding=Cpu()),
     FieldSpec("vcpus", Int(1, 4096), "virtual CPUs online", effect=Effect.LIVE, xml="vcpu/@current", default=1,
               effect_doc="live up to max_vcpus, else restart", binding=VcpuCurrent()),
     FieldSpec("max_vcpus", Int(1, 4096), "virtual CPUs the domain can grow to live (default: vcpus)", xml="vcpu/text()",
               binding=VcpuMax()),
-    FieldSpec("memory", Size(minimum=16 * 1024**2, multiple=1024), "memory (balloon target)", effect=Effect.LIVE, xml="currentMemory/text()",
+    FieldSpec("memory", Size(minimum=16 * 1024**2, multiple=1024), "memory (balloon target)", effect=Effect.LIVE, xml="currentMemory/text(), currentMemory/@unit",
               default=512 * 1024**2, effect_doc="live up to max_memory, else restart", binding=SizeText("currentMemory")),
     FieldSpec("max_memory", Size(minimum=16 * 1024**2, multiple=1024), "memory the domain can balloon up to live (default: memory)",
-              xml="memory/text()", binding=SizeText("memory")),
+              xml="memory/text(), memory/@unit", binding=SizeText("memory")),
     FieldSpec("boot", ListOf(Enum(BOOT_DEVICES), max_items=4), "boot device order", xml="os/boot/@dev", default=["hd"],
               binding=BootDevices()),
     FieldSpec("disks", ListOf(DISK), "disks and cdroms: a volume, a host path, or (cdrom) nothing", effect=Effect.LIVE,
@@ -749,14 +748,14 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("interfaces", ListOf(INTERFACE), "network interfaces", effect=Effect.LIVE, xml="devices/interface",
               default=[], effect_doc="adding/removing an interface is live; changing one restarts", binding=InterfaceList()),
     FieldSpec("filesystems", ListOf(FILESYSTEM), "host directories shared with the guest, by mount tag",
-              xml="devices/filesystem", binding=Filesystems()),
+              xml="devices/filesystem, memoryBacking/source, memoryBacking/access", binding=Filesystems()),
     FieldSpec("hostdevs", ListOf(HOSTDEV), "PCI host devices passed through to the guest (managed by libvirt)",
               xml="devices/hostdev[@type='pci']", binding=HostDevs()),
     FieldSpec("graphics", Enum(("none", "vnc", "spice")), "graphical console (listens on 127.0.0.1)",
               xml="devices/graphics/@type", default="none", binding=Graphics()),
     FieldSpec("video", Enum(VIDEO_MODELS), "video adapter (default: virtio when graphics is vnc or spice, else "
               "libvirt's)", xml="devices/video/model/@type", binding=Video()),
-    FieldSpec("serial_console", Bool(), "a serial port and console on a pty", xml="devices/serial", default=True,
+    FieldSpec("serial_console", Bool(), "a serial port and console on a pty", xml="devices/serial, devices/console", default=True,
               binding=SerialConsole()),
     FieldSpec("rng", Bool(), "a virtio random number generator fed from the host's /dev/urandom",
               xml="devices/rng", binding=Rng()),

@@ -224,7 +224,7 @@ def owned_paths(data: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, 
         yield prefix
 
 
-def regions(spec: FieldSpec) -> list[tuple[str, ...]]:
+def regions(spec: FieldSpec, kind: str) -> list[tuple[str, ...]]:
     """Where a curated field writes, from its declaration's ``xml`` (``devices/disk[@device='disk']``,
     ``os/type/@arch``, ``vcpu/text()``; ``domain/@type`` is the root's attribute)."""
     found = []
@@ -239,8 +239,8 @@ def regions(spec: FieldSpec) -> list[tuple[str, ...]]:
                     break
             text = text[:start] + text[end + 1:]
         steps = [s for s in text.split("/") if s]
-        if steps and steps[0] in ("domain", "network", "pool") and len(steps) > 1 and steps[1].startswith("@"):
-            steps = steps[1:]
+        if len(steps) > 1 and steps[0] == kind and steps[1].startswith("@"):
+            steps = steps[1:]  # an attribute of the document's root
         steps = ["_text" if s == "text()" else s.lstrip("@") for s in steps]
         if steps:
             found.append(tuple(steps))
