@@ -303,7 +303,7 @@ def import_(ctx: click.Context, addresses: tuple[str, ...], take_all: bool, patt
     for item in result.objects:
         out.line(f"[green]{item.address}: imported[/green]")
         for path in item.not_expressed:
-            out.line(f"  not managed (kept as it is on the host): {path}")
+            out.line(f"  not carried (libvirt fills it in; kept as it is on the host): {path}")
         for note in item.notes:
             out.line(f"  note: {note}")
     out.line(f"Wrote {result.output} ({len(result.objects)} objects, now owned by project {workspace.project.name}).")

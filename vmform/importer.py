@@ -7,6 +7,7 @@ No printing here: ``import_objects`` returns an ``ImportResult`` the CLI shows.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,33 +138,46 @@ def _domain_values(conn: libvirt.virConnect, dom: libvirt.virDomain, root: Eleme
     live = _read_fields("domain", root)
     values: dict[str, Any] = {}
     for spec in KINDS["domain"].fields:
-        name = spec.name
-        value = live.get(name)
-        if name == "description":
-            if value:
-                values[name] = value
-        elif name == "disks":
-            values[name] = [_disk_value(conn, disk, refs, obj) for disk in value or []]
-        elif name == "interfaces":
-            values[name] = [_interface_value(nic, refs, obj) for nic in value or []]
-        elif name == "rng":
-            values[name] = bool(value)
-        elif name == "tpm":
-            if value is not None or root.find("devices/tpm") is None:
-                values[name] = value or "none"
-        elif name == "state":
-            values[name] = "running" if dom.isActive() else "stopped"
-        elif name == "autostart":
-            values[name] = bool(dom.autostart())
-        elif name == "graphics":
-            if value not in ("none", "vnc", "spice"):
-                raise ImportError_(f"{obj.address}: graphics type '{value}' cannot be expressed (vnc, spice or none)")
-            values[name] = value
-        elif value is not None:
-            values[name] = _manifest_value(spec, value)
+        try:
+            _domain_field(conn, dom, root, refs, obj, spec, live.get(spec.name), values)
+        except ImportError_ as exc:
+            # Not expressible as the curated field: the xml: section carries this part of the document.
+            values.pop(spec.name, None)
+            obj.notes.append(f"{spec.name}: written in the xml: section ({exc.message.split(': ', 1)[-1]})")
     if root.find("devices/graphics") is not None and len(root.findall("devices/graphics")) > 1:
-        obj.notes.append("more than one graphics device: only the first is managed")
+        values.pop("graphics", None)
+        values.pop("video", None)
+        obj.notes.append("graphics: more than one graphics device, written in the xml: section")
     return values
+
+
+def _domain_field(conn: libvirt.virConnect, dom: libvirt.virDomain, root: Element, refs: _Refs, obj: ImportedObject,
+                  spec: FieldSpec, value: Any, values: dict[str, Any]) -> None:
+    name = spec.name
+    if name == "description":
+        if value:
+            values[name] = value
+    elif name == "disks":
+        values[name] = [_disk_value(conn, disk, refs, obj) for disk in value or []]
+    elif name == "interfaces":
+        values[name] = [_interface_value(nic, refs, obj) for nic in value or []]
+    elif name == "rng":
+        values[name] = bool(value)
+    elif name == "tpm":
+        if value is not None or root.find("devices/tpm") is None:
+            values[name] = value or "none"
+    elif name == "state":
+        values[name] = "running" if dom.isActive() else "stopped"
+    elif name == "autostart":
+        values[name] = bool(dom.autostart())
+    elif name == "graphics":
+        if value not in ("none", "vnc", "spice"):
+            raise ImportError_(f"{obj.address}: graphics type '{value}' cannot be expressed (vnc, spice or none)")
+        values[name] = value
+    elif name == "xml":
+        pass  # filled by _carry_rest once the curated fields are known
+    elif value is not None:
+        values[name] = _manifest_value(spec, value)
 
 
 def _disk_value(conn: libvirt.virConnect, disk: dict[str, Any], refs: _Refs, obj: ImportedObject) -> dict[str, Any]:
@@ -239,6 +253,125 @@ def _generic_values(kind: str, root: Element, autostart: bool) -> dict[str, Any]
         elif live.get(spec.name) is not None and live.get(spec.name) != []:
             values[spec.name] = _manifest_value(spec, live[spec.name])
     return values
+
+
+CARRIES_XML = ("domain", "network")  # kinds with an xml: section
+
+# Parts of a document import never writes into a manifest, and why.
+NOT_CARRIED = {
+    "name": "the manifest key is the name",
+    "uuid": "libvirt's identity of the object; vmform finds its objects by their owner record",
+    "metadata": "vmform keeps its ownership record there",
+}
+
+
+def _carry_rest(item: ImportedObject, root: Element) -> None:
+    """Put what the curated fields do not hold into item.values["xml"] (recomputed from scratch)."""
+    from vmform.schema.extra_xml import overlap, owned_paths, regions
+
+    item.values.pop("xml", None)
+    if item.kind not in CARRIES_XML:
+        return
+    while True:
+        data = _rest(item, root)
+        # What is left of an element a curated field only partly says (a graphics device's listen address
+        # beside its type) is a whole repeated element in the xml: section: the curated field yields to it.
+        owned = owned_paths(data, item.kind) if data else []
+        clashing = [spec for spec in _curated(item)
+                    if any(overlap(path, region) for path in owned for region in regions(spec, item.kind))]
+        if not clashing:
+            break
+        for spec in clashing:
+            del item.values[spec.name]
+            item.notes.append(f"{spec.name}: written in the xml: section (the rest of its element has no curated field)")
+    if data:
+        item.values["xml"] = data
+
+
+def _curated(item: ImportedObject) -> list[FieldSpec]:
+    """The curated fields an imported object writes that live in its XML."""
+    return [spec for spec in KINDS[item.kind].fields
+            if spec.name in item.values and spec.binding is not None and spec.xml and spec.name != "xml"]
+
+
+def _rest(item: ImportedObject, root: Element) -> dict[str, Any]:
+    """The generic data of the document without what the curated fields and vmform itself hold."""
+    from vmform.schema import generic
+    from vmform.schema.extra_xml import document_data, regions
+
+    data = copy.deepcopy(document_data(root, item.kind) or {})
+    note = f"metadata: not carried ({NOT_CARRIED['metadata']}); it stays on the host"
+    if data.get("metadata") and note not in item.notes:
+        item.notes.append(note)
+    for key in NOT_CARRIED:
+        data.pop(key, None)
+    for spec in _curated(item):
+        for region in regions(spec, item.kind):
+            _remove(data, region)
+    for where in reversed(generic.foreign_namespaces(data)):
+        _remove_at(data, where)
+        note = (f"{'/'.join(str(p) for p in where)}: not carried (XML outside libvirt's namespace is refused in "
+                "manifests); it stays on the host")
+        if note not in item.notes:
+            item.notes.append(note)
+    return data
+
+
+def _yield_fields(item: ImportedObject, root: Element) -> bool:
+    """Drop the curated fields whose part of the document they cannot fully say; True when any was dropped."""
+    from vmform.schema.extra_xml import overlap, regions
+
+    dropped = []
+    for spec in KINDS[item.kind].fields:
+        if spec.name not in item.values or spec.binding is None or not spec.xml or spec.name == "xml":
+            continue
+        spec_regions = regions(spec, item.kind)
+        lost = [path for path in item.not_expressed
+                if any(overlap(tuple(path.split("/")), region) for region in spec_regions)]
+        if lost:
+            del item.values[spec.name]
+            dropped.append(spec.name)
+            item.notes.append(f"{spec.name}: written in the xml: section ({', '.join(lost)} has no curated field)")
+    if dropped:
+        _carry_rest(item, root)
+    return bool(dropped)
+
+
+def _remove(node: Any, steps: tuple[str, ...]) -> None:
+    """Remove the part of generic data a region names (in every item of the lists on the way)."""
+    if isinstance(node, list):
+        for entry in node:
+            _remove(entry, steps)
+        return
+    if not steps or not isinstance(node, dict):
+        return
+    step, rest = steps[0], steps[1:]
+    keys = [step, step[1:]] if step.startswith("@") else [step]
+    for key in keys:
+        if key not in node:
+            continue
+        child = node[key]
+        if not rest or (rest == ("_text",) and isinstance(child, str)):
+            del node[key]
+            continue
+        had = _content(child)
+        _remove(child, rest)
+        if had and not _content(child):
+            del node[key]  # emptied by the removal, not an empty element to begin with
+
+
+def _content(value: Any) -> bool:
+    """Whether generic data holds anything but empty elements."""
+    if isinstance(value, list):
+        return any(_content(entry) for entry in value)
+    return bool(value)
+
+
+def _remove_at(data: Any, path: tuple[Any, ...]) -> None:
+    node = data
+    for part in path[:-1]:
+        node = node[part]
+    del node[path[-1]]
 
 
 def _paths(root: Element) -> set[str]:
@@ -393,14 +526,25 @@ def import_objects(workspace: Workspace, conn: libvirt.virConnect, addresses: li
             item.values = _generic_values(kind, root, bool(obj.autostart()))
         objects.append(item)
 
-    # Check the YAML loads with the declared manifests, then render it to find what it cannot express.
-    text = render_yaml(objects, project)
-    manifests = _load_with(workspace, text)
+    # Everything no curated field holds goes into the xml: section. Check the YAML loads with the declared
+    # manifests and render it: a part of the document that still goes missing sits inside a curated field
+    # that cannot say it (a disk's discard mode, ...): that field then yields its part to the xml: section.
+    roots = {f"{kind}.{name}": root for kind, name, _, root in found}
     for item in objects:
-        resource = manifests.resources[item.address]
-        rendered = render_resource(item.kind, item.name, resource.desired, project, item.address)
-        live_root = [r for k, n, _, r in found if k == item.kind and n == item.name][0]
-        item.not_expressed = not_expressed(live_root, rendered)
+        _carry_rest(item, roots[item.address])
+    for _attempt in range(len(KINDS["domain"].fields)):
+        text = render_yaml(objects, project)
+        manifests = _load_with(workspace, text)
+        yielded = False
+        for item in objects:
+            resource = manifests.resources[item.address]
+            rendered = render_resource(item.kind, item.name, resource.desired, project, item.address)
+            item.not_expressed = not_expressed(roots[item.address], rendered)
+            if item.kind in CARRIES_XML and item.not_expressed:
+                yielded |= _yield_fields(item, roots[item.address])
+        if not yielded:
+            break
+    text = render_yaml(objects, project)  # its header lists what the final manifests do not carry
 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
@@ -435,11 +579,11 @@ def render_yaml(objects: list[ImportedObject], project: str) -> str:
                 sections.setdefault(KINDS[kind].section, {})[item.name] = item.values
     header = [
         f"# Imported by `vmform import` into project {project}: these objects are now owned by it.",
-        "# Only the fields below are managed; anything else in their libvirt XML is kept as it is.",
+        "# Curated fields first; whatever no curated field says is under xml:, one-to-one with libvirt's XML.",
     ]
     for item in objects:
         if item.not_expressed:
-            header.append(f"# {item.address}: not managed: {', '.join(item.not_expressed)}")
+            header.append(f"# {item.address}: not carried: {', '.join(item.not_expressed)}")
     body = yaml.dump(sections, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)
     return "\n".join(header) + "\n" + body
 

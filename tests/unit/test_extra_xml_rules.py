@@ -23,11 +23,11 @@ def spec(name: str) -> Any:
 
 @pytest.mark.parametrize(("field_name", "expected"), [
     ("disks", [("devices", "disk")]),
-    ("arch", [("os", "type", "arch")]),
-    ("type", [("type",)]),
+    ("arch", [("os", "type", "@arch")]),
+    ("type", [("@type",)]),
     ("max_vcpus", [("vcpu", "_text")]),
-    ("vcpus", [("vcpu", "current")]),
-    ("max_memory", [("memory", "_text"), ("memory", "unit")]),
+    ("vcpus", [("vcpu", "@current")]),
+    ("max_memory", [("memory", "_text"), ("memory", "@unit")]),
 ])
 def test_regions_come_from_the_declarations(field_name: str, expected: list[tuple[str, ...]]) -> None:
     assert extra_xml.regions(spec(field_name), "domain") == expected
@@ -104,7 +104,7 @@ def test_every_curated_field_writes_only_where_its_declaration_says(tmp_path: Pa
                 field_spec.binding.write(root, resource.desired[field_spec.name])
                 written = generic.element_to_data(root, kind)
                 checked.add((kind, field_spec.name))
-                for path in extra_xml.owned_paths(written):
+                for path in extra_xml.owned_paths(written, kind):
                     if not any(extra_xml.overlap(path, region) for region in extra_xml.regions(field_spec, kind)):
                         outside.add((kind, field_spec.name, path))
     assert not outside, sorted(outside)

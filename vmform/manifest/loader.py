@@ -80,7 +80,7 @@ def _check_extra_xml(resource: Resource, collector: _Collector) -> None:
     extra = resource.desired.get("xml")
     if not extra:
         return
-    owned = list(owned_paths(extra))
+    owned = owned_paths(extra, resource.kind.name)
     for spec in resource.kind.fields:
         if spec.name == "xml" or spec.binding is None or not spec.xml:
             continue
@@ -88,10 +88,11 @@ def _check_extra_xml(resource: Resource, collector: _Collector) -> None:
         if hit is None:
             continue
         if (*resource.path, spec.name) in resource.source.keys:
-            where = "/".join(hit[1])
-            collector.add(f"xml: {'.'.join(hit[0])} sets <{where}>, which '{spec.name}' (at "
+            where = "/".join(step for step in hit[1] if step != "_text").replace("/@", " @")
+            shown = ".".join(step.lstrip("@") for step in hit[0] if step != "_text")
+            collector.add(f"xml: {shown} sets <{where}>, which '{spec.name}' (at "
                           f"{resource.key_position(spec.name)}) sets too; write it in one place",
-                          resource.position("xml", *hit[0]))
+                          resource.position("xml", *(step.lstrip("@") for step in hit[0] if step != "_text")))
         else:
             resource.desired.pop(spec.name, None)
             # A default bounded by the yielded field yields with it (currentMemory must fit in memory).

@@ -167,6 +167,8 @@ def _matches(desired: Any, live: Any, key: str = "") -> bool:
         if not isinstance(live, Mapping) or _amount(desired) != _amount(live):
             return False
         desired = {k: v for k, v in desired.items() if k not in ("_text", "size", "unit")}
+    if isinstance(desired, str) and isinstance(live, Mapping) and "_text" in live:
+        return normalise(key, desired) == normalise(key, live["_text"])  # the text of an element with attributes
     if isinstance(desired, Mapping):
         if not isinstance(live, Mapping):
             return not desired and live == ""  # an empty element
@@ -211,22 +213,15 @@ def path_text(path: tuple[str | int, ...]) -> str:
 YIELDS_WITH = {("domain", "max_memory"): "memory", ("domain", "max_vcpus"): "vcpus"}
 
 
-def owned_paths(data: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    """The parts of a document the section sets outright: attributes, texts, and whole repeated lists."""
-    if isinstance(data, Mapping):
-        for key, value in data.items():
-            bare = key.lstrip("@")
-            if isinstance(value, Mapping) and value:
-                yield from owned_paths(value, (*prefix, bare))
-            else:
-                yield (*prefix, bare)
-    elif prefix:
-        yield prefix
+def owned_paths(data: Any, kind: str) -> list[tuple[str, ...]]:
+    """The parts of a document the section sets outright (see generic.owned_paths)."""
+    return list(_generic().owned_paths(data, kind))
 
 
 def regions(spec: FieldSpec, kind: str) -> list[tuple[str, ...]]:
     """Where a curated field writes, from its declaration's ``xml`` (``devices/disk[@device='disk']``,
-    ``os/type/@arch``, ``vcpu/text()``; ``domain/@type`` is the root's attribute)."""
+    ``os/type/@arch``, ``vcpu/text()``; ``domain/@type`` is the root's attribute), in the form of
+    ``owned_paths``: ``("devices", "disk")``, ``("os", "type", "@arch")``, ``("vcpu", "_text")``."""
     found = []
     for part in spec.xml.split(","):
         text = part.strip()
@@ -241,7 +236,7 @@ def regions(spec: FieldSpec, kind: str) -> list[tuple[str, ...]]:
         steps = [s for s in text.split("/") if s]
         if len(steps) > 1 and steps[0] == kind and steps[1].startswith("@"):
             steps = steps[1:]  # an attribute of the document's root
-        steps = ["_text" if s == "text()" else s.lstrip("@") for s in steps]
+        steps = ["_text" if s == "text()" else s for s in steps]
         if steps:
             found.append(tuple(steps))
     return found

@@ -819,6 +819,38 @@ def _paths(data: Any, info: ElementInfo | None, schema: SchemaModel, prefix: tup
             _paths(value, schema.info(ref.defs) if ref is not None else None, schema, (*prefix, bare), out)
 
 
+def owned_paths(data: Any, kind: str) -> list[tuple[str, ...]]:
+    """The parts of a document the data sets outright: attributes (``("vcpu", "@placement")``), texts
+    (``("on_crash", "_text")``), empty elements, and whole repeatable lists (``("devices", "disk")``)."""
+    schema = model(kind)
+    out: list[tuple[str, ...]] = []
+    if isinstance(data, Mapping):
+        _owned(data, schema.defs[schema.root], schema, (), out)
+    return out
+
+
+def _owned(data: Mapping[str, Any], info: ElementInfo | None, schema: SchemaModel, prefix: tuple[str, ...],
+           out: list[tuple[str, ...]]) -> None:
+    for key, value in data.items():
+        if key in (TEXT, OPAQUE):
+            out.append((*prefix, key))
+            continue
+        bare = key[1:] if key.startswith("@") else key
+        qname = schema.qname(bare)
+        ref = info.children.get(qname) if info is not None else None
+        is_attr = info is not None and (qname in info.attrs or info.any_attrs) and (
+            key.startswith("@") or ref is None or not isinstance(value, Mapping | list)
+        )
+        if is_attr:
+            out.append((*prefix, f"@{bare}"))
+        elif isinstance(value, list) or (isinstance(value, Mapping) and not value):
+            out.append((*prefix, bare))
+        elif isinstance(value, Mapping):
+            _owned(value, schema.info(ref.defs) if ref is not None else None, schema, (*prefix, bare), out)
+        else:
+            out.append((*prefix, bare, TEXT))
+
+
 @functools.lru_cache(maxsize=8)
 def allowed_keys(kind: str) -> tuple[str, ...]:
     """The keys allowed at the top of ``kind``'s generic section."""
