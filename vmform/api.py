@@ -100,4 +100,34 @@ def apply_plan(workspace: Workspace, connections: ConnectionPool, plan_to_apply:
     with ProjectLock(connections.main, workspace.project.name, command, lock_timeout):
         ledger = Ledger.load(connections.main, workspace.project.name)
         ctx = ApplyContext(connections, workspace.project.name, ledger, workspace.project.shutdown_timeout)
-        return execute(plan_to_apply, ctx, parallelism or workspace.project.parallelism, progress, stop)
+        result = execute(plan_to_apply, ctx, parallelism or workspace.project.parallelism, progress, stop)
+    verify_applied(workspace, connections, plan_to_apply, result)
+    return result
+
+
+def verify_applied(workspace: Workspace, connections: ConnectionPool, applied: Plan, result: ApplyResult) -> None:
+    """Read back every object apply touched and compare it with the manifests, as the next plan would: what
+    the plan said must be what the host holds. A difference is never accepted silently."""
+    from vmform.diff import compare
+    from vmform.plan import Action
+
+    touched = [change for change in applied.changes if change.address in result.done]
+    if not touched:
+        return
+    owned = read_live(workspace, connections).owned()
+    for change in touched:
+        current = owned.get(change.address)
+        if change.action is Action.DELETE:
+            if current is not None:
+                result.mismatched[change.address] = "still on the host after it was deleted"
+            continue
+        resource = workspace.manifests.resources.get(change.address)
+        if resource is None:
+            continue
+        if current is None:
+            result.mismatched[change.address] = "not on the host after apply"
+            continue
+        differences, _, _ = compare(resource, current)
+        if differences:
+            result.mismatched[change.address] = "; ".join(
+                f"{d.path}: planned {d.display_after}, the host has {d.display_before}" for d in differences)

@@ -20,10 +20,12 @@ class ApplyResult:
     done: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # address -> message
     skipped: dict[str, str] = field(default_factory=dict)  # address -> the failure it waited for
+    # address -> what the host holds that differs from the plan's "after", found by reading it back
+    mismatched: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.skipped
+        return not self.failed and not self.skipped and not self.mismatched
 
 
 # Events for progress displays: (address, "start" | "done" | "failed" | "skipped", detail)

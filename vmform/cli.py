@@ -159,6 +159,8 @@ def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: A
     out.line(f"[bold red]{verb} incomplete:[/bold red] {counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped.")
     for address, message in result.failed.items():
         click.echo(f"Error: {address}: {message}", err=True)
+    for address, message in result.mismatched.items():
+        click.echo(f"Error: {address}: read back after apply, it differs from the plan: {message}", err=True)
     sys.exit(1)
 
 

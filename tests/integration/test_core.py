@@ -175,3 +175,24 @@ def test_manifest_mistakes_are_one_line_errors_without_traceback(project: Any, b
     assert result.code == 1
     assert result.stderr.startswith("Error: main.yaml:")
     assert "Traceback" not in result.stderr
+
+
+def test_apply_reads_back_and_refuses_a_host_that_differs_from_the_plan(project: Any, monkeypatch: Any) -> None:
+    """Apply proves itself: a provider that silently does not do its work is caught by the read-back."""
+    from vmform import api
+    from vmform.providers.domain import DomainProvider
+
+    project.write(manifest(project, with_db=False))
+    project.apply()
+    project.write(manifest(project, with_db=False, memory="96MiB"))
+    monkeypatch.setattr(DomainProvider, "update", lambda self, ctx, change: None)
+    workspace = api.load_workspace(project.root)
+    connections = api.connect(workspace)
+    try:
+        planned = api.plan(workspace, connections)
+        result = api.apply_plan(workspace, connections, planned)
+    finally:
+        connections.close()
+    p = project.prefix
+    assert not result.ok
+    assert result.mismatched == {f"domain.{p}-web": "memory: planned 96MiB, the host has 64MiB"}, result.mismatched
