@@ -56,6 +56,8 @@ def test_regions_come_from_the_declarations(field_name: str, expected: list[tupl
     ({"os": {"bootmenu": {"enable": "yes", "timeout": "500"}}}, {"os": {"bootmenu": {"enable": "yes"}}},
      [("os", "bootmenu", "timeout")]),
     ({"on_crash": "restart"}, {}, [("on_crash",)]),
+    # values libvirt drops at define are not differences
+    ({"os": {"bootmenu": {"enable": "no", "timeout": "0"}}}, {"os": {"bootmenu": {"enable": "no"}}}, []),
     ({"memoryBacking": {"nosharepages": {}}}, {"memoryBacking": {"nosharepages": ""}}, []),
 ])
 def test_changes(desired: dict[str, Any], live: dict[str, Any], changed: list[tuple[str, ...]]) -> None:

@@ -149,6 +149,11 @@ NORMALISERS: dict[str, Any] = {
     "address": _lower,  # MAC addresses are printed lower-case
     "uuid": _lower,
 }
+# Values libvirt drops when it defines the object, by (element, key), with the condition on the element's
+# stated values: stating them is harmless, and their absence on the host is not a difference.
+DROPPED_BY_LIBVIRT: dict[tuple[str, str], Any] = {
+    ("bootmenu", "timeout"): lambda element: element.get("enable") == "no",  # a disabled menu has no timeout
+}
 SCALED_UNIT_ELEMENTS = {"memory", "currentMemory", "maxMemory", "size", "capacity", "allocation", "hard_limit",
                         "soft_limit", "swap_hard_limit", "min_guarantee", "node", "requested", "current", "limit"}
 
@@ -172,10 +177,15 @@ def _matches(desired: Any, live: Any, key: str = "") -> bool:
     if isinstance(desired, Mapping):
         if not isinstance(live, Mapping):
             return not desired and live == ""  # an empty element
-        return all(k in live and _matches(v, live[k], k) for k, v in desired.items())
+        return all(_matches(v, live[k], k) if k in live else _dropped(key, k, desired) for k, v in desired.items())
     if isinstance(desired, list):
         return isinstance(live, list) and _subsequence(desired, live, key)
     return normalise(key, desired) == normalise(key, live)
+
+
+def _dropped(element: str, key: str, stated: Mapping[str, Any]) -> bool:
+    rule = DROPPED_BY_LIBVIRT.get((element, key.lstrip("@")))
+    return bool(rule and rule(stated))
 
 
 def _subsequence(desired: list[Any], live: list[Any], key: str) -> bool:
@@ -195,7 +205,7 @@ def changes(desired: Mapping[str, Any], live: Mapping[str, Any] | None,
     live = live or {}
     for key, value in desired.items():
         current = live.get(key)
-        if _matches(value, current, key):
+        if _matches(value, current, key) or (key not in live and path and _dropped(str(path[-1]), key, desired)):
             continue
         if isinstance(value, Mapping) and isinstance(current, Mapping) and not _is_scaled(key, value):
             yield from changes(value, current, (*path, key))
