@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from vmform.errors import PlanError, PlanErrors
 from vmform.live import LiveObject, LiveState
 from vmform.plan import Action, Change, FieldChange, Plan
-from vmform.schema import extra_xml
+from vmform.schema import extra_xml, xslt
 from vmform.schema.registry import KINDS
 from vmform.schema.types import Effect, FieldSpec
 
@@ -169,6 +169,9 @@ def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], li
         if spec.name == "xml":
             changes.extend(_extra_xml_changes(resource, spec, live, pending))
             continue
+        if spec.name == "xslt":
+            changes.extend(_stylesheet_changes(resource, spec, live, pending))
+            continue
         list_key = LIST_KEYS.get((kind, spec.name))
         if list_key is not None:
             running = live.running_values.get(spec.name) if live.active and live.running_values else None
@@ -216,6 +219,19 @@ def _extra_xml_changes(resource: Resource, spec: FieldSpec, live: LiveObject, pe
         if any(True for _ in extra_xml.changes(desired, running)):
             pending.append("xml")  # configured; the running object picks it up when it restarts
     return found
+
+
+def _stylesheet_changes(resource: Resource, spec: FieldSpec, live: LiveObject, pending: list[str]) -> list[FieldChange]:
+    """The stylesheet holds on the host when running it over the host's XML changes nothing."""
+    text = resource.desired["xslt"]
+    differs, where = xslt.pending_effect(text, live.config_root)
+    if differs:
+        shown = f"{xslt.digest(text)} changes {where}"
+        return [FieldChange("xslt", None, text, Effect.RESTART if live.active else Effect.LIVE,
+                            f"(the host's XML at {where})", shown)]
+    if live.active and xslt.pending_effect(text, live.running_root)[0]:
+        pending.append("xslt")
+    return []
 
 
 def _balloon_lagging(live: LiveObject, target: int, actual: Any) -> bool:

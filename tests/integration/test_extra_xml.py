@@ -81,3 +81,40 @@ def test_xml_section_applies_converges_and_changes(project: Any, conn: Any) -> N
 
     project.run("destroy", "--auto-approve", check=True)
     assert project.leftovers() == []
+
+
+SHEET = """
+    xslt: |
+      <xsl:stylesheet version="1.0" xmlns:xsl="http://www.w3.org/1999/XSL/Transform">
+        <xsl:template match="@*|node()"><xsl:copy><xsl:apply-templates select="@*|node()"/></xsl:copy></xsl:template>
+        <xsl:template match="/domain/on_crash"><on_crash>ACTION</on_crash></xsl:template>
+      </xsl:stylesheet>
+"""
+
+
+def test_xslt_patches_hold_on_the_host_and_show_in_the_plan(project: Any, conn: Any) -> None:
+    p = project.prefix
+    base = f"domains:\n  {p}-vm:\n    type: qemu\n    memory: 64MiB\n    state: stopped\n"
+    project.write(base + SHEET.replace("ACTION", "preserve"))
+    project.apply()
+    dom = conn.lookupByName(f"{p}-vm")
+
+    def on_crash() -> str:
+        return etree.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode()).findtext("on_crash")
+
+    assert on_crash() == "preserve"
+    assert plan_fields(project) == {}
+    # Drift in what only the stylesheet says is seen and corrected.
+    root = etree.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode())
+    root.find("on_crash").text = "destroy"
+    conn.defineXML(etree.tostring(root, encoding="unicode"))
+    assert plan_fields(project) == {f"domain.{p}-vm": {"xslt": "live"}}
+    project.apply()
+    assert on_crash() == "preserve"
+    # A changed stylesheet is a change like any other.
+    project.write(base + SHEET.replace("ACTION", "restart"))
+    plan = project.run("plan", check=True).stdout
+    assert "xslt" in plan and "on_crash" in plan, plan
+    project.apply()
+    assert on_crash() == "restart"
+    assert plan_fields(project) == {}

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lxml import etree
+
 from vmform.errors import ManifestError, ManifestErrors, Position
 from vmform.manifest.yamlsource import SourceMap, YamlDocument, load_yaml
 from vmform.model import Manifests, Resource
@@ -14,6 +16,7 @@ from vmform.schema.extra_xml import YIELDS_WITH, overlap, owned_paths, regions
 from vmform.schema.kind import Kind, field_references
 from vmform.schema.registry import KINDS, SECTIONS
 from vmform.schema.types import NAME, FieldError, FieldErrors, did_you_mean, parse_fields
+from vmform.schema.xslt import Stylesheet
 
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 
@@ -69,9 +72,38 @@ def load_manifests(project_name: str, files: Iterable[Path], root: Path | None =
     for resource in manifests.resources.values():
         resource.desired = resource.kind.bind(resource, manifests)
         _check_extra_xml(resource, collector)
+        _check_stylesheet(resource, collector)
     if collector.errors:
         raise ManifestErrors(collector.errors)
     return manifests
+
+
+def _check_stylesheet(resource: Resource, collector: _Collector) -> None:
+    """A stylesheet must be idempotent (so the host can be checked against it) and must not bring XML from
+    outside libvirt's namespace (qemu:commandline, …) in by the back door."""
+    text = resource.desired.get("xslt")
+    if not text:
+        return
+    from vmform.render.xml import render_resource
+    from vmform.schema.xslt import canonical, transform
+
+    try:
+        once = render_resource(resource.kind.name, resource.libvirt_name, resource.desired, "check", resource.address)
+        twice = transform(text, once)
+    except FieldError as exc:
+        collector.add(exc.message, resource.position("xslt"))
+        return
+    if canonical(twice) != canonical(once):
+        collector.add("the XSLT stylesheet is not idempotent: run over its own output it changes it again, so the "
+                      "host could never match it", resource.position("xslt"))
+    for element in once.iter():
+        if not isinstance(element.tag, str) or element.getparent() is not None and element.getparent().tag == "metadata":
+            continue
+        namespace = etree.QName(element).namespace
+        if namespace and not any(a.tag == "metadata" for a in element.iterancestors()):
+            collector.add(f"the XSLT stylesheet adds <{etree.QName(element).localname}> in namespace {namespace}: XML "
+                          "outside libvirt's own namespace is refused", resource.position("xslt"))
+            break
 
 
 def _check_extra_xml(resource: Resource, collector: _Collector) -> None:
@@ -152,6 +184,19 @@ def _load_resource(
     if kind.check is not None:
         for relative, message in kind.check(values):
             collector.add(message, source.value((*path, *relative)))
+    stylesheet = values.get("xslt")
+    if isinstance(stylesheet, str) and stylesheet.startswith("file:"):
+        sheet_path = Path(stylesheet[len("file:"):])
+        if not sheet_path.is_absolute():
+            sheet_path = (file.parent / sheet_path).resolve()
+        try:
+            values["xslt"] = sheet_path.read_text(encoding="utf-8")
+            Stylesheet().parse(values["xslt"])
+        except (OSError, UnicodeDecodeError) as exc:
+            collector.add(f"cannot read the stylesheet {sheet_path}: {getattr(exc, 'strerror', None) or exc}",
+                          source.value((*path, "xslt")))
+        except FieldError as exc:
+            collector.add(f"{sheet_path}: {exc.message}", source.value((*path, "xslt")))
     if kind.name == "volume" and values.get("source") is not None:
         image = Path(values["source"])
         if not image.is_absolute():

@@ -26,6 +26,7 @@ from vmform.schema.types import (
     Str,
 )
 from vmform.schema.xmlbind import Attr, Element, SizeText, Text, XmlBinding, ensure, to_yes_no
+from vmform.schema.xslt import Stylesheet, StylesheetBinding
 from vmform.units import format_size
 
 DISK_BUSES = ("virtio", "sata", "scsi", "ide", "usb")
@@ -765,6 +766,8 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("autostart", Bool(), "start with the host", effect=Effect.LIVE, default=False),
     FieldSpec("xml", ExtraXml("domain"), "anything else of libvirt's domain XML, element by element (see "
               "'The xml: section'); merged after the curated fields", xml="(any)", binding=ExtraXmlBinding("domain")),
+    FieldSpec("xslt", Stylesheet(), "an XSLT stylesheet run last over the XML vmform writes (for ported "
+              "configurations); it must be idempotent", xml="(any)", binding=StylesheetBinding()),
 )
 
 

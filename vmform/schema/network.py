@@ -24,6 +24,7 @@ from vmform.schema.types import (
     Str,
 )
 from vmform.schema.xmlbind import Attr, Element, XmlBinding, ensure
+from vmform.schema.xslt import Stylesheet, StylesheetBinding
 
 MODES = ("isolated", "nat", "route", "open", "bridge")
 
@@ -169,6 +170,8 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("autostart", Bool(), "start with the host", effect=Effect.LIVE, default=True),
     FieldSpec("xml", ExtraXml("network"), "anything else of libvirt's network XML, element by element (see "
               "'The xml: section'); merged after the curated fields", xml="(any)", binding=ExtraXmlBinding("network")),
+    FieldSpec("xslt", Stylesheet(), "an XSLT stylesheet run last over the XML vmform writes (for ported "
+              "configurations); it must be idempotent", xml="(any)", binding=StylesheetBinding()),
 )
 
 
