@@ -403,7 +403,7 @@ def fmt(ctx: click.Context, check: bool, show_diff: bool) -> None:
 
     out: Output = ctx.obj["out"]
     project = load_project_only(ctx.obj["directory"])
-    results = format_files(project.manifest_files(), write=not check)
+    results = format_files(project.manifest_files(), write=not check, root=project.root)
     changed = [r for r in results if r.changed]
     for result in changed:
         if show_diff:

@@ -121,12 +121,13 @@ class FormatResult:
                                             f"a/{self.shown}", f"b/{self.shown}"))
 
 
-def format_files(files: list[Path], write: bool = True) -> list[FormatResult]:
-    """Format each file (rewriting those that change when ``write``); errors of all files together."""
+def format_files(files: list[Path], write: bool = True, root: Path | None = None) -> list[FormatResult]:
+    """Format each file (rewriting those that change when ``write``); errors of all files together. Paths
+    in messages are relative to ``root`` (the project's), as they appear in the repository."""
     results: list[FormatResult] = []
     errors: list[ManifestError] = []
     for path in files:
-        shown = os.path.relpath(path)
+        shown = os.path.relpath(path, root) if root is not None else os.path.relpath(path)
         try:
             before = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
