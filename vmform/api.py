@@ -79,18 +79,23 @@ def _protected(workspace: Workspace) -> frozenset[str]:
 def plan(workspace: Workspace, connections: ConnectionPool, targets: list[str] | None = None,
          restart: bool = False) -> Plan:
     """What apply would change. ``restart`` lets restart-class changes restart domains and networks."""
-    return saved_plan(workspace, connections, targets, restart).plan
+    return _plan_with_live(workspace, connections, targets, restart)[0]
+
+
+def _plan_with_live(workspace: Workspace, connections: ConnectionPool, targets: list[str] | None,
+                    restart: bool) -> tuple[Plan, LiveState]:
+    _check_targets(workspace, targets)
+    live = read_live(workspace, connections)
+    options = PlanOptions(restart=restart, targets=frozenset(targets or ()), protected=_protected(workspace))
+    return make_plan(workspace.manifests, workspace.graph, live, workspace.order, options), live
 
 
 def saved_plan(workspace: Workspace, connections: ConnectionPool, targets: list[str] | None = None,
                restart: bool = False) -> SavedPlan:
     """A plan with what ``apply_saved`` checks before executing it: the host's identity and the
     fingerprints of the manifests and of the live state the plan read. Write it with ``planfile.write``."""
-    _check_targets(workspace, targets)
     host = host_identity(connections.main)
-    live = read_live(workspace, connections)
-    options = PlanOptions(restart=restart, targets=frozenset(targets or ()), protected=_protected(workspace))
-    the_plan = make_plan(workspace.manifests, workspace.graph, live, workspace.order, options)
+    the_plan, live = _plan_with_live(workspace, connections, targets, restart)
     fingerprints = planfile.Fingerprints(
         manifests=planfile.manifests_fingerprint(workspace.project, workspace.manifests),
         live=planfile.live_fingerprints(workspace.manifests, live),

@@ -116,15 +116,19 @@ def plan(ctx: click.Context, targets: tuple[str, ...], detailed_exitcode: bool, 
     workspace = _workspace(ctx)
     connections = api.connect(workspace)
     try:
-        saved = api.saved_plan(workspace, connections, list(targets), restart=restart)
+        if out_file is not None:
+            saved = api.saved_plan(workspace, connections, list(targets), restart=restart)
+            the_plan = saved.plan
+        else:
+            the_plan = api.plan(workspace, connections, list(targets), restart=restart)
     finally:
         connections.close()
-    _print_plan(out, saved.plan, "json" if as_json else output_format)
+    _print_plan(out, the_plan, "json" if as_json else output_format)
     if out_file is not None:
         planfile.write(out_file, saved)
         if output_format == "text" and not as_json:
             out.line(f"Saved the plan to {out_file}. To apply exactly it: vmform apply {out_file}")
-    if detailed_exitcode and not saved.plan.empty:
+    if detailed_exitcode and not the_plan.empty:
         sys.exit(2)
 
 
@@ -366,7 +370,7 @@ def force_unlock(ctx: click.Context, lock_id: str) -> None:
 @main.command()
 @click.option("-o", "output", type=click.Path(dir_okay=False), default=None, help="Write to FILE instead of stdout.")
 def schema(output: str | None) -> None:
-    """Print the JSON Schema of manifests, for editors (YAML language server) and CI; see docs/SCHEMA.md."""
+    """Print the JSON Schema of manifests, for editors (YAML language server) and CI; see docs/MANIFEST.md."""
     import json
 
     from vmform.schema.jsonschema import manifest_schema
@@ -377,7 +381,11 @@ def schema(output: str | None) -> None:
     else:
         from pathlib import Path
 
-        Path(output).write_text(text, encoding="utf-8")
+        try:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            Path(output).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise VmformError(f"cannot write {output}: {exc.strerror or exc}") from None
 
 
 @main.command()
