@@ -67,6 +67,20 @@ def main(ctx: click.Context, directory: str | None, no_color: bool, quiet: bool)
     """Declarative KVM/QEMU hosts: YAML manifests -> plan -> apply, through libvirt."""
     color = not no_color and not os.environ.get("NO_COLOR")
     ctx.obj = {"directory": directory, "out": Output(color, quiet)}
+    _terminate_like_interrupt()
+
+
+def _terminate_like_interrupt() -> None:
+    """A cancelled CI job gets SIGTERM: unwind as on Ctrl-C, so an apply stops starting changes and the
+    project lock is released instead of being left for force-unlock."""
+    import signal
+    import threading
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def _workspace(ctx: click.Context) -> Any:

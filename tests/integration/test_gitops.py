@@ -155,48 +155,91 @@ def test_gitops_pipeline_sequence(project: Any, conn: Any) -> None:
     assert project.leftovers() == []
 
 
+def _wait_for_lock(conn: Any, project: Any, seconds: float = 20) -> None:
+    import libvirt
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            conn.secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_ISCSI, f"vmform/{project.prefix}/lock")
+            return
+        except libvirt.libvirtError:
+            time.sleep(0.05)
+    raise AssertionError("the first apply never took the lock")
+
+
 def test_second_apply_waits_for_the_lock_then_fails_naming_the_holder(project: Any, conn: Any) -> None:
     import getpass
     import socket
 
+    p = project.prefix
     script = _setup(project)
     assert _ci(project, script, "plan").returncode == 0
-    with lock_holder(project, 120) as (holder, lock_id):
+    assert _ci(project, script, "apply").returncode == 0
+    manifest = project.root / "main.yaml"
+    manifest.write_text(manifest.read_text().replace("state: running", "state: stopped"))
+    assert _ci(project, script, "plan").returncode == 0
+
+    # Two applies of the same plan at once. The first holds the lock while the guest (no OS: it ignores the
+    # ACPI request) gets its shutdown_timeout of 5 s; the second waits 2 s for it, then fails naming it.
+    first = subprocess.Popen([sys.executable, "-m", "vmform", "-C", str(project.root), "apply", "vmform.plan"],
+                             cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             stdin=subprocess.DEVNULL, env={**os.environ, "NO_COLOR": "1"})
+    try:
+        _wait_for_lock(conn, project)
         started = time.monotonic()
-        blocked = _ci(project, script, "apply", LOCK_TIMEOUT="3")
+        second = _ci(project, script, "apply", LOCK_TIMEOUT="2")
         waited = time.monotonic() - started
-        assert blocked.returncode == 1
-        assert 3 <= waited < 30
-        message = blocked.stderr.strip()
-        assert message.startswith(f"Error: project {project.prefix} is locked (waited 3s): held by "
-                                  f"{getpass.getuser()} on {socket.gethostname()} (pid {holder.pid}, apply) since 20")
-        assert f"lock id {lock_id}. If that process is gone, remove the lock with: vmform force-unlock {lock_id}" in message
-        assert "Traceback" not in blocked.stderr
-        assert not any(d.name().startswith(project.prefix) for d in conn.listAllDomains())
+        assert first.poll() is None, "the first apply should still hold the lock"
+        assert second.returncode == 1
+        assert 2 <= waited < 10
+        message = second.stderr.strip()
+        assert message.startswith(f"Error: project {p} is locked (waited 2s): held by {getpass.getuser()} on "
+                                  f"{socket.gethostname()} (pid {first.pid}, apply (saved plan)) since 20"), message
+        assert "If that process is gone, remove the lock with: vmform force-unlock " in message
+        assert "Traceback" not in second.stderr
+        assert project.run("plan").code == 0, "plan takes no lock"
+        # A second apply that waits long enough gets the lock, and finds its plan stale: the first one
+        # changed the host the plan was made from.
+        third = _ci(project, script, "apply", LOCK_TIMEOUT="60")
+        assert third.returncode == 1
+        assert f"plan is stale: domain.{p}-vm changed on the host since the plan was made" in third.stderr
+    finally:
+        out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, out + err
+    assert not conn.lookupByName(f"{p}-vm").isActive()
 
-        # plan takes no lock
-        assert project.run("plan").code == 0
-
-        # the holder is killed: its lock stays on the host until force-unlock removes it
+    # A holder killed with the lock held: the lock stays until force-unlock removes it.
+    manifest.write_text(manifest.read_text().replace("state: stopped", "state: running"))
+    assert _ci(project, script, "plan").returncode == 0
+    with lock_holder(project, 120) as (holder, lock_id):
+        # SIGTERM (a cancelled CI job) while waiting: exits like Ctrl-C and leaves the holder's lock alone.
+        waiting = subprocess.Popen([sys.executable, "-m", "vmform", "-C", str(project.root), "apply",
+                                    "--lock-timeout", "60", "vmform.plan"], cwd=project.root, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        time.sleep(2)
+        waiting.send_signal(signal.SIGTERM)
+        _out, err = waiting.communicate(timeout=30)
+        assert waiting.returncode == 130 and "Interrupted." in err
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     started = time.monotonic()
     blocked = _ci(project, script, "apply")
     assert blocked.returncode == 1 and time.monotonic() - started < 10
-    assert f"lock id {lock_id}" in blocked.stderr
+    assert f"(pid {holder.pid}, apply)" in blocked.stderr and f"lock id {lock_id}" in blocked.stderr
     wrong = project.run("force-unlock", "00000000-0000-0000-0000-000000000000")
     assert wrong.code == 1 and "does not match the current lock" in wrong.stderr
     unlocked = project.run("force-unlock", lock_id, check=True)
-    assert f"Removed the lock of project {project.prefix}" in unlocked.stdout
-    assert project.run("force-unlock", lock_id).stderr.strip() == f"Error: project {project.prefix} is not locked"
+    assert f"Removed the lock of project {p}" in unlocked.stdout
+    assert project.run("force-unlock", lock_id).stderr.strip() == f"Error: project {p} is not locked"
 
-    # a holder that finishes within the timeout: the second apply waits, then runs
+    # A holder that finishes within the timeout: the second apply waits, then runs.
     with lock_holder(project, 2):
         started = time.monotonic()
         applied = _ci(project, script, "apply", LOCK_TIMEOUT="60")
         assert applied.returncode == 0, applied.stderr
         assert time.monotonic() - started >= 1
-    assert conn.lookupByName(f"{project.prefix}-vm").isActive()
+    assert conn.lookupByName(f"{p}-vm").isActive()
     project.run("destroy", "--auto-approve", check=True)
     assert project.leftovers() == []
 
