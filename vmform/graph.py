@@ -64,7 +64,7 @@ def to_mermaid(graph: nx.DiGraph, title: str = "vmform") -> str:
     """A Mermaid flowchart (renders in GitHub and GitLab markdown); node ids are n0, n1, … labelled
     with the addresses, since Mermaid ids cannot hold dots."""
     ids = {address: f"n{number}" for number, address in enumerate(creation_order(graph))}
-    lines = ["flowchart LR"]
+    lines = ["flowchart LR", f"  %% vmform project {title}"]
     lines += [f'  {ids[address]}["{address}"]' for address in ids]
     lines += [f"  {ids[source]} --> {ids[target]}" for source, target in _edges(graph)]
     return "\n".join(lines) + "\n"
