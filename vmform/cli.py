@@ -355,6 +355,10 @@ def show(ctx: click.Context, args: tuple[str, ...], as_json: bool) -> None:
     out: Output = ctx.obj["out"]
     if len(args) == 1 and Path(args[0]).is_file():  # a plan file; anything else names resources
         saved = planfile.read(args[0])
+        if not as_json:
+            from rich.markup import escape
+
+            out.line(f"[dim]# {escape(saved.describe())}[/dim]")
         _print_plan(out, saved.plan, "json" if as_json else "text")
         return
     raise VmformError("vmform show takes a saved plan file (vmform plan -out FILE)"

@@ -59,7 +59,14 @@ class SavedPlan:
     created: float = field(default_factory=time.time)
     vmform_version: str = __version__
 
+    def describe(self) -> str:
+        made = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.created))
+        limited = f", limited to {', '.join(self.targets)}" if self.targets else ""
+        return (f"plan of project {self.plan.project} for {_host_text(self.host)}, made {made} by vmform "
+                f"{self.vmform_version}{limited}")
+
     def to_json(self) -> dict[str, Any]:
+        # The full desired values: apply executes exactly these (never a masked display form).
         return {
             "kind": FILE_KIND,
             "format_version": PLAN_FORMAT_VERSION,

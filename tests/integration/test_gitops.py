@@ -94,6 +94,8 @@ def test_gitops_pipeline_sequence(project: Any, conn: Any) -> None:
     plan_json = json.loads((project.root / "plan.json").read_text())
     jsonschema.validate(plan_json, plan_json_schema())
     assert [c["address"] for c in plan_json["changes"]][-1] == domain
+    shown = project.run("show", str(project.root / "vmform.plan"), check=True).stdout
+    assert shown.startswith(f"# plan of project {p} for ") and "Plan: 4 to add, 0 to change, 0 to destroy." in shown
     assert conn.listAllDomains() and not any(d.name().startswith(p) for d in conn.listAllDomains()), \
         "plan must not change the host"
 

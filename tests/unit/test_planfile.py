@@ -122,6 +122,7 @@ def test_plan_file_roundtrips(tmp_path: Path) -> None:
     data = json.loads(path.read_text())
     assert data["kind"] == "vmform-plan" and data["format_version"] == PLAN_FORMAT_VERSION
     assert "variables" in data["fingerprints"]
+    assert back.describe().startswith("plan of project p for h (host UUID 1, u), made 20")
 
 
 @pytest.mark.parametrize("content, message", [
