@@ -133,9 +133,10 @@ def test_gitops_pipeline_sequence(project: Any, conn: Any) -> None:
 
     # a plan limited to one target is applied exactly: the other drift stays
     network_plan = str(project.root / "network.plan")
-    targeted = project.run("plan", "--target", network, "-out", network_plan, check=True)
-    assert "1 to change" in targeted.stdout
-    project.run("apply", network_plan, check=True)
+    targeted = project.run("-q", "plan", "--target", network, "-out", network_plan, check=True)
+    assert targeted.stdout == "Plan: 0 to add, 1 to change, 0 to destroy.\n"
+    quiet = project.run("-q", "apply", network_plan, check=True)
+    assert quiet.stdout == "Apply complete! Resources: 0 added, 1 changed, 0 destroyed.\n"
     assert conn.networkLookupByName(f"{p}-net").autostart() == 1
     assert conn.lookupByName(f"{p}-vm").autostart() == 1, "apply of a saved plan must not re-plan"
 
