@@ -7,15 +7,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vmform import planfile
 from vmform.apply import ApplyResult, ProgressCallback, execute
-from vmform.connection import ConnectionPool
+from vmform.connection import ConnectionPool, host_identity
 from vmform.diff import PlanOptions, make_plan
 from vmform.graph import build_graph, creation_order
 from vmform.live import LiveState, read_host
 from vmform.manifest.loader import load_manifests
 from vmform.model import Manifests
-from vmform.ownership import Ledger, ProjectLock
+from vmform.ownership import Ledger, LockInfo, ProjectLock, current_lock
+from vmform.ownership import force_unlock as remove_lock
 from vmform.plan import Plan
+from vmform.planfile import SavedPlan
 from vmform.project import Project, load_project
 from vmform.providers.base import ApplyContext
 
@@ -40,6 +43,25 @@ def load_workspace(directory: Path | str | None = None) -> Workspace:
     return Workspace(project, manifests, graph, creation_order(graph))
 
 
+def load_project_only(directory: Path | str | None = None) -> Project:
+    """The project settings alone, without loading its manifests (vmform fmt works on broken ones too)."""
+    return load_project(directory)
+
+
+def validate(workspace: Workspace) -> None:
+    """Check what every resource would render against libvirt's RNG schemas (no connection needed); the
+    manifest schema, references and cycles were checked when the workspace loaded."""
+    from vmform.render.validate import validate as validate_xml
+    from vmform.render.xml import render_resource
+
+    for resource in workspace.manifests.resources.values():
+        kind = resource.kind.name
+        backing = "/validate/backing.qcow2" if resource.desired.get("backing") else None
+        root = render_resource(kind, resource.libvirt_name, resource.desired, workspace.project.name, resource.address,
+                               backing)
+        validate_xml(kind, root, resource.address)
+
+
 def connect(workspace: Workspace, uri: str | None = None) -> ConnectionPool:
     return ConnectionPool(uri or workspace.project.uri)
 
@@ -57,10 +79,28 @@ def _protected(workspace: Workspace) -> frozenset[str]:
 def plan(workspace: Workspace, connections: ConnectionPool, targets: list[str] | None = None,
          restart: bool = False) -> Plan:
     """What apply would change. ``restart`` lets restart-class changes restart domains and networks."""
+    return _plan_with_live(workspace, connections, targets, restart)[0]
+
+
+def _plan_with_live(workspace: Workspace, connections: ConnectionPool, targets: list[str] | None,
+                    restart: bool) -> tuple[Plan, LiveState]:
     _check_targets(workspace, targets)
     live = read_live(workspace, connections)
     options = PlanOptions(restart=restart, targets=frozenset(targets or ()), protected=_protected(workspace))
-    return make_plan(workspace.manifests, workspace.graph, live, workspace.order, options)
+    return make_plan(workspace.manifests, workspace.graph, live, workspace.order, options), live
+
+
+def saved_plan(workspace: Workspace, connections: ConnectionPool, targets: list[str] | None = None,
+               restart: bool = False) -> SavedPlan:
+    """A plan with what ``apply_saved`` checks before executing it: the host's identity and the
+    fingerprints of the manifests and of the live state the plan read. Write it with ``planfile.write``."""
+    host = host_identity(connections.main)
+    the_plan, live = _plan_with_live(workspace, connections, targets, restart)
+    fingerprints = planfile.Fingerprints(
+        manifests=planfile.manifests_fingerprint(workspace.project, workspace.manifests),
+        live=planfile.live_fingerprints(workspace.manifests, live),
+    )
+    return SavedPlan(the_plan, host, fingerprints, tuple(targets or ()))
 
 
 def destroy_plan(workspace: Workspace, connections: ConnectionPool, targets: list[str] | None = None) -> Plan:
@@ -97,10 +137,36 @@ def _check_targets(workspace: Workspace, targets: list[str] | None) -> None:
 def apply_plan(workspace: Workspace, connections: ConnectionPool, plan_to_apply: Plan, parallelism: int | None = None,
                progress: ProgressCallback | None = None, lock_timeout: float = 0.0, command: str = "apply",
                stop: threading.Event | None = None) -> ApplyResult:
+    """Execute a plan under the project lock (waiting up to ``lock_timeout`` seconds for it)."""
     with ProjectLock(connections.main, workspace.project.name, command, lock_timeout):
-        ledger = Ledger.load(connections.main, workspace.project.name)
-        ctx = ApplyContext(connections, workspace.project.name, ledger, workspace.project.shutdown_timeout)
-        result = execute(plan_to_apply, ctx, parallelism or workspace.project.parallelism, progress, stop)
+        return _execute(workspace, connections, plan_to_apply, parallelism, progress, stop)
+
+
+def check_saved(workspace: Workspace, connections: ConnectionPool, saved: SavedPlan) -> None:
+    """Raise StalePlanError unless the saved plan was made for this project and host, from the manifests
+    as they are and the host as it is now."""
+    planfile.check_project(saved, workspace.project.name)
+    planfile.check_host(saved, host_identity(connections.main))
+    manifests_now = planfile.manifests_fingerprint(workspace.project, workspace.manifests)
+    live = read_live(workspace, connections)
+    planfile.check_fresh(saved, manifests_now, planfile.live_fingerprints(workspace.manifests, live))
+
+
+def apply_saved(workspace: Workspace, connections: ConnectionPool, saved: SavedPlan, parallelism: int | None = None,
+                progress: ProgressCallback | None = None, lock_timeout: float = 0.0,
+                stop: threading.Event | None = None) -> ApplyResult:
+    """Execute exactly a saved plan: under the lock, after checking it still holds; never re-planned."""
+    planfile.check_project(saved, workspace.project.name)
+    with ProjectLock(connections.main, workspace.project.name, "apply (saved plan)", lock_timeout):
+        check_saved(workspace, connections, saved)
+        return _execute(workspace, connections, saved.plan, parallelism, progress, stop)
+
+
+def _execute(workspace: Workspace, connections: ConnectionPool, plan_to_apply: Plan, parallelism: int | None,
+             progress: ProgressCallback | None, stop: threading.Event | None) -> ApplyResult:
+    ledger = Ledger.load(connections.main, workspace.project.name)
+    ctx = ApplyContext(connections, workspace.project.name, ledger, workspace.project.shutdown_timeout)
+    result = execute(plan_to_apply, ctx, parallelism or workspace.project.parallelism, progress, stop)
     verify_applied(workspace, connections, plan_to_apply, result)
     return result
 
@@ -131,3 +197,13 @@ def verify_applied(workspace: Workspace, connections: ConnectionPool, applied: P
         if differences:
             result.mismatched[change.address] = "; ".join(
                 f"{d.path}: planned {d.display_after}, the host has {d.display_before}" for d in differences)
+
+
+def lock_holder(workspace: Workspace, connections: ConnectionPool) -> LockInfo | None:
+    """Who holds the project's lock on the host, if anyone."""
+    return current_lock(connections.main, workspace.project.name)
+
+
+def force_unlock(workspace: Workspace, connections: ConnectionPool, lock_id: str) -> LockInfo:
+    """Remove a lock left by a killed process; only when ``lock_id`` is the current lock's."""
+    return remove_lock(connections.main, workspace.project.name, lock_id)

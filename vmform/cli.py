@@ -14,11 +14,12 @@ from vmform.errors import ManifestErrors, PlanErrors, VmformError
 class Output:
     """Where text goes: rich on a terminal, plain text otherwise (or with --no-color / NO_COLOR)."""
 
-    def __init__(self, color: bool) -> None:
+    def __init__(self, color: bool, quiet: bool = False) -> None:
         from rich.console import Console
 
         tty = sys.stdout.isatty()
-        self.interactive = tty
+        self.interactive = tty and not quiet  # progress lines and prompts only for a person at a terminal
+        self.quiet = quiet
         self.console = Console(
             highlight=False, no_color=not color, force_terminal=tty and color, soft_wrap=True,
             emoji=False,
@@ -26,6 +27,11 @@ class Output:
         self.errors = Console(stderr=True, highlight=False, no_color=not color, soft_wrap=True, emoji=False)
 
     def line(self, text: str = "") -> None:
+        if not self.quiet:
+            self.console.print(text)
+
+    def summary(self, text: str) -> None:
+        """The final line of a command: printed even with --quiet."""
         self.console.print(text)
 
     def plain(self, text: str) -> None:
@@ -54,12 +60,27 @@ class VmformGroup(click.Group):
 @click.option("-C", "directory", type=click.Path(file_okay=False), default=None,
               help="Run as if started in DIR (the project is found by walking up from there).")
 @click.option("--no-color", is_flag=True, help="No colours (also: the NO_COLOR environment variable).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors and the final summary line.")
 @click.version_option(package_name="vmform")
 @click.pass_context
-def main(ctx: click.Context, directory: str | None, no_color: bool) -> None:
+def main(ctx: click.Context, directory: str | None, no_color: bool, quiet: bool) -> None:
     """Declarative KVM/QEMU hosts: YAML manifests -> plan -> apply, through libvirt."""
     color = not no_color and not os.environ.get("NO_COLOR")
-    ctx.obj = {"directory": directory, "out": Output(color)}
+    ctx.obj = {"directory": directory, "out": Output(color, quiet)}
+    _terminate_like_interrupt()
+
+
+def _terminate_like_interrupt() -> None:
+    """A cancelled CI job gets SIGTERM: unwind as on Ctrl-C, so an apply stops starting changes and the
+    project lock is released instead of being left for force-unlock."""
+    import signal
+    import threading
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def _workspace(ctx: click.Context) -> Any:
@@ -68,36 +89,59 @@ def _workspace(ctx: click.Context) -> Any:
     return load_workspace(ctx.obj["directory"])
 
 
-def _print_plan(out: Output, plan: Any) -> None:
-    from vmform.planview import plan_lines
+def _print_plan(out: Output, plan: Any, output_format: str = "text", before_apply: bool = False) -> None:
+    """The plan in the chosen format; with --quiet, its summary line only (and before an apply, nothing:
+    the apply's own summary is the final line)."""
+    from vmform.planview import plan_lines, plan_markdown, summary_line
 
-    for line in plan_lines(plan):
-        out.line(line)
+    if output_format == "json":
+        import json
+
+        click.echo(json.dumps(plan.to_json(), indent=2, sort_keys=False))
+    elif output_format == "markdown":
+        click.echo(plan_markdown(plan), nl=False)
+    elif out.quiet:
+        if plan.empty or not before_apply:
+            out.summary("No changes." if plan.empty else summary_line(plan))
+    else:
+        for line in plan_lines(plan):
+            out.line(line)
+
+
+FORMAT = click.Choice(["text", "json", "markdown"])
 
 
 @main.command()
 @click.option("--target", "targets", multiple=True, metavar="ADDRESS", help="Limit to ADDRESS and what it depends on.")
 @click.option("--detailed-exitcode", is_flag=True, help="Exit 0: no changes, 1: error, 2: changes present.")
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (same as --format json; docs/JSON.md).")
+@click.option("--format", "output_format", type=FORMAT, default="text", show_default=True,
+              help="text for people, json for programs, markdown for a pull-request comment.")
+@click.option("-out", "--out", "out_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Save the plan to FILE; vmform apply FILE applies exactly it.")
 @click.option("--restart", is_flag=True, help="Plan as apply --restart would: restart-class changes restart their objects.")
 @click.pass_context
-def plan(ctx: click.Context, targets: tuple[str, ...], detailed_exitcode: bool, as_json: bool, restart: bool) -> None:
-    """Show what apply would change on the host."""
-    from vmform import api
+def plan(ctx: click.Context, targets: tuple[str, ...], detailed_exitcode: bool, as_json: bool, output_format: str,
+         out_file: str | None, restart: bool) -> None:
+    """Show what apply would change on the host. Takes no lock."""
+    from vmform import api, planfile
 
     out: Output = ctx.obj["out"]
     workspace = _workspace(ctx)
     connections = api.connect(workspace)
     try:
-        the_plan = api.plan(workspace, connections, list(targets), restart=restart)
+        if out_file is not None:
+            saved = api.saved_plan(workspace, connections, list(targets), restart=restart)
+            the_plan = saved.plan
+        else:
+            the_plan = api.plan(workspace, connections, list(targets), restart=restart)
     finally:
         connections.close()
-    if as_json:
-        import json
-
-        click.echo(json.dumps(the_plan.to_json(), indent=2, sort_keys=False))
-    else:
-        _print_plan(out, the_plan)
+    _print_plan(out, the_plan, "json" if as_json else output_format)
+    if out_file is not None:
+        planfile.write(out_file, saved)
+        if output_format == "text" and not as_json:
+            out.line(f"Saved the plan to {out_file}. To apply exactly it: vmform apply {out_file}")
     if detailed_exitcode and not the_plan.empty:
         sys.exit(2)
 
@@ -105,8 +149,9 @@ def plan(ctx: click.Context, targets: tuple[str, ...], detailed_exitcode: bool, 
 def _confirm(out: Output, what: str, auto_approve: bool) -> bool:
     if auto_approve:
         return True
-    if not sys.stdin.isatty():
-        raise VmformError(f"cannot ask whether to {what}: there is no terminal to ask on; pass --auto-approve")
+    if not sys.stdin.isatty() or not sys.stdout.isatty():
+        raise VmformError(f"cannot ask whether to {what}: there is no terminal to ask on; pass --auto-approve "
+                          "(or apply a saved plan: vmform plan -out FILE, then vmform apply FILE)")
     answer = click.prompt(f"Do you want to {what}? Only 'yes' will be accepted", default="", show_default=False)
     return str(answer).strip() == "yes"
 
@@ -116,7 +161,7 @@ PRESENT = {"+": "creating", "~": "updating", "-/+": "replacing", "+/-": "replaci
 
 
 def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: Any, parallelism: int | None,
-               command: str) -> None:
+               command: str, lock_timeout: float = 0.0, saved: Any = None) -> None:
     import threading
     import time
 
@@ -142,7 +187,10 @@ def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: A
 
     stop = threading.Event()
     try:
-        result = api.apply_plan(workspace, connections, the_plan, parallelism, progress, command=command, stop=stop)
+        if saved is not None:
+            result = api.apply_saved(workspace, connections, saved, parallelism, progress, lock_timeout, stop)
+        else:
+            result = api.apply_plan(workspace, connections, the_plan, parallelism, progress, lock_timeout, command, stop)
     except KeyboardInterrupt:
         stop.set()
         raise
@@ -151,12 +199,12 @@ def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: A
     if result.ok:
         summary = the_plan.counts()
         if command == "destroy":
-            out.line(f"[bold green]{verb} complete![/bold green] Resources: {summary['destroy']} destroyed.")
+            out.summary(f"[bold green]{verb} complete![/bold green] Resources: {summary['destroy']} destroyed.")
         else:
-            out.line(f"[bold green]{verb} complete![/bold green] Resources: {summary['add']} added, "
-                     f"{summary['change']} changed, {summary['destroy']} destroyed.")
+            out.summary(f"[bold green]{verb} complete![/bold green] Resources: {summary['add']} added, "
+                        f"{summary['change']} changed, {summary['destroy']} destroyed.")
         return
-    out.line(f"[bold red]{verb} incomplete:[/bold red] {counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped.")
+    out.summary(f"[bold red]{verb} incomplete:[/bold red] {counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped.")
     for address, message in result.failed.items():
         click.echo(f"Error: {address}: {message}", err=True)
     for address, message in result.mismatched.items():
@@ -165,28 +213,47 @@ def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: A
 
 
 @main.command()
+@click.argument("plan_file", required=False, type=click.Path(dir_okay=False), metavar="[PLAN_FILE]")
 @click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--parallelism", type=click.IntRange(1, 64), default=None, help="Changes made at once (default: vmform.toml).")
 @click.option("--target", "targets", multiple=True, metavar="ADDRESS", help="Limit to ADDRESS and what it depends on.")
 @click.option("--restart", is_flag=True,
               help="Restart domains and networks whose restart-class changes need it (clean shutdown first).")
+@click.option("--lock-timeout", type=click.FloatRange(0), default=0.0, show_default=True, metavar="SECONDS",
+              help="Wait this long for the project lock held by another apply or destroy, then fail.")
 @click.pass_context
-def apply(ctx: click.Context, auto_approve: bool, parallelism: int | None, targets: tuple[str, ...], restart: bool) -> None:
-    """Plan, confirm, then make the host match the manifests."""
-    from vmform import api
+def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, parallelism: int | None,
+          targets: tuple[str, ...], restart: bool, lock_timeout: float) -> None:
+    """Plan, confirm, then make the host match the manifests.
+
+    With PLAN_FILE (from vmform plan -out), apply exactly that plan without planning again or asking;
+    it is refused when the manifests or the host changed since it was made."""
+    from vmform import api, planfile
 
     out: Output = ctx.obj["out"]
+    saved = None
+    if plan_file is not None:
+        if targets or restart:
+            raise VmformError("--target and --restart are decided when the plan is made (vmform plan -out), "
+                              "not when a saved plan is applied")
+        saved = planfile.read(plan_file)
     workspace = _workspace(ctx)
     connections = api.connect(workspace)
     try:
+        if saved is not None:
+            _print_plan(out, saved.plan, before_apply=True)
+            if saved.plan.empty:
+                return
+            _run_apply(ctx, workspace, connections, saved.plan, parallelism, "apply", lock_timeout, saved)
+            return
         the_plan = api.plan(workspace, connections, list(targets), restart=restart)
-        _print_plan(out, the_plan)
+        _print_plan(out, the_plan, before_apply=True)
         if the_plan.empty:
             return
         if not _confirm(out, "apply these changes", auto_approve):
             out.line("Apply cancelled.")
             sys.exit(1)
-        _run_apply(ctx, workspace, connections, the_plan, parallelism, "apply")
+        _run_apply(ctx, workspace, connections, the_plan, parallelism, "apply", lock_timeout)
     finally:
         connections.close()
 
@@ -195,8 +262,11 @@ def apply(ctx: click.Context, auto_approve: bool, parallelism: int | None, targe
 @click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--parallelism", type=click.IntRange(1, 64), default=None, help="Changes made at once (default: vmform.toml).")
 @click.option("--target", "targets", multiple=True, metavar="ADDRESS", help="Only ADDRESS and what uses it.")
+@click.option("--lock-timeout", type=click.FloatRange(0), default=0.0, show_default=True, metavar="SECONDS",
+              help="Wait this long for the project lock held by another apply or destroy, then fail.")
 @click.pass_context
-def destroy(ctx: click.Context, auto_approve: bool, parallelism: int | None, targets: tuple[str, ...]) -> None:
+def destroy(ctx: click.Context, auto_approve: bool, parallelism: int | None, targets: tuple[str, ...],
+            lock_timeout: float) -> None:
     """Remove every object this project owns on the host (and nothing else)."""
     from vmform import api
 
@@ -205,13 +275,13 @@ def destroy(ctx: click.Context, auto_approve: bool, parallelism: int | None, tar
     connections = api.connect(workspace)
     try:
         the_plan = api.destroy_plan(workspace, connections, list(targets))
-        _print_plan(out, the_plan)
+        _print_plan(out, the_plan, before_apply=True)
         if the_plan.empty:
             return
         if not _confirm(out, "destroy these objects", auto_approve):
             out.line("Destroy cancelled.")
             sys.exit(1)
-        _run_apply(ctx, workspace, connections, the_plan, parallelism, "destroy")
+        _run_apply(ctx, workspace, connections, the_plan, parallelism, "destroy", lock_timeout)
     finally:
         connections.close()
 
@@ -263,17 +333,114 @@ def render(ctx: click.Context, addresses: tuple[str, ...], no_argv: bool) -> Non
 @main.command()
 @click.pass_context
 def validate(ctx: click.Context) -> None:
-    """Check the manifests without connecting to libvirt."""
-    from vmform.render.validate import validate as validate_xml
-    from vmform.render.xml import render_resource
+    """Check the manifests without connecting to libvirt: schema, references, cycles, and the XML they
+    would render against libvirt's RNG schemas. Fast enough for a pre-commit hook."""
+    from vmform import api
 
     out: Output = ctx.obj["out"]
     workspace = _workspace(ctx)
-    for resource in workspace.manifests.resources.values():
-        kind = resource.kind.name
-        root = render_resource(kind, resource.libvirt_name, resource.desired, workspace.project.name, resource.address)
-        validate_xml(kind, root, resource.address)
-    out.line(f"[green]Valid:[/green] {len(workspace.manifests.resources)} resources in {len(workspace.manifests.files)} files.")
+    api.validate(workspace)
+    out.summary(f"[green]Valid:[/green] {len(workspace.manifests.resources)} resources in "
+                f"{len(workspace.manifests.files)} files.")
+
+
+@main.command()
+@click.argument("args", nargs=-1, metavar="[PLAN_FILE | ADDRESS...]")
+@click.option("--json", "as_json", is_flag=True, help="Print a saved plan as JSON (docs/JSON.md).")
+@click.pass_context
+def show(ctx: click.Context, args: tuple[str, ...], as_json: bool) -> None:
+    """Print a saved plan (vmform plan -out FILE), for people or, with --json, for programs."""
+    from pathlib import Path
+
+    from vmform import planfile
+
+    out: Output = ctx.obj["out"]
+    if len(args) == 1 and Path(args[0]).is_file():  # a plan file; anything else names resources
+        saved = planfile.read(args[0])
+        if not as_json:
+            from rich.markup import escape
+
+            out.line(f"[dim]# {escape(saved.describe())}[/dim]")
+        _print_plan(out, saved.plan, "json" if as_json else "text")
+        return
+    raise VmformError("vmform show takes a saved plan file (vmform plan -out FILE)"
+                      + (f"; no such file: {args[0]}" if args else ""))
+
+
+@main.command("force-unlock")
+@click.argument("lock_id")
+@click.pass_context
+def force_unlock(ctx: click.Context, lock_id: str) -> None:
+    """Remove the project lock LOCK_ID left on the host by a killed apply or destroy.
+
+    The ID is in the message of the apply that found the project locked; nothing is removed unless it
+    names the current lock."""
+    from vmform import api
+
+    out: Output = ctx.obj["out"]
+    workspace = _workspace(ctx)
+    connections = api.connect(workspace)
+    try:
+        info = api.force_unlock(workspace, connections, lock_id)
+    finally:
+        connections.close()
+    out.summary(f"Removed the lock of project {workspace.project.name} ({info.describe()}).")
+
+
+@main.command()
+@click.option("-o", "output", type=click.Path(dir_okay=False), default=None, help="Write to FILE instead of stdout.")
+def schema(output: str | None) -> None:
+    """Print the JSON Schema of manifests, for editors (YAML language server) and CI; see docs/MANIFEST.md."""
+    import json
+
+    from vmform.schema.jsonschema import manifest_schema
+
+    text = json.dumps(manifest_schema(), indent=2) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        from pathlib import Path
+
+        try:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            Path(output).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise VmformError(f"cannot write {output}: {exc.strerror or exc}") from None
+
+
+@main.command()
+@click.option("--format", "output_format", type=click.Choice(["dot", "mermaid"]), default="dot", show_default=True)
+@click.pass_context
+def graph(ctx: click.Context, output_format: str) -> None:
+    """Print the dependency graph of the manifests (no libvirt connection): an edge A -> B means B needs A."""
+    from vmform.graph import to_dot, to_mermaid
+
+    workspace = _workspace(ctx)
+    render = to_dot if output_format == "dot" else to_mermaid
+    click.echo(render(workspace.graph, workspace.project.name), nl=False)
+
+
+@main.command()
+@click.option("--check", is_flag=True, help="Change nothing; exit 1 and list the files that are not formatted.")
+@click.option("--diff", "show_diff", is_flag=True, help="Print what would change as a unified diff.")
+@click.pass_context
+def fmt(ctx: click.Context, check: bool, show_diff: bool) -> None:
+    """Rewrite the manifests in vmform's canonical layout, keeping comments (docs/MANIFEST.md, Formatting)."""
+    from vmform.api import load_project_only
+    from vmform.manifest.fmt import format_files
+
+    out: Output = ctx.obj["out"]
+    project = load_project_only(ctx.obj["directory"])
+    results = format_files(project.manifest_files(), write=not check, root=project.root)
+    changed = [r for r in results if r.changed]
+    for result in changed:
+        if show_diff:
+            click.echo(result.diff(), nl=False)
+        out.summary(f"{'would reformat' if check else 'reformatted'} {result.shown}")
+    if check and changed:
+        sys.exit(1)
+    if not changed:
+        out.line(f"{len(results)} manifest files already formatted.")
 
 
 @main.command("import")

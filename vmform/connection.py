@@ -74,3 +74,19 @@ class ConnectionPool:
                 except Exception:  # noqa: BLE001 - closing is best effort
                     pass
             self._all.clear()
+
+
+def host_identity(conn: libvirt.virConnect) -> dict[str, str]:
+    """Which libvirt host a connection reaches: its URI, hostname and host UUID (from the capabilities).
+    Two URIs can name one host, and one URI (qemu:///system) names a different host on every machine."""
+    import libvirt
+    from lxml import etree
+
+    try:
+        uri = conn.getURI()
+        hostname = conn.getHostname()
+        caps = etree.fromstring(conn.getCapabilities().encode(), etree.XMLParser(resolve_entities=False, no_network=True))
+    except libvirt.libvirtError as exc:
+        raise HostError(f"cannot identify the libvirt host: {libvirt_message(exc)}") from None
+    uuid = caps.findtext("host/uuid") or ""
+    return {"uri": uri, "hostname": hostname, "uuid": uuid}

@@ -49,3 +49,26 @@ def creation_order(graph: nx.DiGraph) -> list[str]:
     import networkx as nx
 
     return list(nx.lexicographical_topological_sort(graph))
+
+
+def _edges(graph: nx.DiGraph) -> list[tuple[str, str]]:
+    return sorted(graph.edges())
+
+
+def to_dot(graph: nx.DiGraph, title: str = "vmform") -> str:
+    """Graphviz DOT: one node per address, an edge A -> B when B needs A (A is created first)."""
+    lines = [f'digraph "{title}" {{', "  rankdir=LR;", "  node [shape=box];"]
+    lines += [f'  "{address}";' for address in creation_order(graph)]
+    lines += [f'  "{source}" -> "{target}";' for source, target in _edges(graph)]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def to_mermaid(graph: nx.DiGraph, title: str = "vmform") -> str:
+    """A Mermaid flowchart (renders in GitHub and GitLab markdown); node ids are n0, n1, … labelled
+    with the addresses, since Mermaid ids cannot hold dots."""
+    ids = {address: f"n{number}" for number, address in enumerate(creation_order(graph))}
+    lines = ["flowchart LR", f"  %% vmform project {title}"]
+    lines += [f'  {ids[address]}["{address}"]' for address in ids]
+    lines += [f"  {ids[source]} --> {ids[target]}" for source, target in _edges(graph)]
+    return "\n".join(lines) + "\n"

@@ -164,6 +164,15 @@ class Ledger:
                     del entries[key]
 
 
+def _user_name() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a uid without a passwd entry (containers)
+        return os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid())
+
+
 @dataclass(frozen=True)
 class LockInfo:
     lock_id: str
@@ -186,28 +195,37 @@ class ProjectLock:
         self.command = command
         self.timeout = timeout
         self.secret: libvirt.virSecret | None = None
+        self.lock_id: str | None = None
 
     def acquire(self) -> None:
         import libvirt
 
         usage = _usage(self.project, "lock")
         holder = {
-            "user": os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid()),
+            "user": _user_name(),
             "machine": socket.gethostname(),
             "pid": os.getpid(),
             "command": self.command,
             "since": time.time(),
         }
-        deadline = time.monotonic() + self.timeout
+        started = time.monotonic()
+        deadline = started + self.timeout
         while True:
             try:
                 secret = self.conn.secretDefineXML(_secret_xml(f"vmform lock of project {self.project}", usage))
             except libvirt.libvirtError as exc:
                 existing = current_lock(self.conn, self.project)
                 if existing is None:
+                    if _lookup_secret(self.conn, usage) is None and time.monotonic() < deadline + 5:
+                        time.sleep(0.05)
+                        continue  # released between our define and our look: try again
                     raise HostError(f"cannot take the project lock: {libvirt_message(exc)}") from None
                 if time.monotonic() >= deadline:
-                    raise LockError(f"project {self.project} is locked: {existing.describe()}") from None
+                    waited = f" (waited {time.monotonic() - started:.0f}s)" if self.timeout > 0 else ""
+                    raise LockError(
+                        f"project {self.project} is locked{waited}: {existing.describe()}. If that process is gone, "
+                        f"remove the lock with: vmform force-unlock {existing.lock_id}"
+                    ) from None
                 time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
                 continue
             try:
@@ -215,6 +233,7 @@ class ProjectLock:
             except libvirt.libvirtError:
                 pass  # the lock is held either way; only the holder details are missing
             self.secret = secret
+            self.lock_id = secret.UUIDString()
             return
 
     def release(self) -> None:
@@ -248,10 +267,18 @@ def current_lock(conn: libvirt.virConnect, project: str) -> LockInfo | None:
     return LockInfo(secret.UUIDString(), holder)
 
 
-def force_unlock(conn: libvirt.virConnect, project: str, lock_id: str) -> None:
+def force_unlock(conn: libvirt.virConnect, project: str, lock_id: str) -> LockInfo:
+    """Remove the project's lock, only when ``lock_id`` names it (so a lock taken since is never removed)."""
+    import libvirt
+
     info = current_lock(conn, project)
     if info is None:
         raise LockError(f"project {project} is not locked")
-    if info.lock_id != lock_id:
-        raise LockError(f"lock id {lock_id} does not match the current lock ({info.lock_id})")
-    conn.secretLookupByUUIDString(lock_id).undefine()
+    if info.lock_id != lock_id.strip().lower():
+        raise LockError(f"lock id {lock_id} does not match the current lock of project {project} "
+                        f"({info.describe()}); nothing removed")
+    try:
+        conn.secretLookupByUUIDString(info.lock_id).undefine()
+    except libvirt.libvirtError as exc:
+        raise HostError(f"cannot remove the lock: {libvirt_message(exc)}") from None
+    return info

@@ -8,6 +8,8 @@ from typing import Any
 
 from vmform.schema.types import Effect
 
+# The version of the plan's JSON (docs/JSON.md, vmform/schemas/plan.schema.json) and of saved plan files.
+# Bump it when a reader of the old shape would misread the new one.
 PLAN_FORMAT_VERSION = 1
 
 
@@ -75,11 +77,15 @@ class Plan:
         return not self.changes
 
     def to_json(self) -> dict[str, Any]:
+        """The plan as JSON-able data (schema: vmform/schemas/plan.schema.json); ``from_json`` reads it back."""
+
         def change_json(change: Change) -> dict[str, Any]:
             data = asdict(change)
             data["action"] = change.action.name.lower()
             data["symbol"] = change.action.value
             data["fields"] = [{**asdict(f), "effect": f.effect.value} for f in change.fields]
+            data["depends_on"] = list(change.depends_on)
+            data["replug"] = list(change.replug)
             return data
 
         return {
@@ -90,3 +96,41 @@ class Plan:
             "changes": [change_json(c) for c in self.changes],
             "notes": list(self.notes),
         }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Plan:
+        """The Plan ``to_json`` wrote. Raises KeyError/ValueError/TypeError on a malformed document; the
+        plan file reader (vmform.planfile) turns those into one clear error."""
+        version = data.get("format_version")
+        if version != PLAN_FORMAT_VERSION:
+            raise ValueError(f"plan format {version}, this vmform reads format {PLAN_FORMAT_VERSION}")
+        return cls(
+            project=data["project"],
+            host_uri=data["host_uri"],
+            changes=tuple(_change_from_json(c) for c in data["changes"]),
+            notes=tuple(data.get("notes", ())),
+        )
+
+
+def _change_from_json(data: dict[str, Any]) -> Change:
+    fields = tuple(
+        FieldChange(f["path"], f["before"], f["after"], Effect(f["effect"]), f.get("display_before", ""),
+                    f.get("display_after", ""))
+        for f in data.get("fields", ())
+    )
+    return Change(
+        address=data["address"],
+        kind=data["kind"],
+        name=data["name"],
+        action=Action[data["action"].upper()],
+        host=data.get("host", "default"),
+        before=data.get("before"),
+        after=data.get("after"),
+        fields=fields,
+        reason=data.get("reason", ""),
+        depends_on=tuple(data.get("depends_on", ())),
+        live_name=data.get("live_name"),
+        identity=dict(data.get("identity") or {}),
+        restart=bool(data.get("restart", False)),
+        replug=tuple(data.get("replug", ())),
+    )

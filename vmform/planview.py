@@ -94,3 +94,50 @@ def plan_lines(plan: Plan) -> list[str]:
         lines.append(_escape(note))
     lines.append(f"[bold]{summary_line(plan)}[/bold]")
     return lines
+
+
+def _plain(markup: str) -> str:
+    from rich.text import Text
+
+    return Text.from_markup(markup).plain
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+ACTION_WORDS = {
+    Action.CREATE: "create",
+    Action.UPDATE: "update in place",
+    Action.DELETE_THEN_CREATE: "replace",
+    Action.CREATE_THEN_DELETE: "replace (create first)",
+    Action.DELETE: "destroy",
+}
+
+
+def plan_markdown(plan: Plan) -> str:
+    """A summary for a pull-request comment: counts, one table row per change, each change's details
+    collapsed in a <details> block."""
+    title = f"### vmform plan for `{plan.project}` on `{plan.host_uri}`"
+    if plan.empty:
+        lines = [title, "", "**No changes.** The host matches the manifests."]
+        lines += [f"- {note}" for note in plan.notes]
+        return "\n".join(lines) + "\n"
+    lines = [title, "", f"**{summary_line(plan)}**", "", "| | resource | action | effect | why |", "|---|---|---|---|---|"]
+    for change in plan.changes:
+        effects = sorted({f.effect.value for f in change.fields})
+        if change.restart:
+            effects.append("restarted by apply")
+        elif change.waits_for_restart:
+            effects.append("waits for a restart")
+        why = change.reason if change.action.is_replace() else ", ".join(f.path for f in change.fields)
+        lines.append(f"| `{change.action.value}` | `{change.address}` | {ACTION_WORDS[change.action]} | "
+                     f"{_cell(', '.join(effects))} | {_cell(why)} |")
+    lines.append("")
+    for change in plan.changes:
+        lines.append(f"<details><summary><code>{change.address}</code> {ACTION_WORDS[change.action]}</summary>")
+        lines += ["", "```diff", *(_plain(line)[2:].rstrip() for line in _change_lines(change)), "```", "", "</details>"]
+    if plan.notes:
+        lines.append("")
+        lines += [f"- {note}" for note in plan.notes]
+    return "\n".join(lines) + "\n"
