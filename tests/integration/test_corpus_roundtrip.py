@@ -16,6 +16,7 @@ object is recorded, undefined, and import runs again without it.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -79,6 +80,22 @@ def corpus_cases() -> list[Case]:
     cases = [Case(kind, path) for kind, folders in SOURCES.items() for folder in folders
              for path in sorted((CORPUS / folder).glob("*.xml"))]
     return cases
+
+
+HEADER = """# Known corpus failures
+
+Cases of tests/integration/test_corpus_roundtrip.py that do not round-trip today, one line each:
+``- `kind:folder/file`: reason``. The test fails when a case outside this list fails, and when a listed
+case round-trips (then delete its line). Only the case ids are compared; the reasons are what
+`vmform import` and `vmform plan --json` said in the run that wrote this list (object names replaced
+by NAME). Rewrite the list with `VMFORM_WRITE_KNOWN_FAILURES=1 .venv/bin/python -m pytest -s
+tests/integration/test_corpus_roundtrip.py`.
+
+"not managed: X" is import's report of live XML paths it cannot express ("not managed (kept as it is on
+the host)"); "notes:" are import's other remarks. "import refused" is import's error: import is
+all-or-nothing, so the test undefines the refused object and imports the rest again.
+
+"""
 
 
 def known_failures() -> dict[str, str]:
@@ -304,6 +321,9 @@ def test_corpus_round_trip(project: Any) -> None:
     for case_id, reason in sorted(failing.items()):
         print(f"- `{case_id}`: {reason}")
 
+    if os.environ.get("VMFORM_WRITE_KNOWN_FAILURES"):
+        KNOWN_FAILURES.write_text(HEADER + "".join(f"- `{k}`: {v}\n" for k, v in sorted(failing.items())))
+        return
     known = known_failures()
     unexpected = {k: v for k, v in failing.items() if k not in known}
     fixed = sorted(set(known) - set(failing))
