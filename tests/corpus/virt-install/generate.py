@@ -9,7 +9,8 @@ network NETWORK_PLACEHOLDER; the round-trip test creates the files under its own
 then undefined); an option set libvirt refuses at define time is reported and not written.
 
 Run as root from the repository root (needs virt-install, qemu-img and libvirtd at qemu:///system):
-    .venv/bin/python tests/corpus/virt-install/generate.py
+    .venv/bin/python tests/corpus/virt-install/generate.py            # every case (MACs change each run)
+    .venv/bin/python tests/corpus/virt-install/generate.py CASE ...   # only these
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ CASES: dict[str, list[str]] = {
     "cpu-iothreads": ["--memory", "256", "--iothreads", "4", "--import", "--disk", f"{DISK_A},bus=virtio,driver.iothread=1",
                       "--network", "none", "--graphics", "none"],
     # memory
-    "mem-maxmemory-slots": ["--memory", "512,maxmemory=2048", "--machine", "q35", "--vcpus", "2",
+    "mem-balloon-max": ["--memory", "512,maxmemory=2048", "--import", "--disk", DISK_A,
+                        "--network", "none", "--graphics", "none"],
+    "mem-maxmemory-slots": ["--memory", "512,maxMemory=2048,maxMemory.slots=16", "--machine", "q35", "--vcpus", "2",
                             "--cpu", "qemu64,cell0.cpus=0-1,cell0.memory=524288", "--import", "--disk", DISK_A,
                             "--network", "none", "--graphics", "none"],
     "mem-current": ["--memory", "memory=1024,currentMemory=512", "--import", "--disk", DISK_A,
@@ -328,10 +331,17 @@ def main() -> int:
     libvirt.registerErrorHandler(lambda *_: None, None)
     conn = libvirt.open("qemu:///system")
     _prepare()
-    for old in HERE.glob("*.xml"):
-        old.unlink()
+    chosen = sys.argv[1:] or list(CASES)
+    unknown = [case for case in chosen if case not in CASES]
+    if unknown:
+        print(f"unknown cases: {unknown}")
+        return 2
+    if not sys.argv[1:]:
+        for old in HERE.glob("*.xml"):
+            old.unlink()
     failed = 0
-    for case, options in CASES.items():
+    for case in chosen:
+        options = CASES[case]
         name = f"vmfgen-{case}"
         command = [*VIRT_INSTALL, "--name", name, *options]
         done = subprocess.run(command, capture_output=True, text=True)
@@ -350,7 +360,7 @@ def main() -> int:
             continue
         (HERE / f"{case}.xml").write_text(xml)
         print(f"ok   {case}")
-    print(f"{len(CASES) - failed} written, {failed} skipped")
+    print(f"{len(chosen) - failed} written, {failed} skipped")
     return 0
 
 
