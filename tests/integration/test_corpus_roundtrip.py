@@ -169,6 +169,7 @@ def _undefine(conn: Any, case: Case) -> None:
         conn.storagePoolLookupByName(case.name).undefine()
 
 
+IMPORT_RUNS: list[int] = []  # one entry per `vmform import` run, for the timing line
 _ERROR = re.compile(r"Error: ((?:domain|network|pool)\.[\w.+-]+): (.*)")
 
 
@@ -190,6 +191,7 @@ def _import_all(project: Any, cases: list[Case], by_address: dict[str, Case]) ->
     """
     outputs: list[str] = []
     while True:
+        IMPORT_RUNS.append(1)
         result = project.run("import", "--all", "--filter", f"{project.prefix}-*", "-o",
                              str(project.root / "corpus.yaml"))
         if result.code == 0:
@@ -209,6 +211,7 @@ def _import_all(project: Any, cases: list[Case], by_address: dict[str, Case]) ->
 def _import_part(project: Any, part: list[Case], by_address: dict[str, Case], outputs: list[str]) -> None:
     while part:
         output = project.root / f"corpus-{len(list(project.root.glob('corpus-*.yaml')))}.yaml"
+        IMPORT_RUNS.append(1)
         result = project.run("import", *[c.address for c in part], "-o", str(output))
         if result.code == 0:
             outputs.append(result.stdout)
@@ -423,7 +426,7 @@ def test_corpus_round_trip(project: Any) -> None:
 
     print()
     print(_summary(cases))
-    print(f"define {defined - started:.1f} s, import + plan + apply {planned - defined:.1f} s, "
+    print(f"define {defined - started:.1f} s, import ({len(IMPORT_RUNS)} runs) + plan + apply {planned - defined:.1f} s, "
           f"destroy {finished - planned:.1f} s")
     failing = {c.id: c.reason() for c in cases if not c.ok}
     for case_id, reason in sorted(failing.items()):
