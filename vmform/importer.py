@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,22 +34,25 @@ if TYPE_CHECKING:
 
 IMPORTABLE = ("network", "pool", "domain")  # in the order their sections are written
 
-# What libvirt generates or adds by itself: never reported as "not expressible".
+# What libvirt generates or fills in by itself, so a manifest need not say it: never counted as lost.
+# "path" ignores any value there; "path=value" only libvirt's default value.
 _IGNORED_PATHS = {
-    "uuid", "metadata", "currentMemory", "resource", "seclabel", "genid", "on_poweroff", "on_reboot", "on_crash",
-    "os/type", "os/nvram", "features/acpi", "features/apic", "clock/@offset",
-    "devices/emulator", "devices/controller", "devices/memballoon", "devices/input", "devices/audio",
-    "devices/console", "devices/serial/target/model", "devices/video/model/@heads", "devices/video/model/@primary",
-    "devices/video/model/@ram", "devices/video/model/@vram", "devices/video/model/@vgamem",
-    "devices/graphics/@port", "devices/graphics/@autoport", "devices/graphics/@listen", "devices/graphics/listen",
-    "devices/disk/driver/@name", "devices/disk/source/@index", "devices/disk/backingStore",
-    "devices/interface/source/@portid", "devices/interface/source/@bridge", "devices/interface/target",
-    "devices/hostdev/@managed", "devices/filesystem/@accessmode", "devices/filesystem/@type",
-    "devices/tpm/@model", "devices/tpm/backend/@version", "devices/rng/@model", "devices/rng/backend",
-    "memoryBacking", "vcpu/@placement", "vcpu/@current", "cpu/@check", "cpu/@match", "cpu/model/@fallback",
-    "devices/serial/@type", "devices/serial/target/@type", "devices/serial/target/@port", "devices/serial/source",
-    "mac", "bridge/@stp", "bridge/@delay", "ip/@netmask", "source", "target/permissions", "capacity", "allocation",
-    "available",
+    "uuid", "metadata", "os/nvram", "mac", "ip/@netmask", "source", "target/permissions", "capacity", "allocation",
+    "available", "devices/disk/source/@index", "devices/disk/backingStore", "devices/interface/source/@portid",
+    "devices/interface/source/@bridge", "devices/interface/target", "cpu/@check", "cpu/@match",
+}
+_IGNORED_VALUES = {
+    "devices/disk/driver/@name=qemu", "devices/hostdev/@managed=yes", "devices/filesystem/@type=mount",
+    "devices/graphics/@autoport=yes", "devices/graphics/@port=-1", "devices/graphics/@listen=127.0.0.1",
+    "devices/graphics/listen/@type=address", "devices/graphics/listen/@address=127.0.0.1",
+    "devices/video/model/@heads=1", "devices/video/model/@primary=yes", "devices/video/model/@ram=65536",
+    "devices/video/model/@vram=65536", "devices/video/model/@vram=16384", "devices/video/model/@vgamem=16384",
+    "devices/tpm/@model=tpm-crb", "devices/tpm/backend/@version=2.0", "devices/rng/@model=virtio",
+    "devices/rng/backend/@model=random", "devices/rng/backend=/dev/urandom",
+    "devices/serial/@type=pty", "devices/serial/target/@type=isa-serial", "devices/serial/target/@port=0",
+    "devices/serial/target/model/@name=isa-serial", "devices/console/@type=pty", "devices/console/target/@type=serial",
+    "devices/console/target/@port=0", "devices/console", "devices/console/target",
+    "vcpu/@placement=static", "bridge/@stp=on", "bridge/@delay=0",
 }
 _IGNORED_LEAVES = {"address", "alias"}
 
@@ -204,6 +208,9 @@ def _disk_value(conn: libvirt.virConnect, disk: dict[str, Any], refs: _Refs, obj
     device = disk.get("device", "disk")
     if device != "disk":
         entry["device"] = device
+    if "volume" not in entry and "path" not in entry and device != "cdrom":
+        raise ImportError_(f"{obj.address}: disk {target}: a {device} that is neither a volume nor a file cannot be "
+                           "expressed (network or block source)")
     if disk.get("format") is not None and "volume" not in entry:
         entry["format"] = disk["format"]
     elif "path" in entry:
@@ -374,38 +381,43 @@ def _remove_at(data: Any, path: tuple[Any, ...]) -> None:
     del node[path[-1]]
 
 
-def _paths(root: Element) -> set[str]:
-    """Element and attribute paths of a document (relative to the root, positions dropped)."""
-    found: set[str] = set()
+def _facts(root: Element) -> Counter[str]:
+    """Every element (``devices/disk``), attribute value (``devices/disk/@type=file``) and text
+    (``on_crash=restart``) of a document, counted: a lost floppy drive is one ``devices/disk`` fewer."""
+    found: Counter[str] = Counter()
 
     def walk(node: Element, prefix: str) -> None:
         for child in node:
             if not isinstance(child.tag, str):
                 continue
-            tag = etree.QName(child).localname
-            path = f"{prefix}{tag}"
-            found.add(path)
-            for attr in child.attrib:
-                found.add(f"{path}/@{etree.QName(attr).localname}")
+            path = f"{prefix}{etree.QName(child).localname}"
+            found[path] += 1
+            for name, value in child.attrib.items():
+                found[f"{path}/@{etree.QName(name).localname}={value}"] += 1
+            if child.text and child.text.strip():
+                found[f"{path}={child.text.strip()}"] += 1
             walk(child, path + "/")
 
     walk(root, "")
-    for attr in root.attrib:
-        found.add(f"@{attr}")
+    for name, value in root.attrib.items():
+        found[f"@{name}={value}"] += 1
     return found
 
 
-def _ignored(path: str) -> bool:
-    parts = path.split("/")
-    if any(part in _IGNORED_LEAVES for part in parts):
+def _ignored(fact: str) -> bool:
+    path = fact.split("=", 1)[0]
+    if any(part in _IGNORED_LEAVES for part in path.split("/")):
+        return True
+    if fact in _IGNORED_VALUES:
         return True
     return any(path == ignored or path.startswith(ignored + "/") for ignored in _IGNORED_PATHS)
 
 
 def not_expressed(live_root: Element, rendered_root: Element) -> list[str]:
-    """Paths present in the live XML and absent from the XML vmform renders from the imported values."""
-    rendered = _paths(rendered_root)
-    missing = [p for p in sorted(_paths(live_root) - rendered) if not _ignored(p)]
+    """Paths of what the live XML holds and the XML vmform renders from the imported values does not
+    (values compared, elements counted), without what libvirt fills in by itself."""
+    lost = _facts(live_root) - _facts(rendered_root)
+    missing = sorted({fact.split("=", 1)[0] for fact in lost if not _ignored(fact)})
     # Report an element once, not each of its attributes and children as well.
     return [p for p in missing if not any(p.startswith(other + "/") for other in missing if other != p)]
 

@@ -238,9 +238,10 @@ def _read_import(stdout: str, by_address: dict[str, Case]) -> None:
         if match:
             current = by_address[match.group(1)]
             current.refused = ""
-        elif current is not None and line.startswith("  not managed (kept as it is on the host): "):
+        elif current is not None and line.startswith("  not carried (libvirt fills it in; kept as it is on the host): "):
             current.not_managed.append(line.split(": ", 1)[1])
-        elif current is not None and line.startswith("  note: "):
+        elif current is not None and line.startswith("  note: ") and "written in the xml: section" not in line:
+            # (a curated field yielding its part of the document to the xml: section loses nothing)
             current.notes.append(line[len("  note: "):].replace(current.name, "NAME"))
 
 

@@ -562,7 +562,8 @@ def merge_into(element: Element, data: Any, kind: str) -> None:
 
     Attributes named are set; a repeatable child named (a list) replaces all existing siblings of that
     name at the position of the first one; a single child given as a mapping is merged into the existing
-    one (created when missing); a text value replaces the element's text. Everything else is left alone.
+    one (created when missing); a text value replaces the element's text (and its children; its attributes
+    stay). Everything else is left alone.
     Nothing is changed when the data has errors."""
     schema = model(kind)
     if not isinstance(data, Mapping):
@@ -718,9 +719,9 @@ def _fill(
         if existing_child is None:
             existing_child = _new_child(element, qname, schema)
         elif not isinstance(value, Mapping):
+            # A text value is the element's text: its attributes (maybe written by a curated field) stay.
             for old in list(existing_child):
                 existing_child.remove(old)
-            existing_child.attrib.clear()
         _fill(existing_child, value, child_info, schema, where, errors, merge=merge)
 
 

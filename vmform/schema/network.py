@@ -177,9 +177,11 @@ FIELDS: tuple[FieldSpec, ...] = (
 
 def check(values: dict[str, Any]) -> Iterator[tuple[tuple[str | int, ...], str]]:
     mode = values.get("mode", "isolated")
+    carried = values.get("xml") or {}  # what the xml: section says instead of the curated fields
+    forward: dict[str, Any] = carried["forward"] if isinstance(carried.get("forward"), dict) else {}
     if mode == "bridge":
-        if not values.get("bridge"):
-            yield ("mode",), "mode bridge needs 'bridge': the name of an existing host bridge"
+        if not values.get("bridge") and not carried.get("bridge") and not (forward.get("interface") or forward.get("pf")):
+            yield ("mode",), "mode bridge needs 'bridge': the name of an existing host bridge (or xml: forward interfaces)"
         for key in ("ipv4", "dhcp", "domain"):
             if key in values:
                 yield (key,), f"'{key}' does not apply to mode bridge (the host bridge's own network serves it)"
@@ -210,7 +212,7 @@ def check(values: dict[str, Any]) -> Iterator[tuple[tuple[str | int, ...], str]]
                 yield ("dhcp_hosts", number, "ip"), f"{host['ip']} is already reserved by dhcp_hosts[{seen_ip[host['ip']]}]"
             seen_mac[host["mac"]] = number
             seen_ip[host["ip"]] = number
-    if mode in ("nat", "route", "open") and "ipv4" not in values:
+    if mode in ("nat", "route", "open") and "ipv4" not in values and not carried.get("ip"):
         yield ("mode",), f"mode {mode} needs ipv4 (the network's own address and prefix)"
 
 
