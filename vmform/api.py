@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from vmform import guests
 from vmform.apply import ApplyResult, ProgressCallback, execute
 from vmform.connection import ConnectionPool
 from vmform.diff import PlanOptions, make_plan
 from vmform.graph import build_graph, creation_order
+from vmform.guests import DomainOutput
 from vmform.live import LiveState, read_host
 from vmform.manifest.loader import load_manifests
 from vmform.model import Manifests
@@ -47,6 +50,7 @@ def connect(workspace: Workspace, uri: str | None = None) -> ConnectionPool:
 def read_live(workspace: Workspace, connections: ConnectionPool) -> LiveState:
     pools = {r.desired["pool"] for r in workspace.manifests.of_kind("volume")}
     pools |= {r.libvirt_name for r in workspace.manifests.of_kind("pool")}
+    pools |= {r.desired["pool"] for r in workspace.manifests.of_kind("cloudinit")}
     return read_host(connections.main, workspace.project.name, pools)
 
 
@@ -101,3 +105,44 @@ def apply_plan(workspace: Workspace, connections: ConnectionPool, plan_to_apply:
         ledger = Ledger.load(connections.main, workspace.project.name)
         ctx = ApplyContext(connections, workspace.project.name, ledger, workspace.project.shutdown_timeout)
         return execute(plan_to_apply, ctx, parallelism or workspace.project.parallelism, progress, stop)
+
+
+def show_values(workspace: Workspace, addresses: list[str] | None = None,
+                sensitive: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """The desired values (libvirt terms, derived defaults filled in) of the named resources, all when none
+    are named; sensitive values masked unless ``sensitive``."""
+    from vmform.plan import mask_sensitive
+
+    _check_addresses(workspace, addresses)
+    chosen = addresses or workspace.order
+    result = []
+    for address in chosen:
+        resource = workspace.manifests.resources[address]
+        values = dict(resource.desired)
+        result.append((address, values if sensitive else mask_sensitive(resource.kind.name, values) or {}))
+    return result
+
+
+def domain_outputs(workspace: Workspace, connections: ConnectionPool) -> list[DomainOutput]:
+    """State and IP addresses of every declared domain."""
+    return guests.domain_outputs(connections.main, workspace.manifests)
+
+
+def wait_for_addresses(workspace: Workspace, connections: ConnectionPool, timeout: float,
+                       progress: Callable[[DomainOutput], None] | None = None) -> list[DomainOutput]:
+    """Wait (bounded) until every declared running domain on a DHCP network reports an address."""
+    return guests.wait_for_addresses(connections.main, workspace.manifests, timeout, progress=progress)
+
+
+def console_log_path(workspace: Workspace, connections: ConnectionPool, address: str) -> Path:
+    """The local file a domain's serial console is logged to (console_log)."""
+    return guests.console_log(connections.main, workspace.manifests, address)
+
+
+def _check_addresses(workspace: Workspace, addresses: list[str] | None) -> None:
+    from vmform.errors import VmformError
+    from vmform.schema.types import did_you_mean
+
+    for address in addresses or []:
+        if address not in workspace.manifests.resources:
+            raise VmformError(f"no resource '{address}'{did_you_mean(address, list(workspace.manifests.resources))}")

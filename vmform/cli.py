@@ -168,8 +168,13 @@ def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: A
 @click.option("--target", "targets", multiple=True, metavar="ADDRESS", help="Limit to ADDRESS and what it depends on.")
 @click.option("--restart", is_flag=True,
               help="Restart domains and networks whose restart-class changes need it (clean shutdown first).")
+@click.option("--wait-ip", is_flag=True,
+              help="Afterwards, wait until every running domain on a DHCP network reports an IP address.")
+@click.option("--wait-timeout", type=click.FloatRange(1, 3600), default=300.0, show_default=True, metavar="SECONDS",
+              help="How long --wait-ip waits.")
 @click.pass_context
-def apply(ctx: click.Context, auto_approve: bool, parallelism: int | None, targets: tuple[str, ...], restart: bool) -> None:
+def apply(ctx: click.Context, auto_approve: bool, parallelism: int | None, targets: tuple[str, ...], restart: bool,
+          wait_ip: bool, wait_timeout: float) -> None:
     """Plan, confirm, then make the host match the manifests."""
     from vmform import api
 
@@ -179,12 +184,18 @@ def apply(ctx: click.Context, auto_approve: bool, parallelism: int | None, targe
     try:
         the_plan = api.plan(workspace, connections, list(targets), restart=restart)
         _print_plan(out, the_plan)
-        if the_plan.empty:
-            return
-        if not _confirm(out, "apply these changes", auto_approve):
-            out.line("Apply cancelled.")
-            sys.exit(1)
-        _run_apply(ctx, workspace, connections, the_plan, parallelism, "apply")
+        if not the_plan.empty:
+            if not _confirm(out, "apply these changes", auto_approve):
+                out.line("Apply cancelled.")
+                sys.exit(1)
+            _run_apply(ctx, workspace, connections, the_plan, parallelism, "apply")
+        if wait_ip:
+            def reported(output: Any) -> None:
+                ips = ", ".join(a.ip for a in output.addresses)
+                out.line(f"{output.address}: {ips}")
+
+            out.line(f"Waiting up to {wait_timeout:.0f}s for IP addresses...")
+            api.wait_for_addresses(workspace, connections, wait_timeout, reported)
     finally:
         connections.close()
 
@@ -256,6 +267,98 @@ def render(ctx: click.Context, addresses: tuple[str, ...], no_argv: bool) -> Non
                 out.plain(argv.strip().replace(" -", " \\\n  -") + "\n")
     if connection is not None:
         connection.close()
+
+
+@main.command()
+@click.argument("addresses", nargs=-1)
+@click.option("--sensitive", is_flag=True, help="Print sensitive values (cloud-init user-data) instead of their digest.")
+@click.pass_context
+def show(ctx: click.Context, addresses: tuple[str, ...], sensitive: bool) -> None:
+    """Print the desired values of resources (all when none named); sensitive values masked unless --sensitive."""
+    import yaml
+
+    from vmform import api
+
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+    _Dumper.add_representer(str, text)
+    out: Output = ctx.obj["out"]
+    workspace = _workspace(ctx)
+    for address, values in api.show_values(workspace, list(addresses), sensitive):
+        out.line(f"[bold]# {address}[/bold]")
+        out.plain(yaml.dump(values, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def output(ctx: click.Context, as_json: bool) -> None:
+    """Each declared domain's state and IP addresses (DHCP leases, guest agent)."""
+    from vmform import api
+
+    out: Output = ctx.obj["out"]
+    workspace = _workspace(ctx)
+    connections = api.connect(workspace)
+    try:
+        outputs = api.domain_outputs(workspace, connections)
+    finally:
+        connections.close()
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"domains": [o.to_json() for o in outputs]}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("domain", "name", "state", "addresses"):
+        table.add_column(column)
+    for item in outputs:
+        ips = ", ".join(f"{a.ip}/{a.prefix} ({a.source})" for a in item.addresses) or "-"
+        table.add_row(item.address, item.name, item.state, ips)
+    out.console.print(table)
+
+
+@main.command()
+@click.argument("address")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing what the guest writes (Ctrl-C stops).")
+@click.option("-n", "--lines", type=click.IntRange(1), default=None, help="Only the last N lines.")
+@click.pass_context
+def console(ctx: click.Context, address: str, follow: bool, lines: int | None) -> None:
+    """Print a domain's serial console log (console_log); the host must be this machine."""
+    import time
+
+    from vmform import api
+
+    workspace = _workspace(ctx)
+    connections = api.connect(workspace)
+    try:
+        path = api.console_log_path(workspace, connections, address)
+    finally:
+        connections.close()
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        raise VmformError(f"{address}: no console log at {path} yet (the domain has not run since console_log was set)") from None
+    except OSError as exc:
+        raise VmformError(f"{address}: cannot read {path}: {exc.strerror}") from None
+    with handle:
+        data = handle.read()
+        if lines is not None:
+            data = b"\n".join(data.splitlines()[-lines:]) + (b"\n" if data else b"")
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        while follow:
+            chunk = handle.read()
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+            else:
+                time.sleep(0.25)
 
 
 @main.command()

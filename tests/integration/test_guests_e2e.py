@@ -1,0 +1,154 @@
+"""End to end: two real (tiny, TCG) guests booted by vmform with direct kernel boot, each reading its own
+cloud-init seed from a cdrom and pinging the other over an isolated vmform network.
+
+The guest is built at test time from Debian packages (tests/guest/build.py) and cached. The assertions are
+on the guests' serial console logs (console_log), read through `vmform console`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.guest.build import INIT_PROLOGUE, build_guest
+
+BOOT_TIMEOUT = 150.0
+
+# Busybox /init: mount the seed cdrom, print its hostname, take the address the kernel command line names,
+# ping the peer (it may boot later: retry, bounded), then idle.
+GUEST_INIT = INIT_PROLOGUE + r"""
+echo "vmf: booted"
+mkdir -p /seed
+n=0
+while [ ! -b /dev/sr0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+if mount -t iso9660 -o ro /dev/sr0 /seed; then
+    echo "hostname from seed: $(sed -n 's/^local-hostname: *//p' /seed/meta-data)"
+    echo "user-data from seed: $(head -n 1 /seed/user-data) $(grep -o 'vmf-marker-[a-z0-9]*' /seed/user-data | head -n 1)"
+else
+    echo "vmf: cannot mount the seed"
+fi
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+        vmf.ip=*) address="${word#vmf.ip=}" ;;
+        vmf.peer=*) peer="${word#vmf.peer=}" ;;
+    esac
+done
+ip link set lo up
+ip link set eth0 up
+ip addr add "$address" dev eth0
+echo "address: $address"
+result=failed
+n=0
+while [ $n -lt 90 ]; do
+    if ping -c 1 -W 1 "$peer" >/dev/null 2>&1; then result=ok; break; fi
+    n=$((n+1))
+done
+echo "ping $peer: $result"
+echo "vmf: done"
+while :; do sleep 3600; done
+"""
+
+
+def _wait_for_lines(paths: dict[str, Path], wanted: dict[str, list[str]], timeout: float) -> dict[str, str]:
+    """Poll the console logs until each holds its wanted lines (or the time is up); returns the logs."""
+    deadline = time.monotonic() + timeout
+    logs: dict[str, str] = {}
+    while True:
+        for name, path in paths.items():
+            logs[name] = path.read_text(errors="replace") if path.exists() else ""
+        done = all(line in logs[name] for name, lines in wanted.items() for line in lines)
+        finished = all("vmf: done" in log for log in logs.values())  # each guest's last line: no point waiting on
+        if done or finished or time.monotonic() >= deadline:
+            return logs
+        time.sleep(1)
+
+
+def test_two_guests_read_their_seeds_and_ping_each_other(project: Any, conn: Any) -> None:
+    started = time.monotonic()
+    guest = build_guest(GUEST_INIT)
+    p, subnet = project.prefix, project.subnet
+    names = {"a": f"{p}-alpha", "b": f"{p}-beta"}
+    ips = {"a": f"{subnet}.11", "b": f"{subnet}.12"}
+    peer = {"a": "b", "b": "a"}
+    domains = ""
+    for key in ("a", "b"):
+        domains += f"""
+      {names[key]}:
+        type: qemu
+        memory: 192MiB
+        kernel: {guest.kernel}
+        initrd: {guest.initrd}
+        cmdline: "console=ttyS0 quiet vmf.ip={ips[key]}/24 vmf.peer={ips[peer[key]]}"
+        console_log: true
+        cloudinit: seed-{key}
+        interfaces: [{{network: lan}}]
+    """
+    project.write(f"""
+    networks:
+      lan: {{name: {p}-lan, mode: isolated, bridge: BRP0, ipv4: {subnet}.1/24}}
+    pools:
+      images: {{name: {p}-images, path: {project.pool_dir}}}
+    cloudinit:
+      seed-a:
+        pool: images
+        meta_data: {{local-hostname: {names['a']}}}
+        user_data: {{write_files: [{{path: /etc/hello, content: vmf-marker-a}}]}}
+      seed-b:
+        pool: images
+        meta_data: {{local-hostname: {names['b']}}}
+        user_data: {{file: seeds/user-data-b}}
+    domains:{domains}""")
+    (project.root / "seeds").mkdir()
+    (project.root / "seeds" / "user-data-b").write_text("#cloud-config\nruncmd: [echo vmf-marker-b]\n")
+    log_paths = {key: Path(f"/var/log/libvirt/qemu/{names[key]}-console.log") for key in names}
+    try:
+        for path in log_paths.values():
+            path.unlink(missing_ok=True)  # append='on': a leftover from another run must not answer for this one
+
+        # user-data is sensitive: digest and size only, in the plan, its JSON and `show`.
+        plan_text = project.run("plan", check=True).stdout
+        assert "vmf-marker" not in plan_text and "(sensitive, sha256:" in plan_text
+        assert "vmf-marker" not in project.run("plan", "--json", check=True).stdout
+        assert "vmf-marker" not in project.run("show", "cloudinit.seed-b", check=True).stdout
+        assert "runcmd: [echo vmf-marker-b]" in project.run("show", "--sensitive", "cloudinit.seed-b", check=True).stdout
+
+        project.apply()
+        replan = project.run("plan", check=True).stdout
+        assert "No changes." in replan, replan
+
+        wanted = {key: [f"hostname from seed: {names[key]}", f"ping {ips[peer[key]]}: ok"] for key in names}
+        logs = _wait_for_lines(log_paths, wanted, BOOT_TIMEOUT)
+        shown = "\n".join(f"--- console of {names[k]} ---\n{logs[k][-3000:]}" for k in names)
+        for key in names:
+            assert "vmf: booted" in logs[key], shown
+            for line in wanted[key]:
+                assert line in logs[key], f"{names[key]}: missing '{line}'\n{shown}"
+            assert f"user-data from seed: #cloud-config vmf-marker-{key}" in logs[key], shown
+        asserted = [line for key in names for line in logs[key].splitlines()
+                    if line.startswith(("hostname from seed:", "ping ", "user-data from seed:"))]
+        print("\n".join(["serial log lines asserted on:", *asserted]))
+
+        # The same log through the CLI, and the domains' state through `vmform output`.
+        console = project.run("console", f"domain.{names['a']}", check=True).stdout
+        assert f"hostname from seed: {names['a']}" in console
+        outputs = json.loads(project.run("output", "--json", check=True).stdout)["domains"]
+        assert {o["name"]: o["state"] for o in outputs} == {names["a"]: "running", names["b"]: "running"}
+
+        # A new user-data is a new seed (new instance-id), which the running guest gets at its next boot.
+        (project.root / "seeds" / "user-data-b").write_text("#cloud-config\nruncmd: [echo vmf-marker-b2]\n")
+        plan = project.plan_json()
+        seed_change = next(c for c in plan["changes"] if c["address"] == "cloudinit.seed-b")
+        assert seed_change["action"] == "delete_then_create"
+        assert "next boot" in seed_change["reason"] and "instance-id" in seed_change["reason"]
+        assert "vmf-marker" not in json.dumps(plan)
+        assert any(f"domain.{names['b']}" in note and "restarts" in note for note in plan["notes"])
+
+        project.run("destroy", "--auto-approve", check=True)
+        assert project.leftovers() == []
+        assert not project.pool_dir.exists() or not any(project.pool_dir.iterdir())
+    finally:
+        for path in log_paths.values():
+            path.unlink(missing_ok=True)
+        print(f"end-to-end test took {time.monotonic() - started:.1f}s")
