@@ -198,10 +198,15 @@ def read_host(conn: libvirt.virConnect, project: str, pool_names: set[str] | Non
         owned_pools = {entry["name"] for entry in ledger.pools.values()} | {e["pool"] for e in ledger.volumes.values()}
         wanted = (pool_names or set()) | owned_pools
         for pool in conn.listAllStoragePools():
-            obj = read_pool(pool, ledger)
+            try:
+                obj = read_pool(pool, ledger)
+                volumes = read_volumes(pool, ledger) if obj.active and obj.name in wanted else []
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() not in (libvirt.VIR_ERR_NO_STORAGE_POOL, libvirt.VIR_ERR_NO_STORAGE_VOL):
+                    raise
+                continue  # vanished while we read (another client deleted it)
             objects.append(obj)
-            if obj.active and obj.name in wanted:
-                objects.extend(read_volumes(pool, ledger))
+            objects.extend(volumes)
         _resolve_backing(objects)
         return LiveState(conn.getURI(), objects, ledger)
     except libvirt.libvirtError as exc:

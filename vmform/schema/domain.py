@@ -354,18 +354,17 @@ class ConsoleLog(XmlBinding):
         return None if node is None else node.get("file")
 
     def write(self, root: Element, value: Any) -> None:
-        serial = root.find("devices/serial")
-        if serial is None:
-            return  # no serial port (serial_console: false): nothing to log; the loader refuses the combination
-        for node in serial.findall("log"):
-            serial.remove(node)
-        if value:
-            log = etree.Element("log", file=value, append="on")
-            source = serial.find("source")
-            if source is not None:
-                source.addnext(log)
-            else:
-                serial.insert(0, log)
+        # The serial console's <console> is the same character device: libvirt shows the log on both.
+        for device in root.xpath("devices/serial[1]|devices/console[target/@type='serial']"):
+            for node in device.findall("log"):
+                device.remove(node)
+            if value:
+                log = etree.Element("log", file=value, append="on")
+                source = device.find("source")
+                if source is not None:
+                    source.addnext(log)
+                else:
+                    device.insert(0, log)
 
 
 @dataclass(frozen=True)
