@@ -46,6 +46,9 @@ while [ $n -lt 90 ]; do
     n=$((n+1))
 done
 echo "ping $peer: $result"
+# Ask the network's DHCP server too (the script does nothing with the answer): the lease is what
+# `vmform output` and `apply --wait-ip` read.
+if udhcpc -i eth0 -n -q -t 10 -T 2 -s /bin/true >/dev/null 2>&1; then echo "dhcp: lease ok"; else echo "dhcp: no lease"; fi
 echo "vmf: done"
 while :; do sleep 3600; done
 """
@@ -72,6 +75,8 @@ def test_two_guests_read_their_seeds_and_ping_each_other(project: Any, conn: Any
     names = {"a": f"{p}-alpha", "b": f"{p}-beta"}
     ips = {"a": f"{subnet}.11", "b": f"{subnet}.12"}
     peer = {"a": "b", "b": "a"}
+    hexid = p.split("-")[1]
+    macs = {"a": f"52:54:00:{hexid[0:2]}:{hexid[2:4]}:11", "b": f"52:54:00:{hexid[0:2]}:{hexid[2:4]}:12"}
     domains = ""
     for key in ("a", "b"):
         domains += f"""
@@ -83,11 +88,18 @@ def test_two_guests_read_their_seeds_and_ping_each_other(project: Any, conn: Any
         cmdline: "console=ttyS0 quiet vmf.ip={ips[key]}/24 vmf.peer={ips[peer[key]]}"
         console_log: true
         cloudinit: seed-{key}
-        interfaces: [{{network: lan}}]
+        interfaces: [{{network: lan, mac: "{macs[key]}"}}]
     """
     project.write(f"""
     networks:
-      lan: {{name: {p}-lan, mode: isolated, bridge: BRP0, ipv4: {subnet}.1/24}}
+      lan:
+        name: {p}-lan
+        mode: isolated
+        bridge: BRP0
+        ipv4: {subnet}.1/24
+        dhcp_hosts:
+          - {{mac: "{macs['a']}", ip: {ips['a']}}}
+          - {{mac: "{macs['b']}", ip: {ips['b']}}}
     pools:
       images: {{name: {p}-images, path: {project.pool_dir}}}
     cloudinit:
@@ -118,7 +130,8 @@ def test_two_guests_read_their_seeds_and_ping_each_other(project: Any, conn: Any
         replan = project.run("plan", check=True).stdout
         assert "No changes." in replan, replan
 
-        wanted = {key: [f"hostname from seed: {names[key]}", f"ping {ips[peer[key]]}: ok"] for key in names}
+        wanted = {key: [f"hostname from seed: {names[key]}", f"ping {ips[peer[key]]}: ok", "dhcp: lease ok"]
+                  for key in names}
         logs = _wait_for_lines(log_paths, wanted, BOOT_TIMEOUT)
         shown = "\n".join(f"--- console of {names[k]} ---\n{logs[k][-3000:]}" for k in names)
         for key in names:
@@ -127,14 +140,23 @@ def test_two_guests_read_their_seeds_and_ping_each_other(project: Any, conn: Any
                 assert line in logs[key], f"{names[key]}: missing '{line}'\n{shown}"
             assert f"user-data from seed: #cloud-config vmf-marker-{key}" in logs[key], shown
         asserted = [line for key in names for line in logs[key].splitlines()
-                    if line.startswith(("hostname from seed:", "ping ", "user-data from seed:"))]
+                    if line.startswith(("hostname from seed:", "ping ", "user-data from seed:", "dhcp:"))]
         print("\n".join(["serial log lines asserted on:", *asserted]))
 
         # The same log through the CLI, and the domains' state through `vmform output`.
         console = project.run("console", f"domain.{names['a']}", check=True).stdout
         assert f"hostname from seed: {names['a']}" in console
+        # Each guest asked the network's DHCP server, which reserves its address: apply --wait-ip returns,
+        # and `vmform output` reports the address from the lease.
+        waited = project.run("apply", "--auto-approve", "--wait-ip", "--wait-timeout", "60", check=True).stdout
+        assert f"domain.{names['a']}: {ips['a']}" in waited and f"domain.{names['b']}: {ips['b']}" in waited, waited
         outputs = json.loads(project.run("output", "--json", check=True).stdout)["domains"]
         assert {o["name"]: o["state"] for o in outputs} == {names["a"]: "running", names["b"]: "running"}
+        for item in outputs:
+            key = "a" if item["name"] == names["a"] else "b"
+            assert {"ip": ips[key], "prefix": 24, "source": "lease", "mac": macs[key]}.items() <= item["addresses"][0].items()
+        table = project.run("output", check=True).stdout
+        assert f"{ips['a']}/24 (lease)" in table
 
         # A new user-data is a new seed (new instance-id), which the running guest gets at its next boot.
         (project.root / "seeds" / "user-data-b").write_text("#cloud-config\nruncmd: [echo vmf-marker-b2]\n")
