@@ -307,10 +307,12 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
                 seed_volume = seed_volume_name(seed_resource.libvirt_name)
                 seed_disk = next((d for d in resource.desired.get("disks") or [] if d.get("volume") == seed_volume), None)
                 if seed_disk is not None:
-                    field_changes.append(_field(None, f"disks[{seed_disk['target']}]", seed_disk, seed_disk,
-                                                Effect.RESTART))
-                notes.append(f"{address}: its seed cloudinit.{seed} is replaced; the running guest sees the new seed "
-                             "when it restarts, and cloud-init applies it then (new instance-id)")
+                    # Same volume name, new file: the running QEMU still holds the old one open. A live medium
+                    # change (eject, insert) puts the new seed in the drive, so the guest's next boot reads it.
+                    field_changes.append(FieldChange(f"disks[{seed_disk['target']}]", seed_disk, seed_disk, Effect.LIVE,
+                                                     f"{seed_volume} (the old seed)", f"{seed_volume} (the new seed)"))
+                notes.append(f"{address}: the new seed of cloudinit.{seed} goes into the running guest's cdrom drive "
+                             "now; cloud-init applies it at the guest's next boot (new instance-id)")
         if forcing:
             replaced.add(address)
         restart = False

@@ -17,7 +17,7 @@ from tests.guest.build import INIT_PROLOGUE, build_guest
 BOOT_TIMEOUT = 150.0
 
 # Busybox /init: mount the seed cdrom, print its hostname, take the address the kernel command line names,
-# ping the peer (it may boot later: retry, bounded), then idle.
+# ping the peer (it may boot later: retry, bounded), take a DHCP lease, then watch the seed's instance-id.
 GUEST_INIT = INIT_PROLOGUE + r"""
 echo "vmf: booted"
 mkdir -p /seed
@@ -50,11 +50,23 @@ echo "ping $peer: $result"
 # `vmform output` and `apply --wait-ip` read.
 if udhcpc -i eth0 -n -q -t 10 -T 2 -s /bin/true >/dev/null 2>&1; then echo "dhcp: lease ok"; else echo "dhcp: no lease"; fi
 echo "vmf: done"
-while :; do sleep 3600; done
+# Then watch the seed: a new medium in the drive (vmform swaps it live when the seed is replaced) shows as a
+# new instance-id. Mounted only for a moment each time, so the tray is not held locked.
+umount /seed 2>/dev/null
+last=""
+while :; do
+    if mount -t iso9660 -o ro /dev/sr0 /seed 2>/dev/null; then
+        iid="$(sed -n 's/^instance-id: *//p' /seed/meta-data)"
+        umount /seed
+        if [ -n "$iid" ] && [ "$iid" != "$last" ]; then echo "instance-id from seed: $iid"; last="$iid"; fi
+    fi
+    sleep 2
+done
 """
 
 
-def _wait_for_lines(paths: dict[str, Path], wanted: dict[str, list[str]], timeout: float) -> dict[str, str]:
+def _wait_for_lines(paths: dict[str, Path], wanted: dict[str, list[str]], timeout: float,
+                    stop_at: str | None = None) -> dict[str, str]:
     """Poll the console logs until each holds its wanted lines (or the time is up); returns the logs."""
     deadline = time.monotonic() + timeout
     logs: dict[str, str] = {}
@@ -62,7 +74,7 @@ def _wait_for_lines(paths: dict[str, Path], wanted: dict[str, list[str]], timeou
         for name, path in paths.items():
             logs[name] = path.read_text(errors="replace") if path.exists() else ""
         done = all(line in logs[name] for name, lines in wanted.items() for line in lines)
-        finished = all("vmf: done" in log for log in logs.values())  # each guest's last line: no point waiting on
+        finished = stop_at is not None and all(stop_at in log for log in logs.values())  # no point waiting on
         if done or finished or time.monotonic() >= deadline:
             return logs
         time.sleep(1)
@@ -132,7 +144,7 @@ def test_two_guests_read_their_seeds_and_ping_each_other(project: Any, conn: Any
 
         wanted = {key: [f"hostname from seed: {names[key]}", f"ping {ips[peer[key]]}: ok", "dhcp: lease ok"]
                   for key in names}
-        logs = _wait_for_lines(log_paths, wanted, BOOT_TIMEOUT)
+        logs = _wait_for_lines(log_paths, wanted, BOOT_TIMEOUT, stop_at="vmf: done")
         shown = "\n".join(f"--- console of {names[k]} ---\n{logs[k][-3000:]}" for k in names)
         for key in names:
             assert "vmf: booted" in logs[key], shown
@@ -158,14 +170,23 @@ def test_two_guests_read_their_seeds_and_ping_each_other(project: Any, conn: Any
         table = project.run("output", check=True).stdout
         assert f"{ips['a']}/24 (lease)" in table
 
-        # A new user-data is a new seed (new instance-id), which the running guest gets at its next boot.
+        # A new user-data is a new seed (new instance-id) for the guest's next boot; vmform puts it into the
+        # running guest's drive live, where the guest sees the new instance-id.
         (project.root / "seeds" / "user-data-b").write_text("#cloud-config\nruncmd: [echo vmf-marker-b2]\n")
         plan = project.plan_json()
         seed_change = next(c for c in plan["changes"] if c["address"] == "cloudinit.seed-b")
         assert seed_change["action"] == "delete_then_create"
         assert "next boot" in seed_change["reason"] and "instance-id" in seed_change["reason"]
         assert "vmf-marker" not in json.dumps(plan)
-        assert any(f"domain.{names['b']}" in note and "restarts" in note for note in plan["notes"])
+        assert any(f"domain.{names['b']}" in note and "next boot" in note for note in plan["notes"])
+        domain_change = next(c for c in plan["changes"] if c["address"] == f"domain.{names['b']}")
+        assert [f["effect"] for f in domain_change["fields"]] == ["live"]
+        new_iid = next(c for c in plan["changes"] if c["address"] == "cloudinit.seed-b")["after"]["meta_data"]["instance-id"]
+        project.apply()
+        assert "No changes." in project.run("plan", check=True).stdout
+        swapped = _wait_for_lines({"b": log_paths["b"]}, {"b": [f"instance-id from seed: {new_iid}"]}, 60)
+        assert f"instance-id from seed: {new_iid}" in swapped["b"], swapped["b"][-2000:]
+        print(f"after the live seed swap: instance-id from seed: {new_iid}")
 
         project.run("destroy", "--auto-approve", check=True)
         assert project.leftovers() == []
