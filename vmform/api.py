@@ -128,6 +128,11 @@ def domain_outputs(workspace: Workspace, connections: ConnectionPool) -> list[Do
     return guests.domain_outputs(connections.main, workspace.manifests)
 
 
+def awaited_domains(workspace: Workspace) -> list[str]:
+    """The domains apply --wait-ip waits for: declared running, with an interface on a network with DHCP."""
+    return guests.awaited_domains(workspace.manifests)
+
+
 def wait_for_addresses(workspace: Workspace, connections: ConnectionPool, timeout: float,
                        progress: Callable[[DomainOutput], None] | None = None) -> list[DomainOutput]:
     """Wait (bounded) until every declared running domain on a DHCP network reports an address."""

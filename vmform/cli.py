@@ -194,8 +194,12 @@ def apply(ctx: click.Context, auto_approve: bool, parallelism: int | None, targe
                 ips = ", ".join(a.ip for a in output.addresses)
                 out.line(f"{output.address}: {ips}")
 
-            out.line(f"Waiting up to {wait_timeout:.0f}s for IP addresses...")
-            api.wait_for_addresses(workspace, connections, wait_timeout, reported)
+            awaited = api.awaited_domains(workspace)
+            if not awaited:
+                out.line("No running domain on a network with DHCP: no IP address to wait for.")
+            else:
+                out.line(f"Waiting up to {wait_timeout:.0f}s for the IP addresses of {', '.join(awaited)}...")
+                api.wait_for_addresses(workspace, connections, wait_timeout, reported)
     finally:
         connections.close()
 
@@ -312,15 +316,14 @@ def output(ctx: click.Context, as_json: bool) -> None:
 
         click.echo(json.dumps({"domains": [o.to_json() for o in outputs]}, indent=2))
         return
-    from rich.table import Table
-
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("domain", "name", "state", "addresses"):
-        table.add_column(column)
+    # Plain aligned columns, never truncated or wrapped (scripts read this too).
+    rows = [("DOMAIN", "NAME", "STATE", "ADDRESSES")]
     for item in outputs:
         ips = ", ".join(f"{a.ip}/{a.prefix} ({a.source})" for a in item.addresses) or "-"
-        table.add_row(item.address, item.name, item.state, ips)
-    out.console.print(table)
+        rows.append((item.address, item.name, item.state, ips))
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    for row in rows:
+        out.plain("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)) + "  " + row[3])
 
 
 @main.command()

@@ -285,11 +285,10 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
         if renamed:
             forcing.append("name")
             field_changes.append(_field(None, "name", current.name, resource.libvirt_name, Effect.REPLACE))
-        # A volume is rebuilt when what it stands on is: its pool, or its backing image.
+        # A volume (or seed) is rebuilt when what it stands on is: its pool, or its backing image.
         if kind in ("volume", "cloudinit"):
             pool_address = f"pool.{resource.values['pool']}"
             backing_address = f"volume.{resource.values['backing']}" if resource.values.get("backing") else None
-
             if pool_address in replaced:
                 forcing.append(f"its pool {pool_address} is replaced")
             if backing_address in replaced:

@@ -65,14 +65,14 @@ def _addresses(dom: libvirt.virDomain) -> list[Address]:
 
 
 def _owned_domains(conn: libvirt.virConnect, project: str) -> dict[str, libvirt.virDomain]:
+    import libvirt
+
     owned = {}
     for dom in conn.listAllDomains():
         try:
-            import libvirt
-
             owner = read_owner(parse_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
-        except Exception:  # noqa: BLE001 - a domain that vanished while listing is simply not reported
-            continue
+        except libvirt.libvirtError:
+            continue  # vanished while we listed
         if owner is not None and owner[0] == project:
             owned[owner[1]] = dom
     return owned
