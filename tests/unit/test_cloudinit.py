@@ -16,7 +16,7 @@ from vmform.model import Manifests
 from vmform.plan import Action, Change, Plan
 from vmform.planview import plan_lines
 from vmform.render.validate import validate
-from vmform.render.xml import render_domain
+from vmform.render.xml import render_domain, render_resource, to_text
 from vmform.seed import LABEL, build_iso, read_iso, seed_files
 from vmform.sensitive import fingerprint, masked
 
@@ -144,3 +144,13 @@ def test_show_masks_user_data_unless_sensitive(tmp_path: Path) -> None:
     assert shown.exit_code == 0 and SECRET in shown.output
     wrong = runner.invoke(main, ["-C", str(root), "show", "cloudinit.sede"])
     assert wrong.exit_code == 1 and "did you mean 'cloudinit.seed'" in wrong.output
+
+
+def test_seed_renders_as_a_raw_volume_sized_to_its_image(load_files: Callable[..., Manifests]) -> None:
+    seed = load_files({"m.yaml": MANIFEST}).resources["cloudinit.seed"]
+    root = render_resource("cloudinit", seed.libvirt_name, seed.desired, "unit", seed.address)
+    validate("cloudinit", root, seed.address)
+    assert root.findtext("name") == "seed.iso"
+    assert root.find("target/format").get("type") == "raw"
+    assert int(root.findtext("capacity")) == len(build_iso(seed_files(seed.desired)))
+    assert SECRET not in to_text(root)

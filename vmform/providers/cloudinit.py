@@ -11,9 +11,8 @@ from vmform.plan import Change
 from vmform.providers.base import ApplyContext, Provider
 from vmform.providers.volume import upload
 from vmform.render.validate import validate
-from vmform.render.xml import render_volume, to_text
+from vmform.render.xml import render_seed_volume, to_text
 from vmform.schema.cloudinit import volume_name
-from vmform.seed import build_iso, seed_files
 from vmform.sensitive import fingerprint
 
 
@@ -37,10 +36,9 @@ class CloudInitProvider(Provider):
 
         after = change.after
         assert after is not None
-        image = build_iso(seed_files(after))
+        root, image = render_seed_volume(change.name, after)
+        validate("cloudinit", root, change.address)
         volume = volume_name(change.name)
-        root = render_volume(volume, {"format": "raw"}, len(image))
-        validate("volume", root, change.address)
         pool = ctx.connections.get().storagePoolLookupByName(after["pool"])
         # Recorded before it exists, so an interrupted apply never leaves an unowned seed behind.
         ctx.ledger.record("volume", change.address, ledger_entry(after["pool"], volume, after))
