@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,6 +142,12 @@ def wait_for_addresses(workspace: Workspace, connections: ConnectionPool, timeou
 def console_log_path(workspace: Workspace, connections: ConnectionPool, address: str) -> Path:
     """The local file a domain's serial console is logged to (console_log)."""
     return guests.console_log(connections.main, workspace.manifests, address)
+
+
+def console_stream(workspace: Workspace, connections: ConnectionPool, address: str,
+                   stop: threading.Event | None = None) -> Iterator[bytes]:
+    """A running domain's serial console output from now on, through libvirt (remote hosts too)."""
+    return guests.console_stream(connections.main, workspace.manifests, address, stop)
 
 
 def _check_addresses(workspace: Workspace, addresses: list[str] | None) -> None:

@@ -330,9 +330,13 @@ def output(ctx: click.Context, as_json: bool) -> None:
 @click.argument("address")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing what the guest writes (Ctrl-C stops).")
 @click.option("-n", "--lines", type=click.IntRange(1), default=None, help="Only the last N lines.")
+@click.option("--live", is_flag=True,
+              help="Attach to the running guest's console through libvirt instead (read-only; remote hosts too; "
+                   "Ctrl-C detaches).")
 @click.pass_context
-def console(ctx: click.Context, address: str, follow: bool, lines: int | None) -> None:
-    """Print a domain's serial console log (console_log); the host must be this machine."""
+def console(ctx: click.Context, address: str, follow: bool, lines: int | None, live: bool) -> None:
+    """Print a domain's serial console log (console_log; the host must be this machine), or with --live what the
+    running guest writes from now on."""
     import time
 
     from vmform import api
@@ -340,6 +344,13 @@ def console(ctx: click.Context, address: str, follow: bool, lines: int | None) -
     workspace = _workspace(ctx)
     connections = api.connect(workspace)
     try:
+        if live:
+            chunks = api.console_stream(workspace, connections, address)
+            click.echo(f"Attached to {address}'s console (read-only; Ctrl-C detaches).", err=True)
+            for chunk in chunks:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+            return
         path = api.console_log_path(workspace, connections, address)
     finally:
         connections.close()

@@ -3,8 +3,10 @@ leases, and from the guest agent when one answers), waiting for addresses, and s
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,3 +161,58 @@ def console_log(conn: libvirt.virConnect, manifests: Manifests, address: str) ->
         raise VmformError(f"{address}'s console log is {log.get('file')} on {host}; vmform console reads it only "
                           "when the host is this machine (use virsh console there)")
     return Path(str(log.get("file")))
+
+
+def console_stream(conn: libvirt.virConnect, manifests: Manifests, address: str,
+                   stop: threading.Event | None = None) -> Iterator[bytes]:
+    """What a running domain writes to its serial console from now on, through libvirt's console stream
+    (virDomainOpenConsole), so it works on a remote host too. Attached when this returns; the iterator ends
+    when the guest stops or ``stop`` is set."""
+    import libvirt
+
+    resource = manifests.resources.get(address)
+    if resource is None or resource.kind.name != "domain":
+        raise VmformError(f"no domain '{address}'")
+    dom = _owned_domains(conn, manifests.project).get(address)
+    if dom is None or not dom.isActive():
+        raise VmformError(f"{address} is not running")
+    stream = conn.newStream(0)
+    try:
+        dom.openConsole(None, stream, 0)
+    except libvirt.libvirtError as exc:
+        raise HostError(f"cannot attach to {address}'s console: {libvirt_message(exc)}") from None
+    return _console_chunks(stream, stop)
+
+
+def _console_chunks(stream: libvirt.virStream, stop: threading.Event | None) -> Iterator[bytes]:
+    import libvirt
+
+    # recv blocks in C; a reader thread keeps the caller responsive (Ctrl-C, stop).
+    chunks: queue.Queue[bytes | None] = queue.Queue()
+
+    def reader() -> None:
+        try:
+            while True:
+                data = stream.recv(65536)
+                if not isinstance(data, bytes) or not data:
+                    break
+                chunks.put(data)
+        except libvirt.libvirtError:
+            pass
+        chunks.put(None)
+
+    threading.Thread(target=reader, name="vmform-console", daemon=True).start()
+    try:
+        while stop is None or not stop.is_set():
+            try:
+                chunk = chunks.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            if chunk is None:
+                return
+            yield chunk
+    finally:
+        try:
+            stream.abort()
+        except libvirt.libvirtError:
+            pass

@@ -8,6 +8,11 @@ on the guests' serial console logs (console_log), read through `vmform console`.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -78,6 +83,39 @@ def _wait_for_lines(paths: dict[str, Path], wanted: dict[str, list[str]], timeou
         if done or finished or time.monotonic() >= deadline:
             return logs
         time.sleep(1)
+
+
+class LiveConsole:
+    """`vmform console --live ADDRESS` running in the background, its output collected."""
+
+    def __init__(self, project: Any, address: str) -> None:
+        env = {**os.environ, "NO_COLOR": "1"}
+        self.process = subprocess.Popen([sys.executable, "-m", "vmform", "-C", str(project.root), "console", "--live",
+                                         address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                        stdin=subprocess.DEVNULL)
+        self.output = b""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for chunk in iter(lambda: self.process.stdout.read1(4096), b""):  # type: ignore[union-attr]
+            self.output += chunk
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while text.encode() not in self.output and time.monotonic() < deadline and self.process.poll() is None:
+            time.sleep(0.2)
+        return self.output.decode(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 def test_two_guests_read_their_seeds_and_ping_each_other(project: Any, conn: Any) -> None:
@@ -182,11 +220,19 @@ def test_two_guests_read_their_seeds_and_ping_each_other(project: Any, conn: Any
         domain_change = next(c for c in plan["changes"] if c["address"] == f"domain.{names['b']}")
         assert [f["effect"] for f in domain_change["fields"]] == ["live"]
         new_iid = next(c for c in plan["changes"] if c["address"] == "cloudinit.seed-b")["after"]["meta_data"]["instance-id"]
-        project.apply()
-        assert "No changes." in project.run("plan", check=True).stdout
-        swapped = _wait_for_lines({"b": log_paths["b"]}, {"b": [f"instance-id from seed: {new_iid}"]}, 60)
-        assert f"instance-id from seed: {new_iid}" in swapped["b"], swapped["b"][-2000:]
-        print(f"after the live seed swap: instance-id from seed: {new_iid}")
+        # Watch it happen through libvirt's console stream too (`console --live`, which also works remotely).
+        watcher = LiveConsole(project, f"domain.{names['b']}")
+        try:
+            assert "Attached to" in watcher.wait_for("Attached to", 20), watcher.output
+            project.apply()
+            assert "No changes." in project.run("plan", check=True).stdout
+            swapped = _wait_for_lines({"b": log_paths["b"]}, {"b": [f"instance-id from seed: {new_iid}"]}, 60)
+            assert f"instance-id from seed: {new_iid}" in swapped["b"], swapped["b"][-2000:]
+            streamed = watcher.wait_for(f"instance-id from seed: {new_iid}", 20)
+            assert f"instance-id from seed: {new_iid}" in streamed, streamed
+        finally:
+            watcher.stop()
+        print(f"after the live seed swap (serial log and console --live): instance-id from seed: {new_iid}")
 
         project.run("destroy", "--auto-approve", check=True)
         assert project.leftovers() == []
