@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from vmform import planfile
+from vmform import guests, planfile
 from vmform.apply import ApplyResult, ProgressCallback, execute
 from vmform.connection import ConnectionPool, host_identity
 from vmform.diff import PlanOptions, make_plan
 from vmform.graph import build_graph, creation_order
+from vmform.guests import DomainOutput
 from vmform.live import LiveState, read_host
 from vmform.manifest.loader import load_manifests
 from vmform.model import Manifests
@@ -69,6 +71,7 @@ def connect(workspace: Workspace, uri: str | None = None) -> ConnectionPool:
 def read_live(workspace: Workspace, connections: ConnectionPool) -> LiveState:
     pools = {r.desired["pool"] for r in workspace.manifests.of_kind("volume")}
     pools |= {r.libvirt_name for r in workspace.manifests.of_kind("pool")}
+    pools |= {r.desired["pool"] for r in workspace.manifests.of_kind("cloudinit")}
     return read_host(connections.main, workspace.project.name, pools)
 
 
@@ -207,3 +210,55 @@ def lock_holder(workspace: Workspace, connections: ConnectionPool) -> LockInfo |
 def force_unlock(workspace: Workspace, connections: ConnectionPool, lock_id: str) -> LockInfo:
     """Remove a lock left by a killed process; only when ``lock_id`` is the current lock's."""
     return remove_lock(connections.main, workspace.project.name, lock_id)
+
+
+def show_values(workspace: Workspace, addresses: list[str] | None = None,
+                sensitive: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """The desired values (libvirt terms, derived defaults filled in) of the named resources, all when none
+    are named; sensitive values masked unless ``sensitive``."""
+    from vmform.plan import mask_sensitive
+
+    _check_addresses(workspace, addresses)
+    chosen = addresses or workspace.order
+    result = []
+    for address in chosen:
+        resource = workspace.manifests.resources[address]
+        values = dict(resource.desired)
+        result.append((address, values if sensitive else mask_sensitive(resource.kind.name, values) or {}))
+    return result
+
+
+def domain_outputs(workspace: Workspace, connections: ConnectionPool) -> list[DomainOutput]:
+    """State and IP addresses of every declared domain."""
+    return guests.domain_outputs(connections.main, workspace.manifests)
+
+
+def awaited_domains(workspace: Workspace) -> list[str]:
+    """The domains apply --wait-ip waits for: declared running, with an interface on a network with DHCP."""
+    return guests.awaited_domains(workspace.manifests)
+
+
+def wait_for_addresses(workspace: Workspace, connections: ConnectionPool, timeout: float,
+                       progress: Callable[[DomainOutput], None] | None = None) -> list[DomainOutput]:
+    """Wait (bounded) until every declared running domain on a DHCP network reports an address."""
+    return guests.wait_for_addresses(connections.main, workspace.manifests, timeout, progress=progress)
+
+
+def console_log_path(workspace: Workspace, connections: ConnectionPool, address: str) -> Path:
+    """The local file a domain's serial console is logged to (console_log)."""
+    return guests.console_log(connections.main, workspace.manifests, address)
+
+
+def console_stream(workspace: Workspace, connections: ConnectionPool, address: str,
+                   stop: threading.Event | None = None) -> Iterator[bytes]:
+    """A running domain's serial console output from now on, through libvirt (remote hosts too)."""
+    return guests.console_stream(connections.main, workspace.manifests, address, stop)
+
+
+def _check_addresses(workspace: Workspace, addresses: list[str] | None) -> None:
+    from vmform.errors import VmformError
+    from vmform.schema.types import did_you_mean
+
+    for address in addresses or []:
+        if address not in workspace.manifests.resources:
+            raise VmformError(f"no resource '{address}'{did_you_mean(address, list(workspace.manifests.resources))}")

@@ -221,9 +221,13 @@ def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: A
               help="Restart domains and networks whose restart-class changes need it (clean shutdown first).")
 @click.option("--lock-timeout", type=click.FloatRange(0), default=0.0, show_default=True, metavar="SECONDS",
               help="Wait this long for the project lock held by another apply or destroy, then fail.")
+@click.option("--wait-ip", is_flag=True,
+              help="Afterwards, wait until every running domain on a DHCP network reports an IP address.")
+@click.option("--wait-timeout", type=click.FloatRange(1, 3600), default=300.0, show_default=True, metavar="SECONDS",
+              help="How long --wait-ip waits.")
 @click.pass_context
 def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, parallelism: int | None,
-          targets: tuple[str, ...], restart: bool, lock_timeout: float) -> None:
+          targets: tuple[str, ...], restart: bool, lock_timeout: float, wait_ip: bool, wait_timeout: float) -> None:
     """Plan, confirm, then make the host match the manifests.
 
     With PLAN_FILE (from vmform plan -out), apply exactly that plan without planning again or asking;
@@ -242,20 +246,36 @@ def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, paralle
     try:
         if saved is not None:
             _print_plan(out, saved.plan, before_apply=True)
-            if saved.plan.empty:
-                return
-            _run_apply(ctx, workspace, connections, saved.plan, parallelism, "apply", lock_timeout, saved)
+            if not saved.plan.empty:
+                _run_apply(ctx, workspace, connections, saved.plan, parallelism, "apply", lock_timeout, saved)
+            if wait_ip:
+                _wait_for_addresses(out, workspace, connections, wait_timeout)
             return
         the_plan = api.plan(workspace, connections, list(targets), restart=restart)
         _print_plan(out, the_plan, before_apply=True)
-        if the_plan.empty:
-            return
-        if not _confirm(out, "apply these changes", auto_approve):
-            out.line("Apply cancelled.")
-            sys.exit(1)
-        _run_apply(ctx, workspace, connections, the_plan, parallelism, "apply", lock_timeout)
+        if not the_plan.empty:
+            if not _confirm(out, "apply these changes", auto_approve):
+                out.line("Apply cancelled.")
+                sys.exit(1)
+            _run_apply(ctx, workspace, connections, the_plan, parallelism, "apply", lock_timeout)
+        if wait_ip:
+            _wait_for_addresses(out, workspace, connections, wait_timeout)
     finally:
         connections.close()
+
+
+def _wait_for_addresses(out: Output, workspace: Any, connections: Any, timeout: float) -> None:
+    from vmform import api
+
+    def reported(output: Any) -> None:
+        out.line(f"{output.address}: {', '.join(a.ip for a in output.addresses)}")
+
+    awaited = api.awaited_domains(workspace)
+    if not awaited:
+        out.line("No running domain on a network with DHCP: no IP address to wait for.")
+        return
+    out.line(f"Waiting up to {timeout:.0f}s for the IP addresses of {', '.join(awaited)}...")
+    api.wait_for_addresses(workspace, connections, timeout, reported)
 
 
 @main.command()
@@ -331,6 +351,84 @@ def render(ctx: click.Context, addresses: tuple[str, ...], no_argv: bool) -> Non
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def output(ctx: click.Context, as_json: bool) -> None:
+    """Each declared domain's state and IP addresses (DHCP leases, guest agent)."""
+    from vmform import api
+
+    out: Output = ctx.obj["out"]
+    workspace = _workspace(ctx)
+    connections = api.connect(workspace)
+    try:
+        outputs = api.domain_outputs(workspace, connections)
+    finally:
+        connections.close()
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"domains": [o.to_json() for o in outputs]}, indent=2))
+        return
+    # Plain aligned columns, never truncated or wrapped (scripts read this too).
+    rows = [("DOMAIN", "NAME", "STATE", "ADDRESSES")]
+    for item in outputs:
+        ips = ", ".join(f"{a.ip}/{a.prefix} ({a.source})" for a in item.addresses) or "-"
+        rows.append((item.address, item.name, item.state, ips))
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    for row in rows:
+        out.plain("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)) + "  " + row[3])
+
+
+@main.command()
+@click.argument("address")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing what the guest writes (Ctrl-C stops).")
+@click.option("-n", "--lines", type=click.IntRange(1), default=None, help="Only the last N lines.")
+@click.option("--live", is_flag=True,
+              help="Attach to the running guest's console through libvirt instead (read-only; remote hosts too; "
+                   "Ctrl-C detaches).")
+@click.pass_context
+def console(ctx: click.Context, address: str, follow: bool, lines: int | None, live: bool) -> None:
+    """Print a domain's serial console log (console_log; the host must be this machine), or with --live what the
+    running guest writes from now on."""
+    import time
+
+    from vmform import api
+
+    workspace = _workspace(ctx)
+    connections = api.connect(workspace)
+    try:
+        if live:
+            chunks = api.console_stream(workspace, connections, address)
+            click.echo(f"Attached to {address}'s console (read-only; Ctrl-C detaches).", err=True)
+            for chunk in chunks:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+            return
+        path = api.console_log_path(workspace, connections, address)
+    finally:
+        connections.close()
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        raise VmformError(f"{address}: no console log at {path} yet (the domain has not run since console_log was set)") from None
+    except OSError as exc:
+        raise VmformError(f"{address}: cannot read {path}: {exc.strerror}") from None
+    with handle:
+        data = handle.read()
+        if lines is not None:
+            data = b"\n".join(data.splitlines()[-lines:]) + (b"\n" if data else b"")
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        while follow:
+            chunk = handle.read()
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+            else:
+                time.sleep(0.25)
+
+
+@main.command()
 @click.pass_context
 def validate(ctx: click.Context) -> None:
     """Check the manifests without connecting to libvirt: schema, references, cycles, and the XML they
@@ -347,12 +445,16 @@ def validate(ctx: click.Context) -> None:
 @main.command()
 @click.argument("args", nargs=-1, metavar="[PLAN_FILE | ADDRESS...]")
 @click.option("--json", "as_json", is_flag=True, help="Print a saved plan as JSON (docs/JSON.md).")
+@click.option("--sensitive", is_flag=True, help="Print sensitive values (cloud-init user-data) instead of their digest.")
 @click.pass_context
-def show(ctx: click.Context, args: tuple[str, ...], as_json: bool) -> None:
-    """Print a saved plan (vmform plan -out FILE), for people or, with --json, for programs."""
+def show(ctx: click.Context, args: tuple[str, ...], as_json: bool, sensitive: bool) -> None:
+    """Print a saved plan (vmform plan -out FILE), or the desired values of resources (all when none named).
+    Sensitive values are masked unless --sensitive."""
     from pathlib import Path
 
-    from vmform import planfile
+    import yaml
+
+    from vmform import api, planfile
 
     out: Output = ctx.obj["out"]
     if len(args) == 1 and Path(args[0]).is_file():  # a plan file; anything else names resources
@@ -363,8 +465,21 @@ def show(ctx: click.Context, args: tuple[str, ...], as_json: bool) -> None:
             out.line(f"[dim]# {escape(saved.describe())}[/dim]")
         _print_plan(out, saved.plan, "json" if as_json else "text")
         return
-    raise VmformError("vmform show takes a saved plan file (vmform plan -out FILE)"
-                      + (f"; no such file: {args[0]}" if args else ""))
+    if as_json:
+        raise VmformError("--json applies to a saved plan file (vmform show FILE --json)"
+                          + (f"; no such file: {args[0]}" if len(args) == 1 else ""))
+
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+    _Dumper.add_representer(str, text)
+    workspace = _workspace(ctx)
+    for address, values in api.show_values(workspace, list(args), sensitive):
+        out.line(f"[bold]# {address}[/bold]")
+        out.plain(yaml.dump(values, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False))
 
 
 @main.command("force-unlock")

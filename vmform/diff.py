@@ -9,8 +9,10 @@ from vmform.errors import PlanError, PlanErrors
 from vmform.live import LiveObject, LiveState
 from vmform.plan import Action, Change, FieldChange, Plan
 from vmform.schema import extra_xml, xslt
+from vmform.schema.cloudinit import volume_name as seed_volume_name
 from vmform.schema.registry import KINDS
 from vmform.schema.types import Effect, FieldSpec
+from vmform.sensitive import fingerprint, masked
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -29,6 +31,8 @@ LIST_KEYS: dict[tuple[str, str], tuple[str, Effect]] = {
 def display(spec: FieldSpec | None, value: Any) -> str:
     if value is None:
         return "(unset)"
+    if spec is not None and spec.sensitive:
+        return masked(value)
     if spec is not None and not isinstance(value, dict | list):
         try:
             return spec.type.display(value)
@@ -172,6 +176,9 @@ def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], li
         if spec.name == "xslt":
             changes.extend(_stylesheet_changes(resource, spec, live, pending))
             continue
+        if spec.sensitive:
+            # Compared by digest: the host side keeps only the fingerprint, and so does the plan.
+            after = fingerprint(after)
         list_key = LIST_KEYS.get((kind, spec.name))
         if list_key is not None:
             running = live.running_values.get(spec.name) if live.active and live.running_values else None
@@ -259,7 +266,7 @@ def _live_dependencies(obj: LiveObject, owned_index: dict[tuple[str, str], str])
         for nic in obj.values.get("interfaces") or []:
             if nic.get("network"):
                 deps.append(owned_index.get(("network", nic["network"]), ""))
-    elif obj.kind == "volume":
+    elif obj.kind in ("volume", "cloudinit"):
         deps.append(owned_index.get(("pool", obj.identity["pool"]), ""))
         backing = obj.values.get("backing") or {}
         if backing.get("volume"):
@@ -324,8 +331,10 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
         if current is not None and current.kind != kind:
             current = None
         if current is None:
-            pool = resource.desired.get("pool") if kind == "volume" else None
+            pool = resource.desired.get("pool") if kind in ("volume", "cloudinit") else None
             same_name = live.by_name(kind, resource.libvirt_name, pool)
+            if kind == "cloudinit" and same_name is None:
+                same_name = live.by_name("volume", seed_volume_name(resource.libvirt_name), pool)
             if same_name is not None:
                 errors.append(_collision(resource, same_name))
                 continue
@@ -340,8 +349,8 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
         if renamed:
             forcing.append("name")
             field_changes.append(_field(None, "name", current.name, resource.libvirt_name, Effect.REPLACE))
-        # A volume is rebuilt when what it stands on is: its pool, or its backing image.
-        if kind == "volume":
+        # A volume (or seed) is rebuilt when what it stands on is: its pool, or its backing image.
+        if kind in ("volume", "cloudinit"):
             pool_address = f"pool.{resource.values['pool']}"
             backing_address = f"volume.{resource.values['backing']}" if resource.values.get("backing") else None
             if pool_address in replaced:
@@ -355,6 +364,18 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
                     field_changes.append(_field(None, f"disks[{desired_disk.get('target')}]", desired_disk, desired_disk,
                                                 Effect.RESTART))
                     notes.append(f"{address}: {used} is replaced; the running guest keeps the old image until it restarts")
+            seed = resource.values.get("cloudinit")
+            seed_resource = manifests.get("cloudinit", seed) if seed else None
+            if seed_resource is not None and seed_resource.address in replaced and current.active:
+                seed_volume = seed_volume_name(seed_resource.libvirt_name)
+                seed_disk = next((d for d in resource.desired.get("disks") or [] if d.get("volume") == seed_volume), None)
+                if seed_disk is not None:
+                    # Same volume name, new file: the running QEMU still holds the old one open. A live medium
+                    # change (eject, insert) puts the new seed in the drive, so the guest's next boot reads it.
+                    field_changes.append(FieldChange(f"disks[{seed_disk['target']}]", seed_disk, seed_disk, Effect.LIVE,
+                                                     f"{seed_volume} (the old seed)", f"{seed_volume} (the new seed)"))
+                notes.append(f"{address}: the new seed of cloudinit.{seed} goes into the running guest's cdrom drive "
+                             "now; cloud-init applies it at the guest's next boot (new instance-id)")
         if forcing:
             replaced.add(address)
         restart = False
@@ -390,6 +411,9 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
         reason = f"{', '.join(forcing)} cannot change in place" if forcing else ""
         if forcing and all(f.startswith("its ") for f in forcing):
             reason = "; ".join(forcing)
+        if kind == "cloudinit" and forcing:
+            reason = (f"{', '.join(forcing)} changed: a new seed, which takes effect on the guest's next boot "
+                      f"(new instance-id {resource.desired['meta_data'].get('instance-id')})")
         changes[address] = Change(
             address, kind, resource.libvirt_name, action, before=current.values, after=resource.desired,
             fields=tuple(field_changes), reason=reason, live_name=current.name if renamed else None,
@@ -409,6 +433,8 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
     for address, obj in owned.items():
         key = f"{obj.identity['pool']}/{obj.name}" if obj.kind == "volume" else obj.name
         owned_index[(obj.kind, key)] = address
+        if obj.kind == "cloudinit":  # domains use a seed as the volume it is
+            owned_index[("volume", f"{obj.identity['pool']}/{obj.identity['volume']}")] = address
     dependents: dict[str, set[str]] = {address: set() for address in changes}
     for address, change in changes.items():
         if change.action is not Action.DELETE and address in graph:

@@ -157,12 +157,29 @@ def read_volumes(pool: libvirt.virStoragePool, ledger: Ledger) -> list[LiveObjec
         backing_format = root.find("backingStore/format")
         obj.values["backing_format"] = backing_format.get("type") if backing_format is not None else None
         obj.address = ledger.volume_address(pool_name, obj.name)
+        if obj.address is not None and obj.address.startswith("cloudinit."):
+            result.append(seed_object(obj, ledger.volumes[obj.address]))
+            continue
         if obj.address is not None:
             digest = ledger.volumes[obj.address].get("source_sha256")
             if digest:
                 obj.values["source_sha256"] = digest
         result.append(obj)
     return result
+
+
+def seed_object(volume: LiveObject, entry: dict[str, Any]) -> LiveObject:
+    """A cloud-init seed's volume as its seed: what it holds comes from the ledger (user-data as a digest)."""
+    seed = entry.get("seed") or {}
+    values = {
+        "pool": volume.values["pool"],
+        "user_data": seed.get("user_data"),
+        "meta_data": seed.get("meta_data"),
+        "network_config": seed.get("network_config"),
+    }
+    name = volume.name[: -len(".iso")] if volume.name.endswith(".iso") else volume.name
+    identity = {**volume.identity, "volume": volume.name}
+    return LiveObject("cloudinit", name, values, identity, address=volume.address, active=True)
 
 
 def read_host(conn: libvirt.virConnect, project: str, pool_names: set[str] | None = None) -> LiveState:
@@ -187,10 +204,15 @@ def read_host(conn: libvirt.virConnect, project: str, pool_names: set[str] | Non
         owned_pools = {entry["name"] for entry in ledger.pools.values()} | {e["pool"] for e in ledger.volumes.values()}
         wanted = (pool_names or set()) | owned_pools
         for pool in conn.listAllStoragePools():
-            obj = read_pool(pool, ledger)
+            try:
+                obj = read_pool(pool, ledger)
+                volumes = read_volumes(pool, ledger) if obj.active and obj.name in wanted else []
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() not in (libvirt.VIR_ERR_NO_STORAGE_POOL, libvirt.VIR_ERR_NO_STORAGE_VOL):
+                    raise
+                continue  # vanished while we read (another client deleted it)
             objects.append(obj)
-            if obj.active and obj.name in wanted:
-                objects.extend(read_volumes(pool, ledger))
+            objects.extend(volumes)
         _resolve_backing(objects)
         return LiveState(conn.getURI(), objects, ledger)
     except libvirt.libvirtError as exc:

@@ -59,6 +59,25 @@ class Change:
         return not self.restart and any(f.effect is Effect.RESTART for f in self.fields)
 
 
+def _field_json(kind: str, field_change: FieldChange) -> dict[str, Any]:
+    data = {**asdict(field_change), "effect": field_change.effect.value}
+    top = field_change.path.split("[", 1)[0]
+    masked_values = mask_sensitive(kind, {top: field_change.before}), mask_sensitive(kind, {top: field_change.after})
+    data["before"], data["after"] = masked_values[0][top], masked_values[1][top]  # type: ignore[index]
+    return data
+
+
+def mask_sensitive(kind: str, values: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A copy of a resource's values with each sensitive field shown as ``(sensitive, sha256:…, N bytes)``."""
+    from vmform.schema.registry import KINDS
+    from vmform.sensitive import masked
+
+    if values is None or kind not in KINDS:
+        return values
+    hidden = {spec.name for spec in KINDS[kind].fields if spec.sensitive}
+    return {key: masked(value) if key in hidden and value is not None else value for key, value in values.items()}
+
+
 @dataclass(frozen=True)
 class Plan:
     project: str
@@ -76,14 +95,19 @@ class Plan:
     def empty(self) -> bool:
         return not self.changes
 
-    def to_json(self) -> dict[str, Any]:
-        """The plan as JSON-able data (schema: vmform/schemas/plan.schema.json); ``from_json`` reads it back."""
+    def to_json(self, mask: bool = True) -> dict[str, Any]:
+        """The plan as JSON-able data (schema: vmform/schemas/plan.schema.json); ``from_json`` reads it back.
+        Sensitive values are masked, except in a saved plan file (``mask=False``): apply needs them."""
 
         def change_json(change: Change) -> dict[str, Any]:
             data = asdict(change)
+            if mask:
+                for side in ("before", "after"):
+                    data[side] = mask_sensitive(change.kind, data[side])
             data["action"] = change.action.name.lower()
             data["symbol"] = change.action.value
-            data["fields"] = [{**asdict(f), "effect": f.effect.value} for f in change.fields]
+            data["fields"] = [_field_json(change.kind, f) if mask else {**asdict(f), "effect": f.effect.value}
+                              for f in change.fields]
             data["depends_on"] = list(change.depends_on)
             data["replug"] = list(change.replug)
             return data

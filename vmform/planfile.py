@@ -80,7 +80,7 @@ class SavedPlan:
                 "variables": self.fingerprints.variables,
                 "live": dict(sorted(self.fingerprints.live.items())),
             },
-            "plan": self.plan.to_json(),
+            "plan": self.plan.to_json(mask=False),  # apply needs the real values: the file is 0600
         }
 
 

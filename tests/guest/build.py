@@ -9,6 +9,7 @@ private temporary directory.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -101,6 +102,13 @@ def build_guest(init_script: str) -> Guest:
     """The kernel and an initramfs running ``init_script`` as /init (a busybox sh script)."""
     CACHE.mkdir(parents=True, exist_ok=True)
     os.chmod(CACHE, 0o755)
+    # Test runs in several checkouts share the cache: one builds at a time.
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build(init_script)
+
+
+def _build(init_script: str) -> Guest:
     tree = _kernel_tree()
     kernel = CACHE / "vmlinuz"
     if not kernel.exists():

@@ -12,6 +12,8 @@ A case is a YAML mapping:
   other volumes on the host, so a backing file's path resolves like live.read_host does);
 * ``expect`` -- the exact set of ``{path, effect}`` field changes; ``expect_pending`` -- the exact list of
   pending field names (default: none); ``expect_error`` -- compare must raise PlanError containing it;
+* cloud-init seeds: ``live_xml`` is the seed volume's XML, ``live_seed`` what vmform's ledger records of its
+  content (``user_data`` as text here; the runner keeps only its fingerprint, as the ledger does);
 * ``xfail`` -- the case pins down a known library bug (strict: it must keep failing until fixed).
 
 The live values are built with the kinds' own XML bindings (live._read_bound), exactly as read_host does.
@@ -29,20 +31,21 @@ import yaml
 
 from vmform.diff import compare
 from vmform.errors import PlanError
-from vmform.live import LiveObject, _read_bound, _resolve_backing, domain_object, parse_xml
+from vmform.live import LiveObject, _read_bound, _resolve_backing, domain_object, parse_xml, seed_object
 from vmform.manifest.loader import load_manifests
 from vmform.model import Manifests, Resource
 from vmform.plan import FieldChange
 from vmform.render.xml import render_resource, to_text
 from vmform.schema.registry import KINDS
 from vmform.schema.types import Effect
+from vmform.sensitive import fingerprint, masked
 
 CASES_DIR = Path(__file__).parent / "diff_cases"
 CASE_FILES = sorted(CASES_DIR.glob("*.yaml"))
 PROJECT = "unit"
 CASE_KEYS = {
     "manifest", "address", "live_xml", "running_xml", "active", "state", "autostart", "live_pool", "live_volumes",
-    "expect", "expect_pending", "expect_error", "xfail",
+    "expect", "expect_pending", "expect_error", "xfail", "live_seed",
 }
 
 # Every managed (compared) field of every kind must be changed by at least one case; see test_coverage.
@@ -100,6 +103,13 @@ def live_object(resource: Resource, data: dict[str, Any]) -> LiveObject:
         values["autostart"] = bool(data.get("autostart", True))
         return LiveObject(kind, name, values, {"uuid": root.findtext("uuid")}, address=resource.address, active=active,
                           config_root=root, running_root=root if active else None)
+    if kind == "cloudinit":
+        pool = data.get("live_pool") or resource.desired["pool"]
+        volume = LiveObject("volume", name, {"pool": pool}, {"pool": pool, "path": root.findtext("target/path")},
+                            address=resource.address, active=True)
+        seed = dict(data["live_seed"])
+        seed["user_data"] = fingerprint(seed.get("user_data"))
+        return seed_object(volume, {"seed": seed})
     # volume: as live.read_volumes, then _resolve_backing across the host's volumes
     pool = data.get("live_pool") or resource.desired["pool"]
     values["pool"] = pool
@@ -160,6 +170,10 @@ def check_change_values(resource: Resource, live: LiveObject, change: FieldChang
         wanted = next((item for item in desired if item[list_key] == key), None)
         assert change.after == wanted
         assert change.before is None or change.before.get(list_key) == key
+    elif resource.kind.spec(name) is not None and resource.kind.spec(name).sensitive:  # type: ignore[union-attr]
+        # Sensitive: the change carries fingerprints only, and shows them masked.
+        assert change.after == fingerprint(desired) and change.before == live.values.get(name)
+        assert change.display_after == masked(desired) and str(desired) not in change.display_after
     else:
         assert change.after == desired
         assert change.before in (live.values.get(name), live.running_values.get(name))

@@ -204,6 +204,8 @@ def _load_resource(
         if not image.is_file():
             collector.add(f"source image {values['source']} not found (looked at {image})", source.value((*path, "source")))
         values["source"] = str(image)
+    if kind.name == "cloudinit":
+        _read_seed_files(values, file, source, path, collector)
     resource = Resource(kind, key, values, source, path)
     existing = manifests.resources.get(resource.address)
     if existing is not None:
@@ -211,6 +213,33 @@ def _load_resource(
         collector.add(f"{resource.address} is declared twice (first at {first})", source.key(path))
         return
     manifests.resources[resource.address] = resource
+
+
+MAX_SEED_FILE_BYTES = 1024 * 1024
+
+
+def _read_seed_files(values: dict[str, Any], file: Path, source: SourceMap, path: tuple[str | int, ...],
+                     collector: _Collector) -> None:
+    """``{file: PATH}`` in a cloud-init seed: the file's text, read relative to the manifest."""
+    for name in ("user_data", "network_config"):
+        value = values.get(name)
+        if not isinstance(value, dict):
+            continue
+        target = Path(value["file"])
+        if not target.is_absolute():
+            target = (file.parent / target).resolve()
+        position = source.value((*path, name, "file"))
+        try:
+            if target.stat().st_size > MAX_SEED_FILE_BYTES:
+                collector.add(f"{value['file']} is larger than 1 MiB", position)
+                continue
+            values[name] = target.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            collector.add(f"{name} file {value['file']} not found (looked at {target})", position)
+        except UnicodeDecodeError:
+            collector.add(f"{name} file {value['file']} is not UTF-8 text", position)
+        except OSError as exc:
+            collector.add(f"cannot read {name} file {value['file']}: {exc.strerror}", position)
 
 
 def _check_references(manifests: Manifests, collector: _Collector) -> None:

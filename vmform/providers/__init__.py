@@ -9,6 +9,6 @@ if TYPE_CHECKING:
 
 
 def provider_for(kind: str) -> Provider:
-    from vmform.providers import domain, network, pool, volume  # noqa: F401 - imported for their PROVIDER
+    from vmform.providers import cloudinit, domain, network, pool, volume  # noqa: F401 - imported for their PROVIDER
 
-    return {"domain": domain.PROVIDER, "network": network.PROVIDER, "pool": pool.PROVIDER, "volume": volume.PROVIDER}[kind]
+    return {"cloudinit": cloudinit.PROVIDER, "domain": domain.PROVIDER, "network": network.PROVIDER, "pool": pool.PROVIDER, "volume": volume.PROVIDER}[kind]

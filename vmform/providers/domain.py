@@ -150,6 +150,12 @@ class DomainProvider(Provider):
             elif change.after is not None:
                 # Another network or bridge for the same NIC (libvirt re-plugs the tap), or another medium in a
                 # cdrom drive: the guest keeps its device.
+                if name == "disks" and change.after.get("device") == "cdrom" and change.before == change.after:
+                    # The same volume with new content (a replaced seed): libvirt changes nothing for an unchanged
+                    # source, so eject first (forced: a guest may hold the tray locked) and insert it again.
+                    empty = {k: v for k, v in change.after.items() if k not in ("pool", "volume", "path")}
+                    dom.updateDeviceFlags(etree.tostring(build(empty), encoding="unicode"),
+                                          live | libvirt.VIR_DOMAIN_DEVICE_MODIFY_FORCE)
                 dom.updateDeviceFlags(etree.tostring(build(change.after), encoding="unicode"), live)
 
     def _detach(self, dom: Any, name: str, item: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ through the stream API so a remote host needs no shared filesystem, growth by re
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, BinaryIO
 
 from vmform.images import inspect_image
 from vmform.plan import Change
@@ -13,6 +13,26 @@ from vmform.render.validate import validate
 from vmform.render.xml import render_volume, to_text
 
 UPLOAD_CHUNK = 4 * 1024 * 1024
+
+
+def upload(conn: Any, vol: Any, reader: BinaryIO, size: int) -> None:
+    """Send ``size`` bytes from ``reader`` into a volume through libvirt's stream API (works on remote hosts)."""
+    stream = conn.newStream(0)
+    vol.upload(stream, 0, size, 0)
+    try:
+        remaining = size
+        while remaining > 0:
+            chunk = reader.read(min(UPLOAD_CHUNK, remaining))
+            if not chunk:
+                break
+            sent = 0
+            while sent < len(chunk):
+                sent += stream.send(chunk[sent:])
+            remaining -= len(chunk)
+        stream.finish()
+    except Exception:
+        stream.abort()
+        raise
 
 
 def _pool(ctx: ApplyContext, name: str) -> Any:
@@ -68,25 +88,8 @@ class VolumeProvider(Provider):
                 raise
 
     def _upload(self, ctx: ApplyContext, vol: Any, path: str) -> None:
-        conn = ctx.connections.get()
-        size = os.path.getsize(path)
-        stream = conn.newStream(0)
-        vol.upload(stream, 0, size, 0)
-        try:
-            with open(path, "rb") as image:
-                remaining = size
-                while remaining > 0:
-                    chunk = image.read(min(UPLOAD_CHUNK, remaining))
-                    if not chunk:
-                        break
-                    sent = 0
-                    while sent < len(chunk):
-                        sent += stream.send(chunk[sent:])
-                    remaining -= len(chunk)
-            stream.finish()
-        except Exception:
-            stream.abort()
-            raise
+        with open(path, "rb") as image:
+            upload(ctx.connections.get(), vol, image, os.path.getsize(path))
 
     def update(self, ctx: ApplyContext, change: Change) -> None:
         after = change.after

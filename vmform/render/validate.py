@@ -11,7 +11,8 @@ from vmform.errors import VmformError
 from vmform.schema.xmlbind import Element
 
 SCHEMA_DIRS = ("/usr/share/libvirt/schemas", "/usr/local/share/libvirt/schemas")
-_SCHEMA_FILES = {"domain": "domain.rng", "network": "network.rng", "pool": "storagepool.rng", "volume": "storagevol.rng"}
+_SCHEMA_FILES = {"domain": "domain.rng", "network": "network.rng", "pool": "storagepool.rng", "volume": "storagevol.rng",
+                 "cloudinit": "storagevol.rng"}  # a seed is a volume
 _cache: dict[str, etree.RelaxNG | None] = {}
 _lock = threading.Lock()
 

@@ -74,6 +74,15 @@ def render_volume(name: str, values: dict[str, Any], capacity: int, backing_path
     return root
 
 
+def render_seed_volume(name: str, values: dict[str, Any]) -> tuple[Element, bytes]:
+    """The volume a cloud-init seed is uploaded into, sized to its ISO image (which it returns too)."""
+    from vmform.schema.cloudinit import volume_name
+    from vmform.seed import build_iso, seed_files
+
+    image = build_iso(seed_files(values))
+    return render_volume(volume_name(name), {"format": "raw"}, len(image)), image
+
+
 def to_text(root: Element) -> str:
     return etree.tostring(root, encoding="unicode", pretty_print=True)
 
@@ -87,4 +96,6 @@ def render_resource(kind: str, name: str, values: dict[str, Any], project: str, 
         return render_network(name, values, project, address)
     if kind == "pool":
         return render_pool(name, values)
+    if kind == "cloudinit":
+        return render_seed_volume(name, values)[0]
     return render_volume(name, values, values.get("size") or 0, backing_path)

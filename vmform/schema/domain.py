@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from lxml import etree
@@ -24,6 +25,7 @@ from vmform.schema.types import (
     Ref,
     Size,
     Str,
+    ValueType,
 )
 from vmform.schema.xmlbind import Attr, Element, SizeText, Text, XmlBinding, ensure, to_yes_no
 from vmform.schema.xslt import Stylesheet, StylesheetBinding
@@ -342,6 +344,48 @@ class SerialConsole(XmlBinding):
             for tag in ("serial", "console"):
                 for node in devices.findall(tag):
                     devices.remove(node)
+
+
+class ConsoleLog(XmlBinding):
+    """``<serial><log file=… append='on'/>``: the serial console is also written to a file on the host
+    (by virtlogd), which ``vmform console`` reads."""
+
+    def read(self, root: Element) -> Any:
+        node = root.find("devices/serial/log")
+        return None if node is None else node.get("file")
+
+    def write(self, root: Element, value: Any) -> None:
+        # The serial console's <console> is the same character device: libvirt shows the log on both.
+        for device in root.xpath("devices/serial[1]|devices/console[target/@type='serial']"):
+            for node in device.findall("log"):
+                device.remove(node)
+            if value:
+                log = etree.Element("log", file=value, append="on")
+                source = device.find("source")
+                if source is not None:
+                    source.addnext(log)
+                else:
+                    device.insert(0, log)
+
+
+@dataclass(frozen=True)
+class ConsoleLogType(ValueType):
+    """true (the default file), false (none), or an absolute path on the host."""
+
+    def parse(self, raw: Any) -> Any:
+        if isinstance(raw, bool):
+            return raw
+        return Str(pattern=r"/[^\x00]*", hint="an absolute path on the host, or true/false").parse(raw)
+
+    def describe(self) -> str:
+        return "boolean or absolute path"
+
+
+CONSOLE_LOG_DIR = "/var/log/libvirt/qemu"
+
+
+def console_log_path(domain_name: str) -> str:
+    return f"{CONSOLE_LOG_DIR}/{domain_name}-console.log"
 
 
 _SEC_BOOT_LOADERS = ("secboot", ".ms.", "secure", "enrolled")
@@ -743,6 +787,14 @@ FIELDS: tuple[FieldSpec, ...] = (
               xml="memory/text(), memory/@unit", binding=SizeText("memory")),
     FieldSpec("boot", ListOf(Enum(BOOT_DEVICES), max_items=4), "boot device order", xml="os/boot/@dev", default=["hd"],
               binding=BootDevices()),
+    FieldSpec("kernel", Str(pattern=r"/[^\x00]*", hint="an absolute path on the host"),
+              "direct kernel boot: the kernel image, a path on the host that QEMU can read", xml="os/kernel",
+              binding=Text("os/kernel")),
+    FieldSpec("initrd", Str(pattern=r"/[^\x00]*", hint="an absolute path on the host"),
+              "direct kernel boot: the initrd, a path on the host (needs kernel)", xml="os/initrd",
+              binding=Text("os/initrd")),
+    FieldSpec("cmdline", Str(), "direct kernel boot: the kernel command line (needs kernel)", xml="os/cmdline",
+              binding=Text("os/cmdline")),
     FieldSpec("disks", ListOf(DISK), "disks and cdroms: a volume, a host path, or (cdrom) nothing", effect=Effect.LIVE,
               xml="devices/disk[@device='disk' or 'cdrom']",
               default=[], effect_doc="adding/removing a disk is live; changing one restarts", binding=DiskList()),
@@ -758,6 +810,11 @@ FIELDS: tuple[FieldSpec, ...] = (
               "libvirt's)", xml="devices/video/model/@type", binding=Video()),
     FieldSpec("serial_console", Bool(), "a serial port and console on a pty", xml="devices/serial, devices/console", default=True,
               binding=SerialConsole()),
+    FieldSpec("console_log", ConsoleLogType(), "also write the serial console to a file on the host: true ("
+              f"{CONSOLE_LOG_DIR}/<name>-console.log) or a path; vmform console prints it", xml="devices/serial/log/@file",
+              binding=ConsoleLog()),
+    FieldSpec("cloudinit", Ref("cloudinit"), "a cloud-init seed attached as a read-only cdrom after the disks (sata on q35 "
+              "machines, else ide)", xml="devices/disk[@device='cdrom']", compare=False),
     FieldSpec("rng", Bool(), "a virtio random number generator fed from the host's /dev/urandom",
               xml="devices/rng", binding=Rng()),
     FieldSpec("tpm", Enum(("none", "emulated")), "TPM: emulated is a TPM 2.0 (tpm-crb) backed by swtpm; a tpm-tis "
@@ -775,6 +832,29 @@ def stable_mac(project: str, address: str, index: int) -> str:
     """A MAC in QEMU's 52:54:00 range derived from project and interface address, so rebuilds keep it."""
     digest = hashlib.sha256(f"{project}/{address}/interfaces[{index}]".encode()).digest()
     return "52:54:00:" + ":".join(f"{byte:02x}" for byte in digest[:3])
+
+
+def _seed_disk(values: dict[str, Any], index: Any, used: set[str]) -> dict[str, Any]:
+    """The cdrom carrying the domain's cloud-init seed: SATA on q35 machines (which have no IDE), IDE on the others
+    (i440fx, libvirt's default on x86, where guest kernels without AHCI, such as Debian's cloud kernel, still
+    find it)."""
+    from vmform.schema.cloudinit import volume_name
+
+    seed = index.get("cloudinit", values["cloudinit"])
+    pool = index.get("pool", seed.values["pool"]) if seed is not None else None
+    machine = values.get("machine") or ""
+    bus = "sata" if "q35" in machine else "ide"
+    target = next(name for name in _device_names(_DEV_PREFIX[bus]) if name not in used)
+    used.add(target)
+    return {
+        "device": "cdrom",
+        "pool": pool.libvirt_name if pool is not None else None,
+        "volume": volume_name(seed.libvirt_name if seed is not None else values["cloudinit"]),
+        "format": "raw",
+        "target": target,
+        "bus": bus,
+        "readonly": True,
+    }
 
 
 def bind(resource: Any, index: Any) -> dict[str, Any]:
@@ -819,7 +899,13 @@ def bind(resource: Any, index: Any) -> dict[str, Any]:
             if disk.get(key) is not None:
                 item[key] = disk[key]
         disks.append(item)
+    if values.get("cloudinit") is not None:
+        disks.append(_seed_disk(values, index, used))
     desired["disks"] = disks
+    if desired.get("console_log") is True:
+        desired["console_log"] = console_log_path(resource.libvirt_name)
+    elif desired.get("console_log") is False:
+        desired["console_log"] = None
     nics = []
     for number, nic in enumerate(desired["interfaces"]):
         entry: dict[str, Any] = {"mac": nic.get("mac") or stable_mac(index.project, resource.address, number)}
@@ -871,6 +957,11 @@ def check(values: dict[str, Any]) -> Iterator[tuple[tuple[str | int, ...], str]]
             yield ("cpu",), "cpu mode custom needs 'model'"
         if cpu["mode"] != "custom" and cpu.get("model"):
             yield ("cpu", "model"), f"'model' applies only to cpu mode custom, not {cpu['mode']}"
+    for name in ("initrd", "cmdline"):
+        if values.get(name) is not None and values.get("kernel") is None:
+            yield (name,), f"{name} needs kernel (direct kernel boot)"
+    if values.get("console_log") not in (None, False) and values.get("serial_console") is False:
+        yield ("console_log",), "console_log needs serial_console: true"
     if values.get("secure_boot") and values.get("firmware") != "efi":
         yield ("secure_boot",), "secure_boot needs firmware: efi"
     for name, key in (("filesystems", "target"), ("hostdevs", "pci")):
