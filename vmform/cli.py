@@ -571,6 +571,8 @@ def import_(ctx: click.Context, addresses: tuple[str, ...], take_all: bool, patt
     """Adopt existing unmanaged objects (domain.NAME, network.NAME, pool.NAME): write manifests, mark them owned."""
     from pathlib import Path
 
+    from rich.markup import escape
+
     from vmform.connection import open_connection
     from vmform.importer import import_objects
 
@@ -587,9 +589,9 @@ def import_(ctx: click.Context, addresses: tuple[str, ...], take_all: bool, patt
     for item in result.objects:
         out.line(f"[green]{item.address}: imported[/green]")
         for path in item.not_expressed:
-            out.line(f"  not carried (libvirt fills it in; kept as it is on the host): {path}")
+            out.line(f"  not carried (libvirt fills it in; kept as it is on the host): {escape(path)}")
         for note in item.notes:
-            out.line(f"  note: {note}")
+            out.line(f"  note: {escape(note)}")
     out.line(f"Wrote {result.output} ({len(result.objects)} objects, now owned by project {workspace.project.name}).")
     if result.outside_globs:
         out.line("[yellow]The file is outside the project's manifest patterns (vmform.toml): plan will not read it.[/yellow]")

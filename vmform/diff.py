@@ -424,6 +424,11 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
         if address not in manifests.resources or manifests.resources[address].kind.name != obj.kind:
             changes[address] = Change(address, obj.kind, obj.name, Action.DELETE, before=obj.values, identity=obj.identity)
 
+    for address in order:
+        allowed = manifests.resources[address].values.get("allow") or []
+        if allowed and (address in changes or not options.targets):
+            notes.append(f"{address} is allowed: {', '.join(allowed)} (XML outside libvirt's namespace reaches "
+                         "QEMU or dnsmasq as written)")
     errors.extend(_refusals(manifests, changes, options))
     if errors:
         raise PlanErrors(errors)

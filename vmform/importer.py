@@ -315,10 +315,12 @@ def _rest(item: ImportedObject, root: Element) -> dict[str, Any]:
     for spec in _curated(item):
         for region in regions(spec, item.kind):
             _remove(data, region)
-    for where in reversed(generic.foreign_namespaces(data)):
-        _remove_at(data, where)
-        note = (f"{'/'.join(str(p) for p in where)}: not carried (XML outside libvirt's namespace is refused in "
-                "manifests); it stays on the host")
+    foreign = [str(where[-1]) for where in generic.foreign_namespaces(data)]
+    if foreign:
+        # The object already does it: carry it, and say so where the manifest opts in.
+        item.values["allow"] = ["foreign_xml"]
+        note = (f"allow: [foreign_xml] written: the object uses XML outside libvirt's namespace "
+                f"({', '.join(foreign)}), carried under xml:")
         if note not in item.notes:
             item.notes.append(note)
     return data
@@ -372,13 +374,6 @@ def _content(value: Any) -> bool:
     if isinstance(value, list):
         return any(_content(entry) for entry in value)
     return bool(value)
-
-
-def _remove_at(data: Any, path: tuple[Any, ...]) -> None:
-    node = data
-    for part in path[:-1]:
-        node = node[part]
-    del node[path[-1]]
 
 
 def _facts(root: Element) -> Counter[str]:

@@ -36,6 +36,9 @@ DOMAIN_NETWORK = "networks/isolated-plain"
 FILES = {"a.qcow2": "qcow2", "c.qcow2": "qcow2", "a.raw": "raw", "b.raw": "raw", "d.raw": "raw",
          "seed.iso": "raw", "share": "dir"}
 MIN_ROUND_TRIP = 0.95
+# Objects that lose something, unreported, when re-created from their imported manifest alone (today: dir
+# pools' target permissions, which pools cannot carry yet, and one console port); must not grow.
+KNOWN_SILENT_LOSSES = 3
 
 
 @dataclass
@@ -231,6 +234,11 @@ def _import_part(project: Any, part: list[Case], by_address: dict[str, Case], ou
             part = part[half:]
 
 
+def _carried(note: str) -> bool:
+    """Import notes that lose nothing: a curated field yielding to the xml: section, a written opt-in."""
+    return "written in the xml: section" in note or "allow: [foreign_xml] written" in note
+
+
 def _read_import(stdout: str, by_address: dict[str, Case]) -> None:
     current: Case | None = None
     for line in stdout.splitlines():
@@ -240,7 +248,7 @@ def _read_import(stdout: str, by_address: dict[str, Case]) -> None:
             current.refused = ""
         elif current is not None and line.startswith("  not carried (libvirt fills it in; kept as it is on the host): "):
             current.not_managed.append(line.split(": ", 1)[1])
-        elif current is not None and line.startswith("  note: ") and "written in the xml: section" not in line:
+        elif current is not None and line.startswith("  note: ") and not _carried(line):
             # (a curated field yielding its part of the document to the xml: section loses nothing)
             current.notes.append(line[len("  note: "):].replace(current.name, "NAME"))
 
@@ -444,5 +452,7 @@ def test_corpus_round_trip(project: Any) -> None:
         f"- `{k}`: {v}" for k, v in sorted(unexpected.items()))
     assert not fixed, f"cases KNOWN_FAILURES.md lists that round-trip now (remove them from the list): {fixed}"
     ok_share = sum(c.ok for c in cases) / len(cases)
-    if ok_share < MIN_ROUND_TRIP:
-        print(f"round-trip share {ok_share:.1%} is below the goal of {MIN_ROUND_TRIP:.0%} (known failures above)")
+    assert ok_share >= MIN_ROUND_TRIP, f"round-trip share {ok_share:.1%} is below {MIN_ROUND_TRIP:.0%}"
+    # Re-created from its manifest alone, an imported object must be what it was, up to what import reports.
+    silent = {c.id: _silent(c) for c in cases if c.original and _silent(c) and not c.notes}
+    assert len(silent) <= KNOWN_SILENT_LOSSES, f"silent losses on re-create: {silent}"

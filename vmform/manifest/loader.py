@@ -12,7 +12,7 @@ from lxml import etree
 from vmform.errors import ManifestError, ManifestErrors, Position
 from vmform.manifest.yamlsource import SourceMap, YamlDocument, load_yaml
 from vmform.model import Manifests, Resource
-from vmform.schema.extra_xml import YIELDS_WITH, overlap, owned_paths, regions
+from vmform.schema.extra_xml import YIELDS_WITH, foreign_paths, overlap, owned_paths, regions
 from vmform.schema.kind import Kind, field_references
 from vmform.schema.registry import KINDS, SECTIONS
 from vmform.schema.types import NAME, FieldError, FieldErrors, did_you_mean, parse_fields
@@ -78,6 +78,17 @@ def load_manifests(project_name: str, files: Iterable[Path], root: Path | None =
     return manifests
 
 
+FOREIGN_REFUSED = ("XML outside libvirt's own namespace ({what}) can make QEMU or dnsmasq do anything; it is "
+                   "refused unless the resource says allow: [foreign_xml]")
+
+
+def _check_foreign_xml(resource: Resource, collector: _Collector) -> None:
+    if "foreign_xml" in (resource.values.get("allow") or []):
+        return
+    for where in foreign_paths(resource.values.get("xml")):
+        collector.add(FOREIGN_REFUSED.format(what=where[-1]), resource.key_position("xml", *where))
+
+
 def _check_stylesheet(resource: Resource, collector: _Collector) -> None:
     """A stylesheet must be idempotent (so the host can be checked against it) and must not bring XML from
     outside libvirt's namespace (qemu:commandline, …) in by the back door."""
@@ -100,9 +111,10 @@ def _check_stylesheet(resource: Resource, collector: _Collector) -> None:
         if not isinstance(element.tag, str) or element.getparent() is not None and element.getparent().tag == "metadata":
             continue
         namespace = etree.QName(element).namespace
-        if namespace and not any(a.tag == "metadata" for a in element.iterancestors()):
-            collector.add(f"the XSLT stylesheet adds <{etree.QName(element).localname}> in namespace {namespace}: XML "
-                          "outside libvirt's own namespace is refused", resource.position("xslt"))
+        if namespace and not any(a.tag == "metadata" for a in element.iterancestors()) and \
+                "foreign_xml" not in (resource.values.get("allow") or []):
+            what = f"the XSLT stylesheet adds <{etree.QName(element).localname}> in {namespace}"
+            collector.add(FOREIGN_REFUSED.format(what=what), resource.position("xslt"))
             break
 
 
@@ -207,6 +219,7 @@ def _load_resource(
     if kind.name == "cloudinit":
         _read_seed_files(values, file, source, path, collector)
     resource = Resource(kind, key, values, source, path)
+    _check_foreign_xml(resource, collector)
     existing = manifests.resources.get(resource.address)
     if existing is not None:
         first = existing.key_position()

@@ -8,6 +8,9 @@ from typing import Any
 
 from vmform.schema.types import NAME, Bool, Enum, FieldSpec, ListOf, Obj, Ref, Str, ValueType
 
+# Opt-ins a resource can state with allow: (plans list them).
+OPT_INS = ("foreign_xml",)
+
 # Keys every resource accepts besides its kind's fields.
 LIFECYCLE = Obj((
     FieldSpec("prevent_destroy", Bool(), "a plan that would delete or replace this resource is an error", default=False,
@@ -25,6 +28,10 @@ META_FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("name", NAME, "the libvirt object name (default: the manifest key)", compare=False),
     FieldSpec("depends_on", ListOf(Str()), "addresses this resource waits for, e.g. [network.lan]", compare=False),
     FieldSpec("lifecycle", LIFECYCLE, "how vmform may change this resource", compare=False),
+    FieldSpec("allow", ListOf(Enum(OPT_INS)),
+              "what this resource may do that vmform refuses by default, each named explicitly: foreign_xml (XML "
+              "outside libvirt's namespace in xml: or xslt:, e.g. qemu:commandline or dnsmasq:options — it can "
+              "make QEMU or dnsmasq do anything)", default=[], compare=False),
     FieldSpec("restart_policy", Enum(("never", "allowed")),
               "may apply restart this domain or network to make restart-class changes take effect "
               "(apply --restart allows it for every resource)", default="never", compare=False),
