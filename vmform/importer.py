@@ -262,7 +262,7 @@ def _generic_values(kind: str, root: Element, autostart: bool) -> dict[str, Any]
     return values
 
 
-CARRIES_XML = ("domain", "network")  # kinds with an xml: section
+CARRIES_XML = ("domain", "network", "pool")  # kinds with an xml: section
 
 # Parts of a document import never writes into a manifest, and why.
 NOT_CARRIED = {
@@ -519,8 +519,6 @@ def import_objects(workspace: Workspace, conn: libvirt.virConnect, addresses: li
         for resource in workspace.manifests.resources.values():
             if resource.kind.name == kind and resource.libvirt_name == name:
                 raise ImportError_(f"{address}: {resource.address} already declares a {kind} named '{name}'")
-        if kind == "pool" and (root.get("type") != "dir"):
-            raise ImportError_(f"{address}: pool type '{root.get('type')}' cannot be expressed (dir only)")
         found.append((kind, name, obj, root))
 
     refs = _Refs(workspace, [(kind, name, name) for kind, name, _, _ in found])

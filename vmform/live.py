@@ -132,7 +132,7 @@ def read_pool(pool: libvirt.virStoragePool, ledger: Ledger) -> LiveObject:
     values = _read_bound("pool", config)
     values["autostart"] = bool(pool.autostart())
     uuid = pool.UUIDString()
-    obj = LiveObject("pool", pool.name(), values, {"uuid": uuid}, active=bool(pool.isActive()))
+    obj = LiveObject("pool", pool.name(), values, {"uuid": uuid}, active=bool(pool.isActive()), config_root=config)
     obj.address = ledger.pool_address(pool.name(), uuid)
     return obj
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import uuid as uuidlib
 from typing import Any
 
+from vmform.live import parse_xml
 from vmform.plan import Change
 from vmform.providers.base import ApplyContext, Provider
 from vmform.render.validate import validate
-from vmform.render.xml import render_pool, to_text
+from vmform.render.xml import render_pool, to_text, write_fields
+from vmform.schema.pool import BUILT_TYPES
 
 
 def _lookup(ctx: ApplyContext, change: Change) -> Any:
@@ -38,7 +40,8 @@ class PoolProvider(Provider):
             ctx.save_ledger()
             raise
         try:
-            pool.build(0)
+            if change.after.get("type", "dir") in BUILT_TYPES:
+                pool.build(0)
             pool.create(0)
         except libvirt.libvirtError:
             pool.undefine()
@@ -48,8 +51,17 @@ class PoolProvider(Provider):
         pool.setAutostart(1 if change.after.get("autostart", True) else 0)
 
     def update(self, ctx: ApplyContext, change: Change) -> None:
+        import libvirt
+
         assert change.after is not None
         pool = _lookup(ctx, change)
+        xml_fields = sorted({f.path.split("[", 1)[0].split(".", 1)[0] for f in change.fields} - {"autostart"})
+        if xml_fields:
+            # Redefined in place (same UUID): an active pool picks the new definition up when it restarts.
+            root = parse_xml(pool.XMLDesc(libvirt.VIR_STORAGE_XML_INACTIVE))
+            write_fields("pool", root, change.after, xml_fields)
+            validate("pool", root, change.address)
+            ctx.connections.get().storagePoolDefineXML(to_text(root))
         if any(f.path == "autostart" for f in change.fields):
             pool.setAutostart(1 if change.after["autostart"] else 0)
         if not pool.isActive():

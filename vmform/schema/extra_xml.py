@@ -28,6 +28,8 @@ RESERVED = {
                "metadata": "vmform keeps its ownership record there"},
     "network": {"name": "the libvirt name comes from the manifest key (or name:)",
                 "metadata": "vmform keeps its ownership record there"},
+    "pool": {"name": "the libvirt name comes from the manifest key (or name:)",
+             "uuid": "vmform gives the pool its UUID and records it in its ledger"},
 }
 
 

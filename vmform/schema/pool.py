@@ -6,16 +6,24 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from vmform.schema.extra_xml import ExtraXml, ExtraXmlBinding
 from vmform.schema.kind import Kind
 from vmform.schema.types import Bool, Effect, Enum, FieldSpec, Str
 from vmform.schema.xmlbind import Attr, Text
 
+POOL_TYPES = ("dir", "fs", "netfs", "logical", "disk", "iscsi", "iscsi-direct", "scsi", "mpath", "rbd", "gluster",
+              "zfs", "vstorage")
+BUILT_TYPES = ("dir", "netfs")  # building the others formats devices: vmform never does it
+
 FIELDS: tuple[FieldSpec, ...] = (
-    FieldSpec("type", Enum(("dir",)), "pool type", effect=Effect.REPLACE, xml="pool/@type", default="dir",
+    FieldSpec("type", Enum(POOL_TYPES), "pool type; vmform builds only dir and netfs pools (the others must exist: "
+              "their build would format disks)", effect=Effect.REPLACE, xml="pool/@type", default="dir",
               binding=Attr(".", "type")),
     FieldSpec("path", Str(pattern=r"/[^\x00]*", hint="an absolute path"), "directory holding the volumes",
               effect=Effect.REPLACE, xml="target/path", required=True, binding=Text("target/path", os.path.normpath)),
     FieldSpec("autostart", Bool(), "start with the host", effect=Effect.LIVE, default=True),
+    FieldSpec("xml", ExtraXml("pool"), "anything else of libvirt's storage pool XML (source, target permissions, …), "
+              "element by element; merged after the curated fields", xml="(any)", binding=ExtraXmlBinding("pool")),
 )
 
 
