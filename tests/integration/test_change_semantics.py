@@ -323,3 +323,17 @@ def test_paused_state_is_kept_and_resumed(project: Any, conn: Any) -> None:
     project.apply()
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     no_changes(project)
+
+
+def test_growing_a_volume_a_running_domain_uses_is_live(project: Any, conn: Any) -> None:
+    p = project.prefix
+    project.write(lab(project))
+    project.apply()
+    dom = conn.lookupByName(f"{p}-vm")
+    first_id = domain_id_of(conn, dom)
+    project.write(lab(project).replace(f"{{pool: {p}-pool, size: 32MiB}}", f"{{pool: {p}-pool, size: 48MiB}}"))
+    assert fields(project.plan_json(), f"volume.{p}-root") == {"size": "live"}
+    project.apply()
+    assert dom.blockInfo("vda")[0] == 48 * 1024**2  # the running guest's disk is the new size
+    assert domain_id_of(conn, dom) == first_id
+    no_changes(project)

@@ -97,6 +97,15 @@ class VolumeProvider(Provider):
         for field_change in change.fields:
             if field_change.path == "size":
                 vol = _pool(ctx, after["pool"]).storageVolLookupByName(change.name)
+                user = _running_user(ctx, vol.path(), after["pool"], change.name)
+                if user is not None:
+                    # QEMU holds the image open (and locked): grow it through the running domain, so the
+                    # guest sees the new size at once.
+                    import libvirt
+
+                    domain, target = user
+                    domain.blockResize(target, after["size"], libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+                    continue
                 with ctx.pool_locks[after["pool"]]:
                     vol.resize(after["size"], 0)
 
@@ -114,6 +123,22 @@ class VolumeProvider(Provider):
                 vol.delete(0)
         ctx.ledger.forget("volume", change.address, pool=pool_name, name=change.live_name or change.name)
         ctx.save_ledger()
+
+
+def _running_user(ctx: ApplyContext, path: str, pool: str, name: str) -> tuple[Any, str] | None:
+    """A running domain with this image as a disk (by path, or as pool/volume), and the disk's target."""
+    import libvirt
+
+    from vmform.live import parse_xml
+
+    for domain in ctx.connections.get().listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        for disk in parse_xml(domain.XMLDesc(0)).findall("devices/disk"):
+            source, target = disk.find("source"), disk.find("target")
+            if source is None or target is None:
+                continue
+            if source.get("file") == path or (source.get("pool"), source.get("volume")) == (pool, name):
+                return domain, str(target.get("dev"))
+    return None
 
 
 PROVIDER = VolumeProvider()
