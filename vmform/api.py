@@ -54,14 +54,26 @@ def validate(workspace: Workspace) -> None:
     """Check what every resource would render against libvirt's RNG schemas (no connection needed); the
     manifest schema, references and cycles were checked when the workspace loaded."""
     from vmform.render.validate import validate as validate_xml
-    from vmform.render.xml import render_resource
 
     for resource in workspace.manifests.resources.values():
-        kind = resource.kind.name
-        backing = "/validate/backing.qcow2" if resource.desired.get("backing") else None
-        root = render_resource(kind, resource.libvirt_name, resource.desired, workspace.project.name, resource.address,
-                               backing)
-        validate_xml(kind, root, resource.address)
+        validate_xml(resource.kind.name, render(workspace, resource), resource.address)
+
+
+def render(workspace: Workspace, resource: Any) -> Any:
+    """The XML a resource is created from (a volume's backing file at the path its pool will give it)."""
+    from vmform.render.xml import render_resource
+
+    return render_resource(resource.kind.name, resource.libvirt_name, resource.desired, workspace.project.name,
+                           resource.address, _backing_path(workspace, resource))
+
+
+def _backing_path(workspace: Workspace, resource: Any) -> str | None:
+    backing = resource.desired.get("backing") if resource.kind.name == "volume" else None
+    if not backing:
+        return None
+    pools = [p for p in workspace.manifests.of_kind("pool") if p.libvirt_name == backing.get("pool")]
+    directory = pools[0].desired.get("path") if pools else f"/{backing.get('pool')}"
+    return f"{directory}/{backing.get('volume')}"
 
 
 def connect(workspace: Workspace, uri: str | None = None) -> ConnectionPool:

@@ -312,8 +312,9 @@ def destroy(ctx: click.Context, auto_approve: bool, parallelism: int | None, tar
 @click.pass_context
 def render(ctx: click.Context, addresses: tuple[str, ...], no_argv: bool) -> None:
     """Print the libvirt XML of resources (all when none named) and, for domains, the QEMU command line."""
+    from vmform import api
     from vmform.render.validate import validate
-    from vmform.render.xml import render_resource, to_text
+    from vmform.render.xml import to_text
     from vmform.schema.types import did_you_mean
 
     out: Output = ctx.obj["out"]
@@ -326,8 +327,7 @@ def render(ctx: click.Context, addresses: tuple[str, ...], no_argv: bool) -> Non
     connection = None
     for resource in chosen:
         kind = resource.kind.name
-        backing = "(path of the backing volume)" if resource.desired.get("backing") else None
-        root = render_resource(kind, resource.libvirt_name, resource.desired, workspace.project.name, resource.address, backing)
+        root = api.render(workspace, resource)
         validate(kind, root, resource.address)
         text = to_text(root)
         out.line(f"[bold]# {resource.address}[/bold]")
