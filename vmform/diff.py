@@ -190,6 +190,9 @@ def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], li
                 "shrinking a disk image loses data and is refused"
             )
         running_value = live.running_values.get(spec.name, before) if live.active and live.running_values else before
+        if spec.same is not None:  # libvirt rewrote the value into an equal one: compare as written
+            before = after if spec.same(before, after) else before
+            running_value = after if spec.same(running_value, after) else running_value
         if before == after and running_value == after:
             continue
         effect = _effect(kind, spec, desired, live)

@@ -337,3 +337,14 @@ def test_growing_a_volume_a_running_domain_uses_is_live(project: Any, conn: Any)
     assert dom.blockInfo("vda")[0] == 48 * 1024**2  # the running guest's disk is the new size
     assert domain_id_of(conn, dom) == first_id
     no_changes(project)
+
+
+def test_machine_alias_converges(project: Any, conn: Any) -> None:
+    p = project.prefix
+    project.write(lab(project, state="stopped", domain_extra="    machine: q35"))
+    project.apply()
+    machine = etree.fromstring(conn.lookupByName(f"{p}-vm").XMLDesc(0).encode()).find("os/type").get("machine")
+    assert machine.startswith("pc-q35-"), machine  # libvirt resolved the alias
+    no_changes(project)
+    project.write(lab(project, state="stopped", domain_extra="    machine: pc"))
+    assert fields(project.plan_json(), f"domain.{p}-vm") == {"machine": "live"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -762,6 +763,18 @@ INTERFACE = Obj(
     shorthand="network",
 )
 
+# QEMU machine aliases and the versioned types libvirt resolves them to when it defines a domain.
+MACHINE_ALIASES = {"q35": r"pc-q35-[0-9.]+", "pc": r"pc-i440fx-[0-9.]+", "virt": r"virt-[0-9.]+",
+                   "s390-ccw-virtio": r"s390-ccw-virtio-[0-9.]+", "pseries": r"pseries-[0-9.]+"}
+
+
+def machine_matches(live: Any, desired: Any) -> bool:
+    """A domain defined with an alias keeps the versioned type it got: no change, and no restart after a QEMU
+    upgrade moves the alias."""
+    pattern = MACHINE_ALIASES.get(str(desired))
+    return live == desired or (pattern is not None and isinstance(live, str) and re.fullmatch(pattern, live) is not None)
+
+
 FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("description", Str(), "free text shown by virsh", effect=Effect.LIVE, xml="description", default="",
               binding=Text("description")),
@@ -769,8 +782,9 @@ FIELDS: tuple[FieldSpec, ...] = (
               default="kvm", binding=Attr(".", "type")),
     FieldSpec("arch", Enum(("x86_64", "i686", "aarch64", "ppc64le", "s390x", "riscv64")),
               "guest architecture (default: the host's)", xml="os/type/@arch", binding=Attr("os/type", "arch")),
-    FieldSpec("machine", Str(pattern=r"[A-Za-z0-9_.-]+"), "machine type, e.g. q35 or pc (default: libvirt's)",
-              xml="os/type/@machine", binding=Attr("os/type", "machine")),
+    FieldSpec("machine", Str(pattern=r"[A-Za-z0-9_.-]+"), "machine type, e.g. q35 or pc (default: libvirt's); an "
+              "alias matches the versioned type libvirt resolves it to (q35: pc-q35-7.2)",
+              xml="os/type/@machine", binding=Attr("os/type", "machine"), same=machine_matches),
     FieldSpec("firmware", Enum(("bios", "efi")), "firmware, picked by libvirt's auto-selection (never a distro OVMF "
               "path); an existing OVMF pflash loader reads as efi", xml="os/@firmware", binding=Firmware()),
     FieldSpec("secure_boot", Bool(), "UEFI secure boot with the distribution's keys enrolled (needs firmware: efi; "

@@ -285,6 +285,8 @@ class FieldSpec:
     effect_doc: str = ""  # when the effect depends on the values (e.g. live within the maximum)
     binding: Any = None  # an xmlbind.XmlBinding; None for fields read through the API (state, autostart)
     compare: bool = True  # False: written at create, never diffed (libvirt keeps or rewrites it)
+    # When libvirt rewrites a value into an equal one (a machine alias into its versioned name): (live, desired)
+    same: Any = None
     sensitive: bool = False  # compared and shown by digest and size only (vmform.sensitive); show --sensitive prints it
 
 
