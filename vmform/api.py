@@ -16,6 +16,7 @@ from vmform.graph import build_graph, creation_order
 from vmform.guests import DomainOutput
 from vmform.live import LiveState, read_host
 from vmform.manifest.loader import load_manifests
+from vmform.manifest.variables import VariableInputs
 from vmform.model import Manifests
 from vmform.ownership import Ledger, LockInfo, ProjectLock, current_lock
 from vmform.ownership import force_unlock as remove_lock
@@ -38,9 +39,10 @@ class Workspace:
     order: list[str]
 
 
-def load_workspace(directory: Path | str | None = None) -> Workspace:
+def load_workspace(directory: Path | str | None = None, variables: VariableInputs | None = None) -> Workspace:
+    """The project, its manifests loaded with ``variables`` (set from outside: files, assignments, env)."""
     project = load_project(directory)
-    manifests = load_manifests(project.name, project.manifest_files(), project.root)
+    manifests = load_manifests(project.name, project.manifest_files(), project.root, project.settings, variables)
     graph = build_graph(manifests)
     return Workspace(project, manifests, graph, creation_order(graph))
 

@@ -66,8 +66,21 @@ class VmformGroup(click.Group):
 def main(ctx: click.Context, directory: str | None, no_color: bool, quiet: bool) -> None:
     """Declarative KVM/QEMU hosts: YAML manifests -> plan -> apply, through libvirt."""
     color = not no_color and not os.environ.get("NO_COLOR")
-    ctx.obj = {"directory": directory, "out": Output(color, quiet)}
+    ctx.obj = {"directory": directory, "out": Output(color, quiet), "var": [], "var_file": []}
     _terminate_like_interrupt()
+
+
+def _remember(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> None:
+    ctx.find_root().obj[str(param.name)].extend(values)
+
+
+def variable_options(command: Any) -> Any:
+    """-var NAME=VALUE and -var-file FILE, on every command that reads the manifests."""
+    command = click.option("-var", "--var", "var", multiple=True, metavar="NAME=VALUE", expose_value=False,
+                           callback=_remember, help="Set a variable (repeatable; overrides var files).")(command)
+    return click.option("-var-file", "--var-file", "var_file", multiple=True, metavar="FILE", expose_value=False,
+                        callback=_remember, type=click.Path(dir_okay=False),
+                        help="Read variables from a YAML file (repeatable; later files override earlier).")(command)
 
 
 def _terminate_like_interrupt() -> None:
@@ -84,9 +97,13 @@ def _terminate_like_interrupt() -> None:
 
 
 def _workspace(ctx: click.Context) -> Any:
-    from vmform.api import load_workspace
+    from pathlib import Path
 
-    return load_workspace(ctx.obj["directory"])
+    from vmform.api import load_workspace
+    from vmform.manifest.variables import VariableInputs
+
+    inputs = VariableInputs([Path(f) for f in ctx.obj["var_file"]], list(ctx.obj["var"]))
+    return load_workspace(ctx.obj["directory"], inputs)
 
 
 def _print_plan(out: Output, plan: Any, output_format: str = "text", before_apply: bool = False) -> None:
@@ -112,6 +129,7 @@ FORMAT = click.Choice(["text", "json", "markdown"])
 
 
 @main.command()
+@variable_options
 @click.option("--target", "targets", multiple=True, metavar="ADDRESS", help="Limit to ADDRESS and what it depends on.")
 @click.option("--detailed-exitcode", is_flag=True, help="Exit 0: no changes, 1: error, 2: changes present.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (same as --format json; docs/JSON.md).")
@@ -213,6 +231,7 @@ def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: A
 
 
 @main.command()
+@variable_options
 @click.argument("plan_file", required=False, type=click.Path(dir_okay=False), metavar="[PLAN_FILE]")
 @click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--parallelism", type=click.IntRange(1, 64), default=None, help="Changes made at once (default: vmform.toml).")
@@ -279,6 +298,7 @@ def _wait_for_addresses(out: Output, workspace: Any, connections: Any, timeout: 
 
 
 @main.command()
+@variable_options
 @click.option("--auto-approve", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--parallelism", type=click.IntRange(1, 64), default=None, help="Changes made at once (default: vmform.toml).")
 @click.option("--target", "targets", multiple=True, metavar="ADDRESS", help="Only ADDRESS and what uses it.")
@@ -307,6 +327,7 @@ def destroy(ctx: click.Context, auto_approve: bool, parallelism: int | None, tar
 
 
 @main.command()
+@variable_options
 @click.argument("addresses", nargs=-1)
 @click.option("--no-argv", is_flag=True, help="Do not ask libvirt for the QEMU command line.")
 @click.pass_context
@@ -351,6 +372,7 @@ def render(ctx: click.Context, addresses: tuple[str, ...], no_argv: bool) -> Non
 
 
 @main.command()
+@variable_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def output(ctx: click.Context, as_json: bool) -> None:
@@ -380,6 +402,7 @@ def output(ctx: click.Context, as_json: bool) -> None:
 
 
 @main.command()
+@variable_options
 @click.argument("address")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing what the guest writes (Ctrl-C stops).")
 @click.option("-n", "--lines", type=click.IntRange(1), default=None, help="Only the last N lines.")
@@ -429,6 +452,7 @@ def console(ctx: click.Context, address: str, follow: bool, lines: int | None, l
 
 
 @main.command()
+@variable_options
 @click.pass_context
 def validate(ctx: click.Context) -> None:
     """Check the manifests without connecting to libvirt: schema, references, cycles, and the XML they
@@ -443,6 +467,7 @@ def validate(ctx: click.Context) -> None:
 
 
 @main.command()
+@variable_options
 @click.argument("args", nargs=-1, metavar="[PLAN_FILE | ADDRESS...]")
 @click.option("--json", "as_json", is_flag=True, help="Print a saved plan as JSON (docs/JSON.md).")
 @click.option("--sensitive", is_flag=True, help="Print sensitive values (cloud-init user-data) instead of their digest.")
@@ -524,6 +549,7 @@ def schema(output: str | None) -> None:
 
 
 @main.command()
+@variable_options
 @click.option("--format", "output_format", type=click.Choice(["dot", "mermaid"]), default="dot", show_default=True)
 @click.pass_context
 def graph(ctx: click.Context, output_format: str) -> None:
@@ -559,6 +585,7 @@ def fmt(ctx: click.Context, check: bool, show_diff: bool) -> None:
 
 
 @main.command("import")
+@variable_options
 @click.argument("addresses", nargs=-1)
 @click.option("--all", "take_all", is_flag=True, help="Every unmanaged domain, network and pool (see --filter).")
 @click.option("--filter", "pattern", default="*", show_default=True, help="With --all: only names matching GLOB.")

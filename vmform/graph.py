@@ -57,9 +57,12 @@ def _edges(graph: nx.DiGraph) -> list[tuple[str, str]]:
 
 def to_dot(graph: nx.DiGraph, title: str = "vmform") -> str:
     """Graphviz DOT: one node per address, an edge A -> B when B needs A (A is created first)."""
-    lines = [f'digraph "{title}" {{', "  rankdir=LR;", "  node [shape=box];"]
-    lines += [f'  "{address}";' for address in creation_order(graph)]
-    lines += [f'  "{source}" -> "{target}";' for source, target in _edges(graph)]
+    def quoted(text: str) -> str:  # addresses of instances hold quotes: domain.worker["a"]
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = [f"digraph {quoted(title)} {{", "  rankdir=LR;", "  node [shape=box];"]
+    lines += [f"  {quoted(address)};" for address in creation_order(graph)]
+    lines += [f"  {quoted(source)} -> {quoted(target)};" for source, target in _edges(graph)]
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -69,6 +72,6 @@ def to_mermaid(graph: nx.DiGraph, title: str = "vmform") -> str:
     with the addresses, since Mermaid ids cannot hold dots."""
     ids = {address: f"n{number}" for number, address in enumerate(creation_order(graph))}
     lines = ["flowchart LR", f"  %% vmform project {title}"]
-    lines += [f'  {ids[address]}["{address}"]' for address in ids]
+    lines += [f'  {ids[address]}["{address.replace(chr(34), "#quot;")}"]' for address in ids]
     lines += [f"  {ids[source]} --> {ids[target]}" for source, target in _edges(graph)]
     return "\n".join(lines) + "\n"

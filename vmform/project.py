@@ -71,8 +71,11 @@ def load_project(start: Path | str | None = None) -> Project:
         if key not in _KEYS:
             raise ProjectError(f"{shown}: unknown setting 'project.{key}'{did_you_mean(key, sorted(_KEYS))}")
     for key in settings:
-        if key not in ("project",):
-            raise ProjectError(f"{shown}: unknown table '{key}'{did_you_mean(key, ['project'])}")
+        if key not in ("project", "variables", "vars"):
+            raise ProjectError(f"{shown}: unknown table '{key}'{did_you_mean(key, ['project', 'variables', 'vars'])}")
+    for key in ("variables", "vars"):
+        if not isinstance(settings.get(key, {}), dict):
+            raise ProjectError(f"{shown}: [{key}] must be a table")
     name = section.get("name", root.name)
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ProjectError(f"{shown}: project.name must be letters, digits and _.- (got {name!r})")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lxml import etree
 
 from vmform.errors import ManifestError, ManifestErrors, Position
+from vmform.manifest.expressions import evaluate_tree
+from vmform.manifest.variables import Declaration, Recorder, VariableInputs, parse_declaration, resolve
 from vmform.manifest.yamlsource import SourceMap, YamlDocument, load_yaml
 from vmform.model import Manifests, Resource
 from vmform.schema.extra_xml import YIELDS_WITH, foreign_paths, overlap, owned_paths, regions
@@ -19,14 +23,17 @@ from vmform.schema.types import NAME, FieldError, FieldErrors, did_you_mean, par
 from vmform.schema.xslt import Stylesheet
 
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+VARIABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 
 
 class _Collector:
     def __init__(self) -> None:
         self.errors: list[ManifestError] = []
 
-    def add(self, message: str, position: Position) -> None:
-        self.errors.append(ManifestError(message, position))
+    def add(self, message: str, position: Position | None) -> None:
+        # Instances of one counted resource share their source: report each mistake once.
+        if not any(e.message == message and e.position == position for e in self.errors):
+            self.errors.append(ManifestError(message, position))
 
     def field_errors(self, exc: FieldError, source: SourceMap, base: tuple[str | int, ...]) -> None:
         problems = exc.errors if isinstance(exc, FieldErrors) else [exc]
@@ -44,10 +51,13 @@ def _display_path(path: Path, root: Path | None) -> str:
         return str(path)
 
 
-def load_manifests(project_name: str, files: Iterable[Path], root: Path | None = None) -> Manifests:
-    """Load, check and bind every resource; raises ManifestErrors listing all mistakes."""
+def load_manifests(project_name: str, files: Iterable[Path], root: Path | None = None,
+                   settings: Mapping[str, Any] | None = None, inputs: VariableInputs | None = None) -> Manifests:
+    """Load, check and bind every resource; raises ManifestErrors listing all mistakes. ``settings`` is the
+    parsed vmform.toml (its [variables] and [vars]); ``inputs`` the variables set from outside."""
     collector = _Collector()
     manifests = Manifests(project_name)
+    loaded: list[tuple[Path, YamlDocument]] = []
     for file in files:
         shown = _display_path(file, root)
         manifests.files.append(shown)
@@ -64,8 +74,11 @@ def load_manifests(project_name: str, files: Iterable[Path], root: Path | None =
             continue
         documents, errors = load_yaml(text, shown)
         collector.errors.extend(errors)
-        for document in documents:
-            _load_document(document, file, manifests, collector)
+        loaded.extend((file, document) for document in documents)
+    scope = _variables(loaded, settings or {}, _display_path(root / "vmform.toml", root) if root else "vmform.toml",
+                       inputs, collector)
+    for file, document in loaded:
+        _load_document(document, file, manifests, collector, scope)
     _check_references(manifests, collector)
     if collector.errors:
         raise ManifestErrors(collector.errors)
@@ -145,7 +158,55 @@ def _check_extra_xml(resource: Resource, collector: _Collector) -> None:
                 resource.desired.pop(follower, None)
 
 
-def _load_document(document: YamlDocument, file: Path, manifests: Manifests, collector: _Collector) -> None:
+@dataclass
+class _Scope:
+    """What expressions see: the variables' values, and which of them are sensitive."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    sensitive: set[str] = field(default_factory=set)
+
+
+def _variables(loaded: list[tuple[Path, YamlDocument]], settings: Mapping[str, Any], project_file: str,
+               inputs: VariableInputs | None, collector: _Collector) -> _Scope:
+    declarations: dict[str, Declaration] = {}
+
+    def declare(name: Any, raw: Any, position: Position) -> None:
+        if not isinstance(name, str) or not VARIABLE_NAME.fullmatch(name):
+            collector.add(f"variable name {name!r} must be letters, digits and _ (starting with a letter)", position)
+            return
+        if name in declarations:
+            collector.add(f"variable '{name}' is declared twice (first at {declarations[name].position})", position)
+            return
+        declaration, problem = parse_declaration(name, raw, position)
+        if problem:
+            collector.add(problem, position)
+        elif declaration is not None:
+            declarations[name] = declaration
+
+    table = settings.get("variables") or {}
+    for name, raw in (table.items() if isinstance(table, Mapping) else []):
+        declare(name, raw, Position(project_file, 1, 1))
+    for _file, document in loaded:
+        section = document.data.get("variables") if isinstance(document.data, dict) else None
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            collector.add("'variables' must be a mapping of variable names to {type, default, …}",
+                          document.source.value(("variables",)))
+            continue
+        for name, raw in section.items():
+            declare(name, raw, document.source.key(("variables", name)))
+    project_values = settings.get("vars") or {}
+    values, errors = resolve(declarations, project_values if isinstance(project_values, Mapping) else {},
+                             project_file, inputs)
+    for message, position in errors:
+        collector.add(message, position)  # None: set from the command line or the environment
+    return _Scope(values, {name for name, d in declarations.items() if d.sensitive})
+
+
+def _load_document(document: YamlDocument, file: Path, manifests: Manifests, collector: _Collector,
+                   scope: _Scope | None = None) -> None:
+    scope = scope or _Scope()
     data, source = document.data, document.source
     if data is None:
         return
@@ -153,10 +214,13 @@ def _load_document(document: YamlDocument, file: Path, manifests: Manifests, col
         collector.add("a manifest must be a mapping of sections (domains:, networks:, pools:, volumes:)", source.value(()))
         return
     for section, body in data.items():
+        if section == "variables":
+            continue  # read first, by _variables
         kind = SECTIONS.get(section)
         if kind is None:
-            hint = did_you_mean(section, list(SECTIONS))
-            collector.add(f"unknown section '{section}'{hint} (sections: {', '.join(SECTIONS)})", source.key((section,)))
+            hint = did_you_mean(section, [*SECTIONS, "variables"])
+            collector.add(f"unknown section '{section}'{hint} (sections: {', '.join(SECTIONS)}, variables)",
+                          source.key((section,)))
             continue
         if body is None:
             continue
@@ -164,18 +228,101 @@ def _load_document(document: YamlDocument, file: Path, manifests: Manifests, col
             collector.add(f"'{section}' must be a mapping of names to {kind.name} definitions", source.value((section,)))
             continue
         for key, raw in body.items():
-            _load_resource(kind, key, raw, file, source, manifests, collector)
+            _expand_resource(kind, key, raw, file, source, manifests, collector, scope)
 
 
-def _load_resource(
-    kind: Kind, key: str, raw: Any, file: Path, source: SourceMap, manifests: Manifests, collector: _Collector
-) -> None:
+MAX_INSTANCES = 1000
+
+
+def _expand_resource(kind: Kind, key: Any, raw: Any, file: Path, source: SourceMap, manifests: Manifests,
+                     collector: _Collector, scope: _Scope) -> None:
+    """count / for_each make instances (worker[0], worker["a"]); then each instance's expressions are
+    evaluated with var, index and each, and the instance is loaded as a resource."""
     path = (kind.section, key)
     try:
         NAME.parse(key)
     except FieldError as exc:
         collector.add(f"{kind.name} name {exc.message}", source.key(path))
         return
+    if not isinstance(raw, dict) or ("count" not in raw and "for_each" not in raw):
+        _load_evaluated(kind, key, raw, None, {}, file, source, manifests, collector, scope, path)
+        return
+    body = {k: v for k, v in raw.items() if k not in ("count", "for_each")}
+    if "count" in raw and "for_each" in raw:
+        collector.add("a resource takes count or for_each, not both", source.key((*path, "for_each")))
+        return
+    repeat_key = "count" if "count" in raw else "for_each"
+    repeat, errors = evaluate_tree(raw[repeat_key], {"var": Recorder(scope.values)}, (*path, repeat_key))
+    for where, message in errors:
+        collector.add(message, source.value(where))
+    if errors:
+        return
+    instances: list[tuple[str, str, dict[str, Any]]] = []
+    if repeat_key == "count":
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or not 0 <= repeat <= MAX_INSTANCES:
+            collector.add(f"count must be a whole number from 0 to {MAX_INSTANCES}, got {repeat!r}",
+                          source.value((*path, "count")))
+            return
+        instances = [(f"{key}[{number}]", f"{key}-{number}", {"index": number}) for number in range(repeat)]
+    else:
+        if isinstance(repeat, list):
+            if not all(isinstance(item, str) for item in repeat) or len(set(repeat)) != len(repeat):
+                collector.add("for_each over a list takes distinct strings (use a mapping for anything else)",
+                              source.value((*path, "for_each")))
+                return
+            items = [(item, item) for item in repeat]
+        elif isinstance(repeat, dict):
+            items = [(str(each_key), value) for each_key, value in repeat.items()]
+        else:
+            collector.add(f"for_each takes a mapping or a list of strings, got {repeat!r}", source.value((*path, "for_each")))
+            return
+        if len(items) > MAX_INSTANCES:
+            collector.add(f"for_each makes more than {MAX_INSTANCES} instances", source.value((*path, "for_each")))
+            return
+        for each_key, value in items:
+            try:
+                NAME.parse(f"{key}-{each_key}")
+            except FieldError:
+                collector.add(f"for_each key {each_key!r} cannot be part of a libvirt name (letters, digits, _.+-)",
+                              source.value((*path, "for_each")))
+                return
+            instances.append((f'{key}["{each_key}"]', f"{key}-{each_key}", {"each": {"key": each_key, "value": value}}))
+    for instance_key, default_name, extra in instances:
+        _load_evaluated(kind, instance_key, body, default_name, extra, file, source, manifests, collector, scope, path)
+
+
+def _load_evaluated(kind: Kind, key: str, raw: Any, default_name: str | None, extra: dict[str, Any], file: Path,
+                    source: SourceMap, manifests: Manifests, collector: _Collector, scope: _Scope,
+                    path: tuple[str | int, ...]) -> None:
+    if isinstance(raw, dict):
+        evaluated: dict[str, Any] = {}
+        failed = False
+        for field_name, value in raw.items():
+            recorder = Recorder(scope.values)
+            result, errors = evaluate_tree(value, {"var": recorder, **extra}, (*path, field_name))
+            for where, message in errors:
+                collector.add(message, source.value(where))
+            failed |= bool(errors)
+            secret = sorted(recorder.read & scope.sensitive)
+            spec = kind.spec(str(field_name))
+            if secret and not (spec is not None and spec.sensitive):
+                collector.add(f"sensitive variable '{secret[0]}' may only be used in sensitive fields (it would be "
+                              "shown in plans here)", source.value((*path, field_name)))
+                failed = True
+            evaluated[field_name] = result
+        if failed:
+            manifests.invalid.add(f"{kind.name}.{key}")
+            return
+        if default_name is not None and evaluated.get("name") is None:
+            evaluated["name"] = default_name
+        raw = evaluated
+    _load_resource(kind, key, raw, file, source, manifests, collector, path)
+
+
+def _load_resource(
+    kind: Kind, key: str, raw: Any, file: Path, source: SourceMap, manifests: Manifests, collector: _Collector,
+    path: tuple[str | int, ...],
+) -> None:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

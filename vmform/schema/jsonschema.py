@@ -83,8 +83,14 @@ def type_schema(value_type: ValueType) -> dict[str, Any]:
     return {}  # a type this generator does not know yet: accept anything rather than reject valid manifests
 
 
+# Any value may be an expression ("{{ var.prefix }}-web"), checked once evaluated.
+EXPRESSION = {"type": "string", "pattern": "\\{\\{|\\{%", "description": "an expression (Jinja2, sandboxed)"}
+
+
 def _field_schema(spec: FieldSpec) -> dict[str, Any]:
     schema = dict(type_schema(spec.type))
+    if schema:
+        schema = {"anyOf": [schema, EXPRESSION]}
     text = spec.doc
     effect = spec.effect_doc or spec.effect.value
     if spec.compare:
@@ -121,6 +127,18 @@ def manifest_schema() -> dict[str, Any]:
             "propertyNames": {"pattern": NAME_PATTERN},
             "additionalProperties": {"anyOf": [{"$ref": f"#/$defs/{kind.name}"}, {"type": "null"}]},
         }
+    from vmform.manifest.variables import TYPES
+
+    sections["variables"] = {
+        "description": "variables: name -> {type, default, description, sensitive} (or a default value)",
+        "type": ["object", "null"],
+        "propertyNames": {"pattern": "^[A-Za-z][A-Za-z0-9_]{0,63}$"},
+        "additionalProperties": {"anyOf": [
+            {"type": "object", "additionalProperties": False, "properties": {
+                "type": {"enum": list(TYPES)}, "default": {}, "description": {"type": "string"},
+                "sensitive": {"type": "boolean"}}},
+            {"not": {"type": "object"}}]},
+    }
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": SCHEMA_ID,

@@ -8,6 +8,20 @@ from typing import Any
 
 from vmform.schema.types import NAME, Bool, Enum, FieldSpec, ListOf, Obj, Ref, Str, ValueType
 
+
+@dataclass(frozen=True)
+class Repetition(ValueType):
+    """count / for_each: read and expanded by the loader before the fields are parsed."""
+
+    description: str
+
+    def parse(self, raw: Any) -> Any:
+        return raw
+
+    def describe(self) -> str:
+        return self.description
+
+
 # Opt-ins a resource can state with allow: (plans list them).
 OPT_INS = ("foreign_xml",)
 
@@ -32,6 +46,12 @@ META_FIELDS: tuple[FieldSpec, ...] = (
               "what this resource may do that vmform refuses by default, each named explicitly: foreign_xml (XML "
               "outside libvirt's namespace in xml: or xslt:, e.g. qemu:commandline or dnsmasq:options — it can "
               "make QEMU or dnsmasq do anything)", default=[], compare=False),
+    FieldSpec("count", Repetition("a whole number (or an expression giving one)"),
+              "make N instances: kind.NAME[0] … kind.NAME[N-1], libvirt names NAME-0 …; index in expressions",
+              compare=False),
+    FieldSpec("for_each", Repetition("a mapping, or a list of strings"),
+              "one instance per key: kind.NAME[\"key\"], libvirt name NAME-key; each.key and each.value in "
+              "expressions", compare=False),
     FieldSpec("restart_policy", Enum(("never", "allowed")),
               "may apply restart this domain or network to make restart-class changes take effect "
               "(apply --restart allows it for every resource)", default="never", compare=False),
