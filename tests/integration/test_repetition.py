@@ -1,0 +1,48 @@
+"""count and for_each on the real daemon: instances apply, converge, and shrink or grow one by one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def project_text(project: Any, workers: int, nets: str) -> str:
+    return f"""
+variables:
+  workers: {{type: number, default: {workers}}}
+networks:
+  lan:
+    for_each: {nets}
+    name: "{project.prefix}-lan-{{{{ each.key }}}}"
+    bridge: "{project.bridge_prefix}{{{{ each.key }}}}"
+domains:
+  worker:
+    count: "{{{{ var.workers }}}}"
+    name: "{project.prefix}-worker-{{{{ index }}}}"
+    type: qemu
+    memory: 32MiB
+    vcpus: "{{{{ 1 + index }}}}"
+    max_vcpus: 4
+    interfaces: ['lan["a"]']
+    state: stopped
+"""
+
+
+def test_instances_apply_converge_and_change_one_by_one(project: Any, conn: Any) -> None:
+    p = project.prefix
+    project.write(project_text(project, 3, "[a, c]"))
+    project.apply()
+    assert sorted(d.name() for d in conn.listAllDomains() if d.name().startswith(p)) == [
+        f"{p}-worker-0", f"{p}-worker-1", f"{p}-worker-2"]
+    assert conn.lookupByName(f"{p}-worker-2").vcpusFlags(0x2) >= 1
+    assert "No changes." in project.run("plan", check=True).stdout
+
+    project.write(project_text(project, 2, "[a, b, c]"))
+    plan = project.plan_json()
+    assert {(c["address"], c["action"]) for c in plan["changes"]} == {
+        ("domain.worker[2]", "delete"), ('network.lan["b"]', "create")}
+    project.apply()
+    assert "No changes." in project.run("plan", check=True).stdout
+    assert "No changes." in project.run("plan", "-var", "workers=2", check=True).stdout
+    assert project.run("plan", "--detailed-exitcode", "-var", "workers=3").code == 2
+    project.run("destroy", "--auto-approve", check=True)
+    assert project.leftovers() == []
