@@ -39,12 +39,16 @@ def display(spec: FieldSpec | None, value: Any) -> str:
         except (TypeError, ValueError):
             pass
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}={v}" for k, v in value.items() if v not in (None, False)) + "}"
+        return "{" + ", ".join(f"{k}={_nested(v)}" for k, v in value.items() if v not in (None, False)) + "}"
     if isinstance(value, list):
         return "[" + ", ".join(display(None, v) for v in value) + "]"
     if isinstance(value, str):
         return f'"{value}"'
     return str(value)
+
+
+def _nested(value: Any) -> str:
+    return display(None, value) if isinstance(value, dict | list) else str(value)
 
 
 def _field(spec: FieldSpec | None, path: str, before: Any, after: Any, effect: Effect) -> FieldChange:
