@@ -267,6 +267,8 @@ def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, paralle
             _print_plan(out, saved.plan, before_apply=True)
             if not saved.plan.empty:
                 _run_apply(ctx, workspace, connections, saved.plan, parallelism, "apply", lock_timeout, saved)
+            else:
+                api.check_saved(workspace, connections, saved)  # "nothing to do" must still be true now
             if wait_ip:
                 _wait_for_addresses(out, workspace, connections, wait_timeout)
             return
