@@ -9,7 +9,7 @@ from typing import Any
 
 from vmform.plan import Change
 from vmform.providers.base import ApplyContext, Provider
-from vmform.providers.volume import upload
+from vmform.providers.volume import delete_volume, upload
 from vmform.render.validate import validate
 from vmform.render.xml import render_seed_volume, to_text
 from vmform.schema.cloudinit import volume_name
@@ -62,20 +62,9 @@ class CloudInitProvider(Provider):
         raise RuntimeError(f"{change.address}: a seed is never changed in place")  # every field is replace-class
 
     def delete(self, ctx: ApplyContext, change: Change) -> None:
-        import libvirt
-
         pool_name = str(change.identity.get("pool") or (change.before or {}).get("pool"))
         volume = str(change.identity.get("volume") or volume_name(change.live_name or change.name))
-        try:
-            vol = ctx.connections.get().storagePoolLookupByName(pool_name).storageVolLookupByName(volume)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
-                raise
-        else:
-            with ctx.pool_locks[pool_name]:
-                vol.delete(0)
-        ctx.ledger.forget("volume", change.address, pool=pool_name, name=volume)
-        ctx.save_ledger()
+        delete_volume(ctx, change.address, pool_name, volume)
 
 
 PROVIDER = CloudInitProvider()

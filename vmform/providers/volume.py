@@ -110,19 +110,25 @@ class VolumeProvider(Provider):
                     vol.resize(after["size"], 0)
 
     def delete(self, ctx: ApplyContext, change: Change) -> None:
-        import libvirt
 
         pool_name = str(change.identity.get("pool") or (change.before or {}).get("pool"))
-        try:
-            vol = _pool(ctx, pool_name).storageVolLookupByName(change.live_name or change.name)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
-                raise
-        else:
-            with ctx.pool_locks[pool_name]:
-                vol.delete(0)
-        ctx.ledger.forget("volume", change.address, pool=pool_name, name=change.live_name or change.name)
-        ctx.save_ledger()
+        delete_volume(ctx, change.address, pool_name, change.live_name or change.name)
+
+
+def delete_volume(ctx: ApplyContext, address: str, pool_name: str, name: str) -> None:
+    """Delete a volume (already gone is fine), one storage job at a time per pool, then forget it."""
+    import libvirt
+
+    try:
+        vol = _pool(ctx, pool_name).storageVolLookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
+            raise
+    else:
+        with ctx.pool_locks[pool_name]:
+            vol.delete(0)
+    ctx.ledger.forget("volume", address, pool=pool_name, name=name)
+    ctx.save_ledger()
 
 
 def _running_user(ctx: ApplyContext, path: str, pool: str, name: str) -> tuple[Any, str] | None:

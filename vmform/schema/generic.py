@@ -808,16 +808,22 @@ def _paths(data: Any, info: ElementInfo | None, schema: SchemaModel, prefix: tup
         if key in (TEXT, OPAQUE):
             out.add((*prefix, key))
             continue
-        bare = key[1:] if key.startswith("@") else key
-        qname = schema.qname(bare)
-        ref = info.children.get(qname) if info is not None else None
-        is_attr = info is not None and (qname in info.attrs or info.any_attrs) and (
-            key.startswith("@") or ref is None or not isinstance(value, Mapping | list)
-        )
+        bare, is_attr, ref = _classify(key, value, info, schema)
         if is_attr:
             out.add((*prefix, f"@{bare}"))
         else:
             _paths(value, schema.info(ref.defs) if ref is not None else None, schema, (*prefix, bare), out)
+
+
+def _classify(key: str, value: Any, info: ElementInfo | None, schema: SchemaModel) -> tuple[str, bool, ChildRef | None]:
+    """A data key's bare name, whether it is an attribute here, and its child element's reference."""
+    bare = key[1:] if key.startswith("@") else key
+    qname = schema.qname(bare)
+    ref = info.children.get(qname) if info is not None else None
+    is_attr = info is not None and (qname in info.attrs or info.any_attrs) and (
+        key.startswith("@") or ref is None or not isinstance(value, Mapping | list)
+    )
+    return bare, is_attr, ref
 
 
 def owned_paths(data: Any, kind: str) -> list[tuple[str, ...]]:
@@ -836,12 +842,7 @@ def _owned(data: Mapping[str, Any], info: ElementInfo | None, schema: SchemaMode
         if key in (TEXT, OPAQUE):
             out.append((*prefix, key))
             continue
-        bare = key[1:] if key.startswith("@") else key
-        qname = schema.qname(bare)
-        ref = info.children.get(qname) if info is not None else None
-        is_attr = info is not None and (qname in info.attrs or info.any_attrs) and (
-            key.startswith("@") or ref is None or not isinstance(value, Mapping | list)
-        )
+        bare, is_attr, ref = _classify(key, value, info, schema)
         if is_attr:
             out.append((*prefix, f"@{bare}"))
         elif isinstance(value, list) or (isinstance(value, Mapping) and not value):
