@@ -25,6 +25,7 @@ LIST_KEYS: dict[tuple[str, str], tuple[str, Effect]] = {
     ("domain", "disks"): ("target", Effect.RESTART),
     ("domain", "interfaces"): ("mac", Effect.RESTART),
     ("network", "dhcp_hosts"): ("mac", Effect.LIVE),
+    ("network", "dns_hosts"): ("ip", Effect.LIVE),
 }
 
 

@@ -348,3 +348,26 @@ def test_machine_alias_converges(project: Any, conn: Any) -> None:
     no_changes(project)
     project.write(lab(project, state="stopped", domain_extra="    machine: pc"))
     assert fields(project.plan_json(), f"domain.{p}-vm") == {"machine": "live"}
+
+
+def test_interface_ip_and_hostname_are_live_reservations(project: Any, conn: Any) -> None:
+    p = project.prefix
+    project.write(lab(project))
+    project.apply()
+    dom = conn.lookupByName(f"{p}-vm")
+    net = conn.networkLookupByName(f"{p}-lan")
+    first_id = domain_id_of(conn, dom)
+    nic = '{network: ' + p + '-lan, mac: "52:54:00:aa:72:01"'
+    reserved = lab(project).replace(nic + "}", nic + f", ip: {project.subnet}.50, hostname: vm.lab.test}}")
+    project.write(reserved)
+    assert fields(project.plan_json(), f"network.{p}-lan") == {
+        "dhcp_hosts[52:54:00:aa:72:01]": "live", f"dns_hosts[{project.subnet}.50]": "live"}
+    project.apply()
+    running = net.XMLDesc(0)
+    assert f"ip='{project.subnet}.50'" in running and "<hostname>vm.lab.test</hostname>" in running
+    assert domain_id_of(conn, dom) == first_id and tap_master(dom) == f"{project.bridge_prefix}a"
+    no_changes(project)
+    project.write(reserved.replace(f"{project.subnet}.50", f"{project.subnet}.51"))
+    project.apply()
+    assert f"<host ip='{project.subnet}.51'>" in net.XMLDesc(0) and f"{project.subnet}.50'" not in net.XMLDesc(0)
+    no_changes(project)

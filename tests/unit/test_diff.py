@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
-from vmform.diff import compare
+from vmform.diff import LIST_KEYS, compare
 from vmform.errors import PlanError
 from vmform.live import LiveObject, _read_bound, _resolve_backing, domain_object, parse_xml, seed_object
 from vmform.manifest.loader import load_manifests
@@ -166,7 +166,7 @@ def check_change_values(resource: Resource, live: LiveObject, change: FieldChang
     desired = resource.desired[name]
     if key:
         key = key.rstrip("]")
-        list_key = "target" if name == "disks" else "mac"
+        list_key = LIST_KEYS[(resource.kind.name, name)][0]
         wanted = next((item for item in desired if item[list_key] == key), None)
         assert change.after == wanted
         assert change.before is None or change.before.get(list_key) == key

@@ -18,6 +18,7 @@ from vmform.manifest.yamlsource import SourceMap, YamlDocument, load_yaml
 from vmform.model import Manifests, Resource
 from vmform.schema.extra_xml import YIELDS_WITH, foreign_paths, overlap, owned_paths, regions
 from vmform.schema.kind import Kind, field_references
+from vmform.schema.network import add_reservations
 from vmform.schema.registry import KINDS, SECTIONS
 from vmform.schema.types import NAME, FieldError, FieldErrors, did_you_mean, parse_fields
 from vmform.schema.xslt import Stylesheet
@@ -85,6 +86,9 @@ def load_manifests(project_name: str, files: Iterable[Path], root: Path | None =
     for resource in manifests.resources.values():
         resource.desired = resource.kind.bind(resource, manifests)
         _check_extra_xml(resource, collector)
+    for domain, relative, message in add_reservations(manifests):
+        collector.add(message, domain.position(*relative))
+    for resource in manifests.resources.values():
         _check_stylesheet(resource, collector)
     if collector.errors:
         raise ManifestErrors(collector.errors)

@@ -13,7 +13,7 @@ from vmform.plan import Change
 from vmform.providers.base import ApplyContext, Provider
 from vmform.render.validate import validate
 from vmform.render.xml import render_network, to_text, write_fields
-from vmform.schema.network import dhcp_host_element
+from vmform.schema.network import dhcp_host_element, dns_host_element
 from vmform.schema.types import Effect
 
 LIVE_FIELDS = {"autostart", "dhcp_hosts"}
@@ -90,9 +90,13 @@ class NetworkProvider(Provider):
             net.create()
             replug(ctx, net.name(), change.replug)
         elif net.isActive():
-            for field in change.fields:
+            # Removals first: libvirt matches a DNS host to delete by its names too, and a new entry with the
+            # same name would make that ambiguous.
+            for field in sorted(change.fields, key=lambda f: f.after is not None):
                 if field.path.startswith("dhcp_hosts[") and field.effect is Effect.LIVE:
                     self._update_host(net, field.before, field.after)
+                elif field.path.startswith("dns_hosts[") and field.effect is Effect.LIVE:
+                    self._update_dns_host(net, field.before, field.after)
         if "autostart" in touched:
             net.setAutostart(1 if change.after["autostart"] else 0)
         if not net.isActive():
@@ -111,6 +115,18 @@ class NetworkProvider(Provider):
         assert host is not None
         xml = etree.tostring(dhcp_host_element(host), encoding="unicode")
         net.update(command, section, -1, xml, libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE)
+
+    def _update_dns_host(self, net: Any, before: dict[str, Any] | None, after: dict[str, Any] | None) -> None:
+        """libvirt cannot modify a DNS host in place: the old entry goes, the new one comes."""
+        import libvirt
+
+        section, live = libvirt.VIR_NETWORK_SECTION_DNS_HOST, libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE
+        if before is not None:
+            xml = etree.tostring(dns_host_element(before), encoding="unicode")
+            net.update(libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE, section, -1, xml, live)
+        if after is not None:
+            xml = etree.tostring(dns_host_element(after), encoding="unicode")
+            net.update(libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, section, -1, xml, live)
 
     def delete(self, ctx: ApplyContext, change: Change) -> None:
         net = _lookup(ctx, change)

@@ -20,6 +20,7 @@ from vmform.schema.types import (
     FieldErrors,
     FieldSpec,
     Int,
+    IPv4Address,
     ListOf,
     Mac,
     Obj,
@@ -753,12 +754,18 @@ HOSTDEV = Obj(
     shorthand="pci",
 )
 
+HOSTNAME = r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+
 INTERFACE = Obj(
     (
         FieldSpec("network", Ref("network"), "vmform network to plug into"),
         FieldSpec("bridge", Str(pattern=r"[A-Za-z0-9_.-]{1,15}", hint="a host bridge name, at most 15 characters"), "existing host bridge to plug into"),
         FieldSpec("mac", Mac(), "MAC address (default: derived from project and address, stable across rebuilds)"),
         FieldSpec("model", Enum(NIC_MODELS), "NIC model", default="virtio"),
+        FieldSpec("ip", IPv4Address(), "address reserved for this NIC: becomes a DHCP host entry of its network "
+                  "(changed live, no network restart)"),
+        FieldSpec("hostname", Str(pattern=HOSTNAME, hint="a host name such as web or web.lab.test"),
+                  "DNS name for the reserved address: a DNS host entry of its network (changed live)"),
     ),
     shorthand="network",
 )
@@ -929,7 +936,7 @@ def bind(resource: Any, index: Any) -> dict[str, Any]:
         else:
             entry["bridge"] = nic["bridge"]
         entry["model"] = nic["model"]
-        nics.append(entry)
+        nics.append(entry)  # ip and hostname live on the network (network.reservations), not in the domain
     desired["interfaces"] = nics
     if "video" not in desired and desired.get("graphics", "none") != "none":
         desired["video"] = "virtio"
@@ -989,6 +996,11 @@ def check(values: dict[str, Any]) -> Iterator[tuple[tuple[str | int, ...], str]]
         has_network, has_bridge = nic.get("network") is not None, nic.get("bridge") is not None
         if has_network == has_bridge:
             yield ("interfaces", number), "an interface needs exactly one of 'network' or 'bridge'"
+        for key in ("ip", "hostname"):
+            if nic.get(key) is not None and nic.get("network") is None:
+                yield ("interfaces", number, key), f"'{key}' is a reservation on a vmform network: it needs 'network'"
+        if nic.get("hostname") is not None and nic.get("ip") is None:
+            yield ("interfaces", number, "hostname"), "'hostname' names the reserved address: it needs 'ip'"
         if nic.get("mac"):
             if nic["mac"] in macs:
                 yield ("interfaces", number, "mac"), f"MAC {nic['mac']} is already used by interfaces[{macs[nic['mac']]}]"

@@ -8,6 +8,7 @@ from typing import Any
 
 from lxml import etree
 
+from vmform.schema.domain import HOSTNAME
 from vmform.schema.extra_xml import ExtraXml, ExtraXmlBinding
 from vmform.schema.kind import Kind
 from vmform.schema.types import (
@@ -144,6 +145,46 @@ class DhcpHosts(XmlBinding):
             node.remove(dhcp)
 
 
+class DnsHosts(XmlBinding):
+    """DNS host entries (``<dns><host ip=…><hostname>…``), matched by address (``networkUpdate`` changes them on
+    a running network); the rest of ``<dns>`` is left as it is."""
+
+    def read(self, root: Element) -> Any:
+        return [{"ip": host.get("ip"), "hostnames": [name.text or "" for name in host.findall("hostname")]}
+                for host in root.findall("dns/host")]
+
+    def write(self, root: Element, value: Any) -> None:
+        dns = root.find("dns")
+        if dns is None:
+            if not value:
+                return
+            dns = etree.Element("dns")
+            ip = root.find("ip")
+            if ip is not None:
+                ip.addprevious(dns)
+            else:
+                root.append(dns)
+        for host in dns.findall("host"):
+            dns.remove(host)
+        for host in value:
+            dns.append(dns_host_element(host))
+        if len(dns) == 0 and not dns.attrib:
+            root.remove(dns)
+
+
+def dns_host_element(host: dict[str, Any]) -> Element:
+    node = etree.Element("host", ip=host["ip"])
+    for name in host["hostnames"]:
+        etree.SubElement(node, "hostname").text = name
+    return node
+
+
+DNS_HOST = Obj((
+    FieldSpec("ip", IPv4Address(), "the address", required=True),
+    FieldSpec("hostnames", ListOf(Str(pattern=HOSTNAME, hint="a host name such as web or web.lab.test")),
+              "names that resolve to it", required=True),
+))
+
 DHCP_HOST = Obj((
     FieldSpec("mac", Mac(), "the guest interface's MAC address", required=True),
     FieldSpec("ip", IPv4Address(), "the address it always gets", required=True),
@@ -163,6 +204,9 @@ FIELDS: tuple[FieldSpec, ...] = (
               "DHCP range", xml="ip/dhcp/range", binding=Dhcp()),
     FieldSpec("dhcp_hosts", ListOf(DHCP_HOST), "static DHCP reservations", effect=Effect.LIVE,
               xml="ip/dhcp/host", default=[], binding=DhcpHosts(),
+              effect_doc="networkUpdate, no network restart (also made from domain interfaces with ip)"),
+    FieldSpec("dns_hosts", ListOf(DNS_HOST), "DNS host entries (also made from domain interfaces with ip and "
+              "hostname)", effect=Effect.LIVE, xml="dns/host", default=[], binding=DnsHosts(),
               effect_doc="networkUpdate, no network restart"),
     FieldSpec("mtu", Int(68, 65535), "MTU of the bridge", xml="mtu/@size", binding=Attr("mtu", "size", int, str)),
     FieldSpec("domain", Str(pattern=r"[A-Za-z0-9.-]{1,253}", hint="a DNS domain name"), "DNS domain of the network",
@@ -173,6 +217,42 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("xslt", Stylesheet(), "an XSLT stylesheet run last over the XML vmform writes (for ported "
               "configurations); it must be idempotent", xml="(any)", binding=StylesheetBinding()),
 )
+
+
+def add_reservations(manifests: Any) -> Iterator[tuple[Any, tuple[str | int, ...], str]]:
+    """A domain interface's ``ip`` and ``hostname`` become its network's DHCP host and DNS host entries (in
+    the network's desired values). Yields (domain resource, relative path, message) for mistakes."""
+    for domain in manifests.of_kind("domain"):
+        written = domain.values.get("interfaces") or []
+        bound = domain.desired.get("interfaces") or []
+        for number, (nic, desired_nic) in enumerate(zip(written, bound, strict=False)):
+            if not isinstance(nic, dict) or nic.get("ip") is None or nic.get("network") is None:
+                continue
+            network = manifests.get("network", nic["network"])
+            if network is None:
+                continue
+            where = ("interfaces", number, "ip")
+            subnet = network.desired.get("ipv4")
+            if subnet is None or ipaddress.IPv4Address(nic["ip"]) not in ipaddress.IPv4Interface(subnet).network:
+                yield domain, where, f"{nic['ip']} is not in {network.address}'s ipv4 network ({subnet or 'none'})"
+                continue
+            if "dhcp_hosts" not in network.desired:
+                yield domain, where, f"{network.address}'s xml: section states its DHCP hosts; {nic['ip']} cannot be added"
+                continue
+            hosts = network.desired["dhcp_hosts"]
+            if any(host["ip"] == nic["ip"] for host in hosts):
+                yield domain, where, f"{nic['ip']} is already reserved on {network.address}"
+                continue
+            entry = {"mac": desired_nic["mac"], "ip": nic["ip"]}
+            if nic.get("hostname"):
+                entry["name"] = nic["hostname"].split(".", 1)[0]
+            hosts.append(entry)
+            if nic.get("hostname"):
+                if "dns_hosts" not in network.desired:
+                    yield domain, ("interfaces", number, "hostname"), (
+                        f"{network.address}'s xml: section states its DNS hosts; a hostname cannot be added to them")
+                    continue
+                network.desired["dns_hosts"].append({"ip": nic["ip"], "hostnames": [nic["hostname"]]})
 
 
 def check(values: dict[str, Any]) -> Iterator[tuple[tuple[str | int, ...], str]]:
