@@ -1,12 +1,8 @@
 #!/usr/bin/python
-# -*- coding: utf-8 -*-
 # Copyright: (c) 2026, vmform developers
 
-"""The vmform Ansible module: a thin client of the vmform library API (vmform.api), as the CLI is."""
-
-from __future__ import absolute_import, division, print_function
-
-__metaclass__ = type
+"""The vmform Ansible module: a thin client of the vmform library API (vmform.api), as the CLI is.
+Python 3.11 or later, as vmform (tests/config.yml), so no Python 2 boilerplate."""
 
 DOCUMENTATION = r"""
 ---
@@ -240,6 +236,7 @@ VMFORM_IMPORT_ERROR = None
 try:
     import libvirt
     import yaml
+
     from vmform import api
     from vmform.connection import libvirt_message
     from vmform.errors import ManifestErrors, PlanErrors, VmformError
@@ -303,12 +300,12 @@ def _diff(change):
     if change["action"] in ("create", "delete"):
         before, after = _yaml(_shown(change["before"])), _yaml(_shown(change["after"]))
     else:
-        before = "".join("%s: %s\n" % (f["path"], f["display_before"]) for f in change["fields"] if f["before"] is not None)
-        after = "".join("%s: %s\n" % (f["path"], f["display_after"]) for f in change["fields"] if f["after"] is not None)
-    planned = change["action"] + (" (%s)" % change["reason"] if change["reason"] else "")
+        before = "".join(f"{f['path']}: {f['display_before']}\n" for f in change["fields"] if f["before"] is not None)
+        after = "".join(f"{f['path']}: {f['display_after']}\n" for f in change["fields"] if f["after"] is not None)
+    planned = change["action"] + (f" ({change['reason']})" if change["reason"] else "")
     return dict(
-        before_header="%s (on the host)" % change["address"],
-        after_header="%s (%s)" % (change["address"], planned),
+        before_header=f"{change['address']} (on the host)",
+        after_header=f"{change['address']} ({planned})",
         before=before,
         after=after,
     )
@@ -316,10 +313,11 @@ def _diff(change):
 
 def _incomplete(command, applied):
     verb = "Destroy" if command == "destroy" else "Apply"
-    problems = ["%s: %s" % item for item in applied.failed.items()]
-    problems += ["%s: read back after apply, it differs from the plan: %s" % item for item in applied.mismatched.items()]
-    return "%s incomplete: %d done, %d failed, %d skipped: %s" % (
-        verb, len(applied.done), len(applied.failed), len(applied.skipped), "; ".join(problems))
+    problems = [f"{address}: {message}" for address, message in applied.failed.items()]
+    problems += [f"{address}: read back after apply, it differs from the plan: {message}"
+                 for address, message in applied.mismatched.items()]
+    return (f"{verb} incomplete: {len(applied.done)} done, {len(applied.failed)} failed, "
+            f"{len(applied.skipped)} skipped: {'; '.join(problems)}")
 
 
 def run(module):
