@@ -185,3 +185,44 @@ def test_ansible_doc_renders_the_module() -> None:
                      "check_mode", "diff_mode", "outputs"):
         assert expected in shown.stdout, expected
     assert "ERROR" not in shown.stderr
+
+
+GET_PIP_STAND_IN = '''\
+# Written by tests/integration/test_ansible.py. ansible-test bootstraps pip in each sanity virtualenv with a
+# get-pip.py it downloads from a host this machine cannot reach; this installs the same pip from the package
+# index instead, with the pip of the interpreter that runs the tests (pip --python).
+import subprocess, sys
+args = [a for a in sys.argv[1:] if a not in ("--no-setuptools", "--no-wheel")]
+sys.exit(subprocess.call([{python!r}, "-m", "pip", "--python", sys.executable, "install", *args]))
+'''
+
+
+def test_ansible_test_sanity_passes_for_the_collection() -> None:
+    """The real ``ansible-test sanity`` (validate-modules, pylint, pep8, import, compile, yamllint, ansible-doc,
+    ...) on ansible_collections/vmform/libvirt. It installs each test's requirements into its own virtualenvs,
+    kept under .venv/ansible-test-home so later runs take seconds."""
+    import ansible_test
+
+    source = (Path(ansible_test.__file__).parent / "_internal" / "python_requirements.py").read_text()
+    found = re.search(r"pip='([\d.]+)'", source)
+    assert found, "cannot tell which pip ansible-test bootstraps"
+    home = REPO / ".venv" / "ansible-test-home"
+    cache = home / ".ansible" / "test" / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / f"get_pip_{found.group(1).replace('.', '_')}.py").write_text(GET_PIP_STAND_IN.format(python=sys.executable))
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        # pip's own configuration (index, mirrors) stays the user's
+        "XDG_CONFIG_HOME": os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config"),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    completed = subprocess.run(
+        [str(BIN / "ansible-test"), "sanity", "--python", f"{sys.version_info.major}.{sys.version_info.minor}"],
+        cwd=REPO / "ansible_collections" / "vmform" / "libvirt", capture_output=True, text=True, env=env,
+        stdin=subprocess.DEVNULL, timeout=600,
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-6000:]
+    for test in ("validate-modules", "pylint", "pep8", "import", "compile", "yamllint", "ansible-doc"):
+        assert f'Running sanity test "{test}"' in output, test
