@@ -166,14 +166,24 @@ def test_broken_manifest_fails_with_the_file_line_message(project: Any) -> None:
     assert "exception" not in result and "module_stderr" not in result
 
     # variables are not supported yet: a clear refusal, not an ignored option (site.yml does not pass them)
-    adhoc = subprocess.run(
-        [str(BIN / "ansible"), "localhost", "-m", "vmform.libvirt.vmform",
-         "-a", json.dumps({"project_src": str(project.root), "variables": {"a": 1}}),
+    (project.root / "main.yaml").write_text("networks: {}\n")
+    code, refused = _adhoc(project, project_src=str(project.root), variables={"a": 1})
+    assert code != 0 and refused["msg"] == "variables are not supported by this vmform version yet"
+
+    # uri overrides the project's (qemu:///system); a host that is not there is one line too
+    code, unreachable = _adhoc(project, project_src=str(project.root), uri="qemu+unix:///system?socket=/nonexistent")
+    assert code != 0 and unreachable["msg"].startswith("cannot connect to qemu+unix:///system?socket=/nonexistent: ")
+
+
+def _adhoc(project: Any, **module_args: Any) -> tuple[int, dict[str, Any]]:
+    """The module run by itself: ansible localhost -m vmform.libvirt.vmform -a JSON."""
+    completed = subprocess.run(
+        [str(BIN / "ansible"), "localhost", "-m", "vmform.libvirt.vmform", "-a", json.dumps(module_args),
          "-e", f"ansible_python_interpreter={sys.executable}"],
         capture_output=True, text=True, env=_ansible_env(project), stdin=subprocess.DEVNULL, timeout=120,
     )
-    assert adhoc.returncode != 0
-    assert "variables are not supported by this vmform version yet" in adhoc.stdout
+    assert " => " in completed.stdout, completed.stdout + completed.stderr
+    return completed.returncode, json.loads(completed.stdout.split(" => ", 1)[1])
 
 
 def test_ansible_doc_renders_the_module() -> None:
