@@ -170,6 +170,9 @@ def test_broken_manifest_fails_with_the_file_line_message(project: Any) -> None:
     code, refused = _adhoc(project, project_src=str(project.root), variables={"a": 1})
     assert code != 0 and refused["msg"] == "variables are not supported by this vmform version yet"
 
+    code, out_of_range = _adhoc(project, project_src=str(project.root), parallelism=0)
+    assert code != 0 and out_of_range["msg"] == "parallelism must be between 1 and 64, not 0"
+
     # uri overrides the project's (qemu:///system); a host that is not there is one line too
     code, unreachable = _adhoc(project, project_src=str(project.root), uri="qemu+unix:///system?socket=/nonexistent")
     assert code != 0 and unreachable["msg"].startswith("cannot connect to qemu+unix:///system?socket=/nonexistent: ")

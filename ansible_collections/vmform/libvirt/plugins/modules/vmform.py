@@ -64,7 +64,7 @@ options:
     default: {}
   parallelism:
     description:
-      - How many independent changes run at once. Defaults to C(parallelism) in C(vmform.toml).
+      - How many independent changes run at once, from 1 to 64. Defaults to C(parallelism) in C(vmform.toml).
     type: int
   uri:
     description:
@@ -73,7 +73,8 @@ options:
     type: str
   lock_timeout:
     description:
-      - Seconds to wait for the project lock held by another apply or destroy, then fail naming its holder.
+      - Seconds (0 or more) to wait for the project lock held by another apply or destroy, then fail naming its
+        holder.
     type: float
     default: 0
   restart:
@@ -267,6 +268,14 @@ def _stop_on_sigterm(stop):
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def _check_ranges(params):
+    """The ranges the vmform command's options have."""
+    if params["parallelism"] is not None and not 1 <= params["parallelism"] <= 64:
+        raise VmformError(f"parallelism must be between 1 and 64, not {params['parallelism']}")
+    if params["lock_timeout"] < 0:
+        raise VmformError(f"lock_timeout must be 0 or more seconds, not {params['lock_timeout']}")
+
+
 def _load_workspace(params):
     """The one place manifest variables will be passed once vmform has them."""
     if params["variables"]:
@@ -324,6 +333,7 @@ def run(module):
     params = module.params
     state = params["state"]
     targets = params["targets"] or []
+    _check_ranges(params)
     workspace = _load_workspace(params)
     connections = api.connect(workspace, params["uri"])
     try:
