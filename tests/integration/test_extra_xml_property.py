@@ -23,16 +23,20 @@ features = st.fixed_dictionaries({}, optional={
     "vmport": st.fixed_dictionaries({"state": on_off}),
     "pvspinlock": st.fixed_dictionaries({"state": on_off}),
 })
+# The tick policies the qemu driver accepts per timer at define time (rtc: no merge or discard; pit: no merge).
+TICK_POLICIES = {"rtc": ["delay", "catchup"], "pit": ["delay", "catchup", "discard"],
+                 "hpet": ["delay", "catchup", "merge", "discard"]}
 timers = st.lists(
-    st.fixed_dictionaries({"name": st.sampled_from(["rtc", "pit", "hpet"])},
-                          optional={"tickpolicy": st.sampled_from(["delay", "catchup", "merge", "discard"])}),
+    st.sampled_from(sorted(TICK_POLICIES)).flatmap(
+        lambda name: st.fixed_dictionaries({"name": st.just(name)},
+                                           optional={"tickpolicy": st.sampled_from(TICK_POLICIES[name])})),
     max_size=3, unique_by=lambda timer: timer["name"])
 clock = st.fixed_dictionaries({"offset": st.sampled_from(["utc", "localtime"])}, optional={"timer": timers})
 devices = st.fixed_dictionaries({}, optional={
     "watchdog": st.fixed_dictionaries({"model": st.sampled_from(["i6300esb", "ib700"]),
                                        "action": st.sampled_from(["reset", "shutdown", "poweroff", "pause", "none"])}),
     "memballoon": st.fixed_dictionaries({"model": st.just("virtio")},
-                                        optional={"stats": st.fixed_dictionaries({"period": st.integers(0, 100)}),
+                                        optional={"stats": st.fixed_dictionaries({"period": st.integers(1, 100)}),  # RNG: positiveInteger
                                                   "autodeflate": on_off}),
     "input": st.lists(st.sampled_from([{"type": "tablet", "bus": "usb"}, {"type": "keyboard", "bus": "virtio"},
                                        {"type": "mouse", "bus": "virtio"}]), max_size=3, unique_by=lambda i: i["type"]),
