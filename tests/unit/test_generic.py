@@ -252,6 +252,20 @@ def test_paths() -> None:
     }  # fmt: skip
 
 
+def test_merge_into_drops_the_assigned_address_of_a_changed_model() -> None:
+    def merged(data: dict[str, Any]) -> Any:
+        element = etree.fromstring("<domain type='qemu'><devices><watchdog model='i6300esb' action='reset'>"
+                                   "<address type='pci' domain='0x0000' bus='0x00' slot='0x04' function='0x0'/>"
+                                   "</watchdog></devices></domain>")
+        generic.merge_into(element, {"devices": {"watchdog": data}}, "domain")
+        return element.find("devices/watchdog")
+
+    assert merged({"model": "ib700"}).find("address") is None
+    assert merged({"model": "i6300esb", "action": "pause"}).find("address") is not None  # same model: kept
+    stated = merged({"address": {"type": "pci", "slot": "0x05"}, "model": "i6300esb"}).find("address")
+    assert stated is not None and stated.get("slot") == "0x05"
+
+
 def test_merge_into_changes_only_what_the_data_names() -> None:
     element = parse(CORPUS / "domains" / "doc-hostdev-metadata.xml")
     before = copy.deepcopy(element)

@@ -687,6 +687,10 @@ def _fill(
             if qname.startswith("{") and qname[1:].split("}", 1)[0] not in schema.prefixes and not qname.startswith(f"{{{XML_NS}}}"):
                 errors.append(FieldError(f"unknown namespace prefix in '{bare}'", where, True))
                 continue
+            if merge and bare == "model" and element.get(qname) not in (None, text) and "address" not in data:
+                # The address libvirt gave the old model is not the new one's (ib700 takes none at all).
+                for assigned in element.findall("address"):
+                    element.remove(assigned)
             element.set(qname, text)
             continue
         if not is_child:
