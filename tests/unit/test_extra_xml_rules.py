@@ -111,3 +111,29 @@ def test_every_curated_field_writes_only_where_its_declaration_says(tmp_path: Pa
                         outside.add((kind, field_spec.name, path))
     assert not outside, sorted(outside)
     assert len(checked) >= 25, sorted(checked)
+
+
+@pytest.mark.parametrize("sheet", [
+    '<xsl:stylesheet version="1.0" xmlns:xsl="http://www.w3.org/1999/XSL/Transform">'
+    '<xsl:include href="file:///etc/passwd"/></xsl:stylesheet>',
+    '<xsl:stylesheet version="1.0" xmlns:xsl="http://www.w3.org/1999/XSL/Transform">'
+    '<xsl:import href="file:///tmp/any.xsl"/></xsl:stylesheet>',
+])
+def test_stylesheets_cannot_read_files(load_files: Load, sheet: str) -> None:
+    with pytest.raises(ManifestErrors) as info:
+        load_files({"m.yaml": f"domains:\n  web:\n    xslt: '{sheet}'\n"})
+    assert "is refused: a stylesheet must be self-contained" in str(info.value)
+
+
+def test_stylesheet_functions_cannot_read_files(tmp_path: Path) -> None:
+    from lxml import etree
+
+    from vmform.schema.types import FieldError
+    from vmform.schema.xslt import transform
+
+    secret = tmp_path / "secret.xml"
+    secret.write_text("<secret>s3cret</secret>")
+    sheet = ('<xsl:stylesheet version="1.0" xmlns:xsl="http://www.w3.org/1999/XSL/Transform"><xsl:template '
+             f'match="/"><domain><xsl:copy-of select="document(\'{secret}\')"/></domain></xsl:template></xsl:stylesheet>')
+    with pytest.raises(FieldError, match="denied"):
+        transform(sheet, etree.fromstring("<domain/>"))

@@ -19,6 +19,7 @@ from lxml import etree
 from vmform.schema.types import FieldError, ValueType
 from vmform.schema.xmlbind import Element, XmlBinding
 
+XSL = "http://www.w3.org/1999/XSL/Transform"
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False, remove_blank_text=True)
 
 
@@ -27,8 +28,16 @@ def stylesheet(text: str) -> Any:
     """The compiled stylesheet; raises FieldError with lxml's message."""
     try:
         document = etree.fromstring(text.encode(), _PARSER)
+    except etree.XMLSyntaxError as exc:
+        raise FieldError(f"not a usable XSLT stylesheet: {exc}") from None
+    # lxml resolves xsl:include and xsl:import while compiling, before any access control applies: a
+    # stylesheet must be self-contained, or it could read files on the machine running vmform.
+    for tag in ("include", "import"):
+        if document.find(f".//{{{XSL}}}{tag}") is not None:
+            raise FieldError(f"xsl:{tag} is refused: a stylesheet must be self-contained (no files are read)")
+    try:
         return etree.XSLT(document, access_control=etree.XSLTAccessControl.DENY_ALL)
-    except (etree.XMLSyntaxError, etree.XSLTParseError) as exc:
+    except etree.XSLTParseError as exc:
         raise FieldError(f"not a usable XSLT stylesheet: {exc}") from None
 
 
