@@ -247,6 +247,13 @@ def domain_outputs(workspace: Workspace, connections: ConnectionPool) -> list[Do
     return guests.domain_outputs(connections.main, workspace.manifests)
 
 
+def inventory(workspace: Workspace, connections: ConnectionPool) -> Any:
+    """An Ansible inventory of the project's domains (vmform.inventory.Inventory)."""
+    from vmform import inventory as ansible_inventory
+
+    return ansible_inventory.build(workspace.manifests, guests.domain_outputs(connections.main, workspace.manifests))
+
+
 def awaited_domains(workspace: Workspace) -> list[str]:
     """The domains apply --wait-ip waits for: declared running, with an interface on a network with DHCP."""
     return guests.awaited_domains(workspace.manifests)

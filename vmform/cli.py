@@ -405,6 +405,32 @@ def output(ctx: click.Context, as_json: bool) -> None:
 
 @main.command()
 @variable_options
+@click.option("--ini", "as_ini", is_flag=True, help="INI instead of YAML.")
+@click.option("--list", "as_list", is_flag=True, help="Ansible dynamic-inventory JSON (ansible-inventory -i calls this).")
+@click.option("--host", "host", default=None, metavar="NAME", help="Dynamic inventory: one host's variables as JSON.")
+@click.pass_context
+def inventory(ctx: click.Context, as_ini: bool, as_list: bool, host: str | None) -> None:
+    """An Ansible inventory of the project's domains: addresses, groups (a domain's groups:)."""
+    import json
+
+    from vmform import api
+
+    workspace = _workspace(ctx)
+    connections = api.connect(workspace)
+    try:
+        hosts = api.inventory(workspace, connections)
+    finally:
+        connections.close()
+    if host is not None:
+        click.echo(json.dumps(hosts.hosts.get(host, {})))
+    elif as_list:
+        click.echo(hosts.to_dynamic())
+    else:
+        click.echo(hosts.to_ini() if as_ini else hosts.to_yaml(), nl=False)
+
+
+@main.command()
+@variable_options
 @click.argument("address")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing what the guest writes (Ctrl-C stops).")
 @click.option("-n", "--lines", type=click.IntRange(1), default=None, help="Only the last N lines.")

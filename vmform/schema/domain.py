@@ -842,6 +842,8 @@ FIELDS: tuple[FieldSpec, ...] = (
               "emulated TPM reads as emulated too", xml="devices/tpm", binding=Tpm()),
     FieldSpec("state", Enum(("running", "stopped", "paused")), "whether the domain runs (paused: started, then its vCPUs stopped)", effect=Effect.LIVE, default="running"),
     FieldSpec("autostart", Bool(), "start with the host", effect=Effect.LIVE, default=False),
+    FieldSpec("groups", ListOf(Str(pattern=r"[A-Za-z_][A-Za-z0-9_]{0,63}", hint="an Ansible group name")),
+              "Ansible inventory groups of this domain (vmform inventory); not part of libvirt", compare=False),
     FieldSpec("xml", ExtraXml("domain"), "anything else of libvirt's domain XML, element by element (see "
               "'The xml: section'); merged after the curated fields", xml="(any)", binding=ExtraXmlBinding("domain")),
     FieldSpec("xslt", Stylesheet(), "an XSLT stylesheet run last over the XML vmform writes (for ported "
