@@ -165,10 +165,12 @@ def test_broken_manifest_fails_with_the_file_line_message(project: Any) -> None:
     assert "\n" not in result["msg"] and "Traceback" not in failed.stdout + failed.stderr
     assert "exception" not in result and "module_stderr" not in result
 
-    # variables are not supported yet: a clear refusal, not an ignored option (site.yml does not pass them)
-    (project.root / "main.yaml").write_text("networks: {}\n")
+    # variables reach the manifests; an undeclared one is refused in one line
+    (project.root / "main.yaml").write_text("variables:\n  count: {type: number, default: 0}\nnetworks: {}\n")
     code, refused = _adhoc(project, project_src=str(project.root), variables={"a": 1})
-    assert code != 0 and refused["msg"] == "variables are not supported by this vmform version yet"
+    assert code != 0 and refused["msg"] == "variable a: no variable 'a' is declared", refused["msg"]
+    code, planned = _adhoc(project, project_src=str(project.root), variables={"count": 2}, state="planned")
+    assert code == 0, planned
 
     code, out_of_range = _adhoc(project, project_src=str(project.root), parallelism=0)
     assert code != 0 and out_of_range["msg"] == "parallelism must be between 1 and 64, not 0"

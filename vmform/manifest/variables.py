@@ -1,6 +1,7 @@
 """Variables: declared with a type (and maybe a default) in vmform.toml ([variables.NAME]) or a manifest
-(``variables:``), set from vmform.toml ([vars]), var files (-var-file), -var NAME=VALUE and VMFORM_VAR_NAME,
-each later source overriding the earlier ones. Undeclared or ill-typed values are errors naming their source.
+(``variables:``), set from vmform.toml ([vars]), var files (-var-file), -var NAME=VALUE (or typed values a
+program passes, as the Ansible module's ``variables``) and VMFORM_VAR_NAME, each later source overriding the
+earlier ones. Undeclared or ill-typed values are errors naming their source.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class VariableInputs:
     files: list[Path] = field(default_factory=list)  # -var-file, in order
     assignments: list[str] = field(default_factory=list)  # -var NAME=VALUE, in order
     environ: Mapping[str, str] | None = None  # default: os.environ
+    values: Mapping[str, Any] = field(default_factory=dict)  # typed values from a program (the Ansible module)
 
 
 class Recorder(dict[str, Any]):
@@ -121,6 +123,8 @@ def resolve(declarations: Mapping[str, Declaration], project_values: Mapping[str
             errors.append((f"-var {assignment!r}: expected NAME=VALUE", None))
             continue
         assign(name, _scalar(text, declarations.get(name)), f"-var {name}")
+    for name, value in inputs.values.items():
+        assign(str(name), value, f"variable {name}")
     environ = inputs.environ if inputs.environ is not None else os.environ
     for key, text in environ.items():
         if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):] in declarations:

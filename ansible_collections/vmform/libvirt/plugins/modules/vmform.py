@@ -58,8 +58,8 @@ options:
     default: []
   variables:
     description:
-      - Values for manifest variables. This vmform version has no manifest variables yet; a non-empty value
-        fails the task.
+      - Values for the project's declared variables, by name (as C(-var NAME=VALUE) on the command line, with
+        their YAML types). Setting an undeclared variable, or a value of the wrong type, fails the task.
     type: dict
     default: {}
   parallelism:
@@ -277,10 +277,9 @@ def _check_ranges(params):
 
 
 def _load_workspace(params):
-    """The one place manifest variables will be passed once vmform has them."""
-    if params["variables"]:
-        raise VmformError("variables are not supported by this vmform version yet")
-    return api.load_workspace(params["project_src"])
+    from vmform.manifest.variables import VariableInputs
+
+    return api.load_workspace(params["project_src"], VariableInputs(values=params["variables"] or {}))
 
 
 def _change_summary(change):
