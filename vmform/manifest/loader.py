@@ -12,6 +12,7 @@ from typing import Any
 from lxml import etree
 
 from vmform.errors import ManifestError, ManifestErrors, Position
+from vmform.images import file_digest, is_url
 from vmform.manifest.expressions import evaluate_tree
 from vmform.manifest.variables import Declaration, Recorder, VariableInputs, parse_declaration, resolve
 from vmform.manifest.yamlsource import SourceMap, YamlDocument, load_yaml
@@ -360,12 +361,15 @@ def _load_resource(
                           source.value((*path, "xslt")))
         except FieldError as exc:
             collector.add(f"{sheet_path}: {exc.message}", source.value((*path, "xslt")))
-    if kind.name == "volume" and values.get("source") is not None:
+    if kind.name == "volume" and values.get("source") is not None and not is_url(values["source"]):
         image = Path(values["source"])
         if not image.is_absolute():
             image = (file.parent / image).resolve()
         if not image.is_file():
             collector.add(f"source image {values['source']} not found (looked at {image})", source.value((*path, "source")))
+        elif values.get("sha256") and file_digest(image) != values["sha256"].lower():
+            collector.add(f"source image {values['source']} has sha256 {file_digest(image)}, not the {values['sha256']} "
+                          "the manifest expects", source.value((*path, "sha256")))
         values["source"] = str(image)
     if kind.name == "cloudinit":
         _read_seed_files(values, file, source, path, collector)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any, BinaryIO
 
-from vmform.images import inspect_image
+from vmform.images import inspect_image, local_image
 from vmform.plan import Change
 from vmform.providers.base import ApplyContext, Provider
 from vmform.render.validate import validate
@@ -56,8 +56,12 @@ class VolumeProvider(Provider):
             base_capacity = base.info()[1]
             capacity = max(capacity or 0, base_capacity)
         image = None
+        local = None
         if after.get("source"):
-            image = inspect_image(after["source"], after["format"])
+            # Downloaded, checked and decompressed before anything is created on the host.
+            expected = after.get("source_sha256")
+            local = str(local_image(after["source"], None if str(expected).startswith("url:") else expected))
+            image = inspect_image(local, after["format"])
             capacity = image.virtual_size
         if capacity is None:
             raise RuntimeError(f"{change.address}: needs a size (or a backing volume or source image)")
@@ -78,7 +82,7 @@ class VolumeProvider(Provider):
                 raise
             try:
                 if image is not None:
-                    self._upload(ctx, vol, after["source"])
+                    self._upload(ctx, vol, str(local))
                     if after.get("size") and after["size"] > image.virtual_size:
                         vol.resize(after["size"], 0)
             except Exception:

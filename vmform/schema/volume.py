@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Iterator
 from typing import Any
 
+from vmform.images import file_digest, is_url
 from vmform.schema.kind import Kind
 from vmform.schema.types import Effect, Enum, FieldSpec, Ref, Size, Str
 from vmform.schema.xmlbind import Attr, SizeText
@@ -21,8 +20,12 @@ FIELDS: tuple[FieldSpec, ...] = (
               binding=SizeText("capacity", unit="bytes", default_unit="bytes")),
     FieldSpec("backing", Ref("volume"), "volume this one is a qcow2 overlay of", effect=Effect.REPLACE,
               xml="backingStore/path"),
-    FieldSpec("source", Str(), "local image file uploaded into the volume through libvirt (path relative to the manifest)",
+    FieldSpec("source", Str(), "image uploaded into the volume through libvirt: a local file (relative to the "
+              "manifest) or an http(s) URL; .xz and .gz images are decompressed (downloads are cached)",
               effect=Effect.REPLACE, xml="(content digest kept in vmform's ledger)"),
+    FieldSpec("sha256", Str(pattern=r"[0-9A-Fa-f]{64}", hint="64 hexadecimal digits"),
+              "expected sha256 of the source as served (or as the file is); a mismatch fails before anything "
+              "reaches the host", compare=False),
 )
 
 
@@ -31,6 +34,8 @@ def check(values: dict[str, Any]) -> Iterator[tuple[tuple[str | int, ...], str]]
         yield ("backing",), "only qcow2 volumes can have a backing volume"
     if values.get("backing") is not None and values.get("source") is not None:
         yield ("source",), "a volume takes either 'source' or 'backing', not both"
+    if values.get("sha256") is not None and values.get("source") is None:
+        yield ("sha256",), "sha256 checks a source image: it needs 'source'"
 
 
 def bind(resource: Any, index: Any) -> dict[str, Any]:
@@ -52,25 +57,14 @@ def bind(resource: Any, index: Any) -> dict[str, Any]:
                 "format": base.values["format"],
             }
     if values.get("source") is not None:
-        desired["source"] = values["source"]  # made absolute by the loader
-        desired["source_sha256"] = file_sha256(values["source"])
+        desired["source"] = values["source"]  # a local path is made absolute by the loader
+        if values.get("sha256"):
+            desired["source_sha256"] = values["sha256"].lower()
+        elif is_url(values["source"]):
+            desired["source_sha256"] = f"url:{values['source']}"  # no download to plan: the URL is the identity
+        else:
+            desired["source_sha256"] = file_digest(values["source"])
     return desired
-
-
-_digests: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str) -> str:
-    """Digest of a local image, remembered per (path, size, mtime) within one process."""
-    stat = os.stat(path)
-    key = (path, stat.st_size, stat.st_mtime_ns)
-    if key not in _digests:
-        digest = hashlib.sha256()
-        with open(path, "rb") as image:
-            for block in iter(lambda: image.read(1024 * 1024), b""):
-                digest.update(block)
-        _digests[key] = digest.hexdigest()
-    return _digests[key]
 
 
 KIND = Kind("volume", "volumes", FIELDS, "a storage volume (disk image)", bind=bind, check=check)
