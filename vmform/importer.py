@@ -222,7 +222,9 @@ def _disk_value(conn: libvirt.virConnect, disk: dict[str, Any], refs: _Refs, obj
     entry["target"] = target
     if bool(disk.get("readonly")) != (device == "cdrom"):
         entry["readonly"] = bool(disk.get("readonly"))
-    for key in ("cache", "serial"):
+    if disk.get("shareable"):
+        entry["shareable"] = True
+    for key in ("cache", "serial", "wwn"):
         if disk.get(key) is not None:
             entry[key] = disk[key]
     return entry

@@ -221,6 +221,7 @@ def test_example_loads(load_files: Callable[..., Manifests]) -> None:
             "target": "vda",
             "bus": "virtio",
             "readonly": False,
+            "shareable": False,
         }
     ]
     assert web["interfaces"] == [{"mac": "52:54:00:aa:00:01", "network": "lan", "model": "virtio"}]

@@ -128,6 +128,9 @@ def _disk_from_xml(node: Element) -> dict[str, Any]:
     disk["target"] = target.get("dev") if target is not None else None
     disk["bus"] = target.get("bus") if target is not None else None
     disk["readonly"] = node.find("readonly") is not None
+    disk["shareable"] = node.find("shareable") is not None
+    if node.findtext("wwn") is not None:
+        disk["wwn"] = node.findtext("wwn")
     if driver is not None and driver.get("cache") is not None:
         disk["cache"] = driver.get("cache")
     serial = node.findtext("serial")
@@ -165,8 +168,12 @@ def disk_element(disk: dict[str, Any]) -> Element:
     etree.SubElement(node, "target", dev=disk["target"], bus=disk["bus"])
     if disk.get("readonly"):
         etree.SubElement(node, "readonly")
+    if disk.get("shareable"):
+        etree.SubElement(node, "shareable")
     if disk.get("serial") is not None:
         etree.SubElement(node, "serial").text = disk["serial"]
+    if disk.get("wwn") is not None:
+        etree.SubElement(node, "wwn").text = disk["wwn"]
     return node
 
 
@@ -210,12 +217,17 @@ def _update_disk(node: Element, disk: dict[str, Any]) -> None:
         target.addnext(etree.Element("readonly"))
     elif not disk.get("readonly") and readonly is not None:
         node.remove(readonly)
-    if disk.get("serial") is not None:
-        serial = node.find("serial")
-        if serial is None:
-            serial = etree.Element("serial")
-            (node.find("readonly") if node.find("readonly") is not None else target).addnext(serial)
-        serial.text = disk["serial"]
+    shareable = node.find("shareable")
+    if disk.get("shareable") and shareable is None:
+        (node.find("readonly") if node.find("readonly") is not None else target).addnext(etree.Element("shareable"))
+    elif not disk.get("shareable") and shareable is not None:
+        node.remove(shareable)
+    for tag in ("serial", "wwn"):
+        if disk.get(tag) is not None:
+            element = node.find(tag)
+            if element is None:
+                element = etree.SubElement(node, tag)
+            element.text = disk[tag]
 
 
 _DISK_XPATH = "devices/disk[@device='disk']|devices/disk[@device='cdrom']"
@@ -724,6 +736,10 @@ DISK = DiskObj(
         FieldSpec("cache", Enum(DISK_CACHES), "host cache mode (default: libvirt's)"),
         FieldSpec("serial", Str(pattern=r"[A-Za-z0-9_ .+-]{1,36}", hint="letters, digits, _ .+-, at most 36"),
                   "serial number the guest sees"),
+        FieldSpec("wwn", Str(pattern=r"[0-9a-fA-F]{16}", hint="16 hexadecimal digits"),
+                  "World Wide Name the guest sees (scsi, sata and ide disks)"),
+        FieldSpec("shareable", Bool(), "may be attached to several domains at once (use a raw volume and cache: "
+                  "none; the guests must coordinate, e.g. a cluster filesystem)"),
     ),
     shorthand="volume",
 )
@@ -918,9 +934,10 @@ def bind(resource: Any, index: Any) -> dict[str, Any]:
         item["target"] = target
         item["bus"] = bus
         item["readonly"] = disk["readonly"] if disk.get("readonly") is not None else device == "cdrom"
-        for key in ("cache", "serial"):
+        item["shareable"] = bool(disk.get("shareable"))
+        for key in ("cache", "serial", "wwn"):
             if disk.get(key) is not None:
-                item[key] = disk[key]
+                item[key] = disk[key].lower() if key == "wwn" else disk[key]
         disks.append(item)
     if values.get("cloudinit") is not None:
         disks.append(_seed_disk(values, index, used))

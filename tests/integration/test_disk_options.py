@@ -1,0 +1,39 @@
+"""Disk options on the real daemon: a raw volume shared by two domains, serial and wwn, converging."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import libvirt
+from lxml import etree
+
+
+def test_shared_raw_disk_with_serial_and_wwn(project: Any, conn: Any) -> None:
+    p = project.prefix
+    shared = "{volume: shared, bus: scsi, cache: none, shareable: true, serial: DATA1, wwn: 5000c50015ea71ac}"
+
+    def manifest(disk: str) -> str:
+        return f"""
+pools:
+  pool: {{name: {p}-pool, path: {project.pool_dir}}}
+volumes:
+  shared: {{name: {p}-shared, pool: pool, format: raw, size: 16MiB}}
+domains:
+  a: {{name: {p}-a, type: qemu, memory: 32MiB, state: stopped, disks: [{disk}]}}
+  b: {{name: {p}-b, type: qemu, memory: 32MiB, state: stopped, disks: [{shared}]}}
+"""
+
+    project.write(manifest(shared))
+    project.apply()
+    for name in ("a", "b"):
+        disk = etree.fromstring(conn.lookupByName(f"{p}-{name}").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode()
+                                ).find("devices/disk")
+        assert disk.find("shareable") is not None and disk.findtext("serial") == "DATA1"
+        assert disk.findtext("wwn") == "5000c50015ea71ac" and disk.find("target").get("bus") == "scsi"
+    assert "No changes." in project.run("plan", check=True).stdout
+    project.write(manifest(shared.replace("shareable: true", "shareable: false")))
+    plan = project.plan_json()
+    assert {(c["address"], tuple(f["path"] for f in c["fields"])) for c in plan["changes"]} == {
+        ("domain.a", ("disks[sda]",))}
+    project.apply()
+    assert "No changes." in project.run("plan", check=True).stdout
