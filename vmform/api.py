@@ -58,7 +58,8 @@ def validate(workspace: Workspace) -> None:
     from vmform.render.validate import validate as validate_xml
 
     for resource in workspace.manifests.resources.values():
-        validate_xml(resource.kind.name, render(workspace, resource), resource.address)
+        if not resource.values.get("existing"):  # only used: vmform never writes its XML
+            validate_xml(resource.kind.name, render(workspace, resource), resource.address)
 
 
 def render(workspace: Workspace, resource: Any) -> Any:

@@ -350,6 +350,9 @@ def render(ctx: click.Context, addresses: tuple[str, ...], no_argv: bool) -> Non
     connection = None
     for resource in chosen:
         kind = resource.kind.name
+        if resource.values.get("existing"):
+            out.line(f"[bold]# {resource.address}[/bold] [dim](existing: only used, vmform writes no XML for it)[/dim]")
+            continue
         root = api.render(workspace, resource)
         validate(kind, root, resource.address)
         text = to_text(root)

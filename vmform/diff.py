@@ -338,6 +338,14 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
         current = owned.get(address)
         if current is not None and current.kind != kind:
             current = None
+        if resource.values.get("existing"):
+            # Only used: it must be there, and it is never created, changed or deleted.
+            pool = resource.desired.get("pool") if kind == "volume" else None
+            if live.by_name(kind, resource.libvirt_name, pool) is None:
+                where = f" in pool '{pool}'" if pool else ""
+                errors.append(PlanError(f"{kind} '{resource.libvirt_name}'{where} (existing: true) does not exist on "
+                                        f"{live.uri}", resource.key_position()))
+            continue
         if current is None:
             pool = resource.desired.get("pool") if kind in ("volume", "cloudinit") else None
             same_name = live.by_name(kind, resource.libvirt_name, pool)

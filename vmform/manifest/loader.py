@@ -18,7 +18,7 @@ from vmform.manifest.variables import Declaration, Recorder, VariableInputs, par
 from vmform.manifest.yamlsource import SourceMap, YamlDocument, load_yaml
 from vmform.model import Manifests, Resource
 from vmform.schema.extra_xml import YIELDS_WITH, foreign_paths, overlap, owned_paths, regions
-from vmform.schema.kind import Kind, field_references
+from vmform.schema.kind import EXISTING_KEYS, Kind, field_references
 from vmform.schema.network import add_reservations
 from vmform.schema.registry import KINDS, SECTIONS
 from vmform.schema.types import NAME, FieldError, FieldErrors, did_you_mean, parse_fields
@@ -332,6 +332,28 @@ def _load_resource(
         raw = {}
     if not isinstance(raw, dict):
         collector.add(f"{kind.name} '{key}' must be a mapping of its settings", source.value(path))
+        return
+    if raw.get("existing") is True:
+        allowed = EXISTING_KEYS.get(kind.name)
+        if allowed is None:
+            collector.add(f"a {kind.name} cannot be existing: vmform creates {kind.section}",
+                          source.key((*path, "existing")))
+            manifests.invalid.add(f"{kind.name}.{key}")
+            return
+        for extra in [k for k in raw if k not in allowed]:
+            collector.add(f"an existing {kind.name} is only used, not configured: drop '{extra}' "
+                          f"(it may say {', '.join(allowed)})", source.key((*path, extra)))
+        raw = {k: v for k, v in raw.items() if k in allowed}
+        fields = tuple(spec for spec in kind.all_fields if spec.name in allowed)
+        try:
+            values = parse_fields(fields, raw)
+        except FieldError as exc:
+            collector.field_errors(exc, source, path)
+            manifests.invalid.add(f"{kind.name}.{key}")
+            return
+        resource = Resource(kind, key, values, source, path)
+        if resource.address not in manifests.resources:
+            manifests.resources[resource.address] = resource
         return
     try:
         values = parse_fields(kind.all_fields, raw)

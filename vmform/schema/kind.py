@@ -22,6 +22,13 @@ class Repetition(ValueType):
         return self.description
 
 
+# What an `existing: true` resource may say, by kind (it is only used, never configured).
+EXISTING_KEYS = {
+    "network": ("name", "existing", "depends_on"),
+    "pool": ("name", "existing", "depends_on"),
+    "volume": ("name", "existing", "depends_on", "pool", "format"),
+}
+
 # Opt-ins a resource can state with allow: (plans list them).
 OPT_INS = ("foreign_xml",)
 
@@ -41,6 +48,9 @@ LIFECYCLE = Obj((
 META_FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("name", NAME, "the libvirt object name (default: the manifest key)", compare=False),
     FieldSpec("depends_on", ListOf(Str()), "addresses this resource waits for, e.g. [network.lan]", compare=False),
+    FieldSpec("existing", Bool(), "an object vmform did not create (the host's default network or pool, a "
+              "volume someone uploaded): only read and used, never changed or deleted; the plan fails if it is "
+              "missing. Networks, pools and volumes (with pool and format)", default=False, compare=False),
     FieldSpec("lifecycle", LIFECYCLE, "how vmform may change this resource", compare=False),
     FieldSpec("allow", ListOf(Enum(OPT_INS)),
               "what this resource may do that vmform refuses by default, each named explicitly: foreign_xml (XML "
