@@ -182,8 +182,9 @@ def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], li
             changes.extend(_stylesheet_changes(resource, spec, live, pending))
             continue
         if spec.sensitive:
-            # Compared by digest: the host side keeps only the fingerprint, and so does the plan.
+            # Compared by digest: the host side keeps only the fingerprint (or its text), and so does the plan.
             after = fingerprint(after)
+            before = fingerprint(before)
         list_key = LIST_KEYS.get((kind, spec.name))
         if list_key is not None:
             running = live.running_values.get(spec.name) if live.active and live.running_values else None
@@ -195,6 +196,8 @@ def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], li
                 "shrinking a disk image loses data and is refused"
             )
         running_value = live.running_values.get(spec.name, before) if live.active and live.running_values else before
+        if spec.sensitive:
+            running_value = fingerprint(running_value)
         if spec.same is not None:  # libvirt rewrote the value into an equal one: compare as written
             before = after if spec.same(before, after) else before
             running_value = after if spec.same(running_value, after) else running_value

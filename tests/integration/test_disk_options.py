@@ -37,3 +37,23 @@ domains:
         ("domain.a", ("disks[sda]",))}
     project.apply()
     assert "No changes." in project.run("plan", check=True).stdout
+
+
+def test_ignition_config_through_firmware_config(project: Any, conn: Any) -> None:
+    p = project.prefix
+    project.write(f"""
+domains:
+  core:
+    name: {p}-core
+    type: qemu
+    memory: 32MiB
+    state: stopped
+    ignition: {{ignition: {{version: 3.4.0}}, passwd: {{users: [{{name: core, sshAuthorizedKeys: [secret-key]}}]}}}}
+""")
+    plan = project.run("plan", check=True).stdout
+    assert "secret-key" not in plan and "(sensitive, sha256:" in plan
+    project.apply()
+    root = etree.fromstring(conn.lookupByName(f"{p}-core").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode())
+    entry = root.find("sysinfo[@type='fwcfg']/entry[@name='opt/com.coreos/config']")
+    assert entry is not None and '"sshAuthorizedKeys":["secret-key"]' in entry.text
+    assert "No changes." in project.run("plan", check=True).stdout

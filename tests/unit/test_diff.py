@@ -172,7 +172,7 @@ def check_change_values(resource: Resource, live: LiveObject, change: FieldChang
         assert change.before is None or change.before.get(list_key) == key
     elif resource.kind.spec(name) is not None and resource.kind.spec(name).sensitive:  # type: ignore[union-attr]
         # Sensitive: the change carries fingerprints only, and shows them masked.
-        assert change.after == fingerprint(desired) and change.before == live.values.get(name)
+        assert change.after == fingerprint(desired) and change.before == fingerprint(live.values.get(name))
         assert change.display_after == masked(desired) and str(desired) not in change.display_after
     else:
         assert change.after == desired

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -326,6 +327,57 @@ class InterfaceList(XmlBinding):
                 else:
                     old.attrib.clear()
                     old.attrib.update(new.attrib)
+
+
+IGNITION_ENTRY = "opt/com.coreos/config"
+
+
+class IgnitionConfig(XmlBinding):
+    """An Ignition config handed to the guest through QEMU's firmware config (``<sysinfo type='fwcfg'>``)."""
+
+    def _entry(self, root: Element) -> Element | None:
+        for entry in root.findall("sysinfo[@type='fwcfg']/entry"):
+            if entry.get("name") == IGNITION_ENTRY:
+                return entry
+        return None
+
+    def read(self, root: Element) -> Any:
+        entry = self._entry(root)
+        return None if entry is None else (entry.text or "")
+
+    def write(self, root: Element, value: Any) -> None:
+        entry = self._entry(root)
+        if value is None:
+            if entry is not None:
+                sysinfo = entry.getparent()
+                sysinfo.remove(entry)
+                if len(sysinfo) == 0:
+                    root.remove(sysinfo)
+            return
+        if entry is None:
+            sysinfo = root.find("sysinfo[@type='fwcfg']")
+            if sysinfo is None:
+                sysinfo = etree.SubElement(root, "sysinfo", type="fwcfg")
+            entry = etree.SubElement(sysinfo, "entry", name=IGNITION_ENTRY)
+        entry.text = value
+
+
+@dataclass(frozen=True)
+class IgnitionText(ValueType):
+    """An Ignition config: JSON text, or a mapping written as compact JSON."""
+
+    def parse(self, raw: Any) -> str:
+        if isinstance(raw, dict):
+            return json.dumps(raw, separators=(",", ":"), sort_keys=True)
+        text = Str(max_length=1024 * 1024).parse(raw)
+        try:
+            json.loads(text)
+        except ValueError as exc:
+            raise FieldError(f"an Ignition config is JSON: {exc}") from None
+        return text
+
+    def describe(self) -> str:
+        return "Ignition config (JSON text or a mapping)"
 
 
 class Graphics(XmlBinding):
@@ -856,6 +908,9 @@ FIELDS: tuple[FieldSpec, ...] = (
               xml="devices/rng", binding=Rng()),
     FieldSpec("tpm", Enum(("none", "emulated")), "TPM: emulated is a TPM 2.0 (tpm-crb) backed by swtpm; a tpm-tis "
               "emulated TPM reads as emulated too", xml="devices/tpm", binding=Tpm()),
+    FieldSpec("ignition", IgnitionText(), "an Ignition config (Fedora CoreOS, Flatcar) passed through QEMU's firmware "
+              "config; sensitive: plans show its digest", xml="sysinfo[@type='fwcfg']/entry", binding=IgnitionConfig(),
+              sensitive=True),
     FieldSpec("state", Enum(("running", "stopped", "paused")), "whether the domain runs (paused: started, then its vCPUs stopped)", effect=Effect.LIVE, default="running"),
     FieldSpec("autostart", Bool(), "start with the host", effect=Effect.LIVE, default=False),
     FieldSpec("groups", ListOf(Str(pattern=r"[A-Za-z_][A-Za-z0-9_]{0,63}", hint="an Ansible group name")),
