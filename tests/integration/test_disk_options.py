@@ -30,6 +30,8 @@ domains:
                                 ).find("devices/disk")
         assert disk.find("shareable") is not None and disk.findtext("serial") == "DATA1"
         assert disk.findtext("wwn") == "5000c50015ea71ac" and disk.find("target").get("bus") == "scsi"
+    config = etree.fromstring(conn.lookupByName(f"{p}-a").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode())
+    assert [c.get("model") for c in config.findall("devices/controller[@type='scsi']")] == ["virtio-scsi"]
     assert "No changes." in project.run("plan", check=True).stdout
     project.write(manifest(shared.replace("shareable: true", "shareable: false")))
     plan = project.plan_json()

@@ -256,6 +256,9 @@ class DiskList(XmlBinding):
                 _update_disk(node, disk)
             else:
                 _insert_device(devices, disk_element(disk))
+        if any(disk["bus"] == "scsi" for disk in value) and devices.find("controller[@type='scsi']") is None:
+            # Without one, libvirt picks an emulated LSI controller; virtio-scsi is what guests want.
+            _insert_device(devices, etree.Element("controller", type="scsi", index="0", model="virtio-scsi"))
 
 
 def interface_element(nic: dict[str, Any]) -> Element:
@@ -884,7 +887,8 @@ FIELDS: tuple[FieldSpec, ...] = (
               binding=Text("os/initrd")),
     FieldSpec("cmdline", Str(), "direct kernel boot: the kernel command line (needs kernel)", xml="os/cmdline",
               binding=Text("os/cmdline")),
-    FieldSpec("disks", ListOf(DISK), "disks and cdroms: a volume, a host path, or (cdrom) nothing", effect=Effect.LIVE,
+    FieldSpec("disks", ListOf(DISK), "disks and cdroms: a volume, a host path, or (cdrom) nothing; scsi disks get "
+              "a virtio-scsi controller unless the domain has a scsi controller", effect=Effect.LIVE,
               xml="devices/disk[@device='disk' or 'cdrom']",
               default=[], effect_doc="adding/removing a disk is live; changing one restarts", binding=DiskList()),
     FieldSpec("interfaces", ListOf(INTERFACE), "network interfaces", effect=Effect.LIVE, xml="devices/interface",
