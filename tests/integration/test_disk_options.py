@@ -59,3 +59,21 @@ domains:
     entry = root.find("sysinfo[@type='fwcfg']/entry[@name='opt/com.coreos/config']")
     assert entry is not None and '"sshAuthorizedKeys":["secret-key"]' in entry.text
     assert "No changes." in project.run("plan", check=True).stdout
+
+
+def test_preallocation(project: Any, conn: Any) -> None:
+    p = project.prefix
+    project.write(f"""
+pools:
+  pool: {{name: {p}-pool, path: {project.pool_dir}}}
+volumes:
+  thin: {{name: {p}-thin, pool: pool, format: raw, size: 16MiB}}
+  full: {{name: {p}-full, pool: pool, format: raw, size: 16MiB, preallocation: full}}
+  meta: {{name: {p}-meta, pool: pool, size: 64MiB, preallocation: metadata}}
+""")
+    project.apply()
+    pool = conn.storagePoolLookupByName(f"{p}-pool")
+    allocation = {name: pool.storageVolLookupByName(f"{p}-{name}").info()[2] for name in ("thin", "full", "meta")}
+    assert allocation["full"] >= 16 * 1024**2 > allocation["thin"], allocation
+    assert allocation["meta"] > 0, allocation
+    assert "No changes." in project.run("plan", check=True).stdout

@@ -75,7 +75,8 @@ class VolumeProvider(Provider):
         ctx.save_ledger()
         with ctx.pool_locks[after["pool"]]:
             try:
-                vol = pool.createXML(to_text(root), 0)
+                flags = libvirt.VIR_STORAGE_VOL_CREATE_PREALLOC_METADATA if after.get("preallocation") == "metadata" else 0
+                vol = pool.createXML(to_text(root), flags)
             except libvirt.libvirtError:
                 ctx.ledger.forget("volume", change.address, pool=after["pool"], name=change.name)
                 ctx.save_ledger()

@@ -60,7 +60,9 @@ def render_volume(name: str, values: dict[str, Any], capacity: int, backing_path
     etree.SubElement(root, "name").text = name
     capacity_node = etree.SubElement(root, "capacity", unit="bytes")
     capacity_node.text = str(capacity)
-    etree.SubElement(root, "allocation", unit="bytes").text = "0"
+    # Full preallocation: libvirt allocates every byte it is asked to.
+    allocated = capacity if values.get("preallocation") == "full" else 0
+    etree.SubElement(root, "allocation", unit="bytes").text = str(allocated)
     target = etree.SubElement(root, "target")
     etree.SubElement(target, "format", type=values.get("format", "qcow2"))
     permissions = etree.SubElement(target, "permissions")

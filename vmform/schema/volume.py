@@ -23,6 +23,9 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("source", Str(), "image uploaded into the volume through libvirt: a local file (relative to the "
               "manifest) or an http(s) URL; .xz and .gz images are decompressed (downloads are cached)",
               effect=Effect.REPLACE, xml="(content digest kept in vmform's ledger)"),
+    FieldSpec("preallocation", Enum(("off", "metadata", "full")), "space reserved when the volume is created: off "
+              "(thin), metadata (qcow2 metadata written up front), full (every byte allocated)", effect=Effect.REPLACE,
+              default="off", compare=False, xml="allocation"),
     FieldSpec("sha256", Str(pattern=r"[0-9A-Fa-f]{64}", hint="64 hexadecimal digits"),
               "expected sha256 of the source as served (or as the file is); a mismatch fails before anything "
               "reaches the host", compare=False),
@@ -34,6 +37,10 @@ def check(values: dict[str, Any]) -> Iterator[tuple[tuple[str | int, ...], str]]
         yield ("backing",), "only qcow2 volumes can have a backing volume"
     if values.get("backing") is not None and values.get("source") is not None:
         yield ("source",), "a volume takes either 'source' or 'backing', not both"
+    if values.get("preallocation") == "metadata" and values.get("format") == "raw":
+        yield ("preallocation",), "metadata preallocation is for qcow2 volumes (a raw volume has no metadata)"
+    if values.get("preallocation", "off") != "off" and (values.get("source") or values.get("backing")):
+        yield ("preallocation",), "preallocation applies to blank volumes (not to a source image or an overlay)"
     if values.get("sha256") is not None and values.get("source") is None:
         yield ("sha256",), "sha256 checks a source image: it needs 'source'"
 
@@ -47,6 +54,8 @@ def bind(resource: Any, index: Any) -> dict[str, Any]:
     }
     if "size" in values:
         desired["size"] = values["size"]
+    if values.get("preallocation", "off") != "off":
+        desired["preallocation"] = values["preallocation"]
     if values.get("backing") is not None:
         base = index.get("volume", values["backing"])
         if base is not None:
