@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from vmform import api
@@ -32,7 +32,7 @@ devices = st.fixed_dictionaries({}, optional={
     "watchdog": st.fixed_dictionaries({"model": st.sampled_from(["i6300esb", "ib700"]),
                                        "action": st.sampled_from(["reset", "shutdown", "poweroff", "pause", "none"])}),
     "memballoon": st.fixed_dictionaries({"model": st.just("virtio")},
-                                        optional={"stats": st.fixed_dictionaries({"period": st.integers(0, 100)}),
+                                        optional={"stats": st.fixed_dictionaries({"period": st.integers(1, 100)}),  # RNG: positive
                                                   "autodeflate": on_off}),
     "input": st.lists(st.sampled_from([{"type": "tablet", "bus": "usb"}, {"type": "keyboard", "bus": "virtio"},
                                        {"type": "mouse", "bus": "virtio"}]), max_size=3, unique_by=lambda i: i["type"]),
@@ -51,7 +51,8 @@ extra = st.fixed_dictionaries({}, optional={
 }).filter(lambda data: all(value != {} for value in data.values()))
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: CI runs the same examples every time; explore locally with --hypothesis-seed=N.
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(section=extra)
 def test_random_xml_entries_read_back_as_written(project: Any, section: dict[str, Any]) -> None:
     domain = {"type": "qemu", "memory": "64MiB", "state": "stopped"}
@@ -62,8 +63,27 @@ def test_random_xml_entries_read_back_as_written(project: Any, section: dict[str
     connections = api.connect(workspace)
     try:
         result = api.apply_plan(workspace, connections, api.plan(workspace, connections))
+        if result.failed:
+            # Only what libvirt accepts must round-trip: a section libvirt refuses even for a fresh domain is
+            # not a valid example; one it accepts fresh but vmform failed to apply is a vmform bug.
+            assume(_libvirt_accepts_fresh(project, workspace))
         assert result.ok, (result.failed, result.mismatched, section)
         again = api.plan(workspace, connections)
         assert again.empty, ([c.fields for c in again.changes], section)
     finally:
         connections.close()
+
+
+def _libvirt_accepts_fresh(project: Any, workspace: Any) -> bool:
+    import libvirt
+
+    from vmform.render.xml import render_resource, to_text
+
+    resource = next(iter(workspace.manifests.resources.values()))
+    name = f"{project.prefix}-fresh"
+    root = render_resource("domain", name, resource.desired, workspace.project.name, "domain.fresh")
+    try:
+        project.conn.defineXML(to_text(root)).undefine()
+    except libvirt.libvirtError:
+        return False
+    return True

@@ -74,7 +74,26 @@ class ExtraXmlBinding(XmlBinding):
 
     def write(self, root: Element, value: Any) -> None:
         if value:
+            _drop_stale_addresses(root, value)
             _generic().merge_into(root, value, self.kind)
+
+
+def _drop_stale_addresses(element: Element, stated: Mapping[str, Any]) -> None:
+    """An element the section changes (another watchdog model, …) loses the <address> libvirt gave the old
+    one, unless the section states one: libvirt refuses an address the new device cannot have and assigns
+    a fitting one itself."""
+    for key, value in stated.items():
+        if not isinstance(value, Mapping) or key.startswith(("@", "_")) or ":" in key:
+            continue
+        child = element.find(key)
+        if child is None:
+            continue
+        changed = any(isinstance(v, str | int) and child.get(k.lstrip("@")) not in (None, str(v))
+                      for k, v in value.items())
+        if changed and "address" not in value:
+            for address in child.findall("address"):
+                child.remove(address)
+        _drop_stale_addresses(child, value)
 
 
 def document_data(root: Element | None, kind: str) -> dict[str, Any] | None:
