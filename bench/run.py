@@ -55,7 +55,7 @@ class Names:
         self.network = f"{self.prefix}-net"
         self.pool = f"{self.prefix}-pool"
         self.bridge = f"vmfb{run_id[:4]}{index}"  # at most 15 characters
-        self.subnet = f"10.{250 + index}.{int(run_id[:2], 16)}"
+        self.subnet = f"10.{250 + index % 6}.{int(run_id[:2], 16)}"
         self.pool_dir = POOL_ROOT / self.prefix
 
     def domain(self, i: int) -> str:
