@@ -230,21 +230,32 @@ def seed_object(volume: LiveObject, entry: dict[str, Any]) -> LiveObject:
     return LiveObject("cloudinit", name, values, identity, address=volume.address, active=True)
 
 
-def read_host(conn: libvirt.virConnect, project: str, pool_names: set[str] | None = None) -> LiveState:
-    """Everything vmform compares, in one pass. Volumes are read only in the pools named (plus owned ones)."""
+def read_host(conn: libvirt.virConnect, project: str, pool_names: set[str] | None = None,
+              only: dict[str, set[str]] | None = None) -> LiveState:
+    """Everything vmform compares, in one pass. Volumes are read only in the pools named (plus owned ones).
+    ``only`` (kind -> libvirt names) limits the domains and networks read to those names, for apply's
+    read-back of what it touched; pools and volumes are always read whole (a volume's backing resolves
+    against every volume)."""
     import libvirt
+
+    def skipped(kind: str, name: str) -> bool:
+        return only is not None and name not in only.get(kind, set())
 
     try:
         ledger = Ledger.load(conn, project)
         objects: list[LiveObject] = []
         facts = DomainFacts.read(conn)
         for dom in conn.listAllDomains():
+            if skipped("domain", dom.name()):
+                continue
             try:
                 objects.append(read_domain(dom, project, facts))
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:  # vanished while we read
                     raise
         for net in conn.listAllNetworks():
+            if skipped("network", net.name()):
+                continue
             try:
                 objects.append(read_network(net, project))
             except libvirt.libvirtError as exc:
