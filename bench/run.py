@@ -391,6 +391,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="one round, the started size only")
     parser.add_argument("--no-seq-large", action="store_true",
                         help="skip the sequential bare loop for the defined-only sizes")
+    parser.add_argument("--no-seq", action="store_true", help="skip the sequential bare loop entirely")
     parser.add_argument("--uri", default=os.environ.get("VMFORM_BENCH_URI", "qemu:///system"))
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [args.domains, 100]
@@ -417,7 +418,7 @@ def main() -> int:
         for index, size in enumerate(sizes):
             running = size == args.domains
             results = bench_size(args.uri, run_id, size, index, running, args.repeat,
-                                 bare_seq=running or not args.no_seq_large)
+                                 bare_seq=not args.no_seq and (running or not args.no_seq_large))
             label = f"N={size} {'started' if running else 'defined only'}"
             for phase, columns in results.items():
                 med = {k: statistics.median(v) for k, v in columns.items()}
