@@ -83,11 +83,11 @@ def connect(workspace: Workspace, uri: str | None = None) -> ConnectionPool:
     return ConnectionPool(uri or workspace.project.uri)
 
 
-def read_live(workspace: Workspace, connections: ConnectionPool) -> LiveState:
+def read_live(workspace: Workspace, connections: ConnectionPool, only: dict[str, set[str]] | None = None) -> LiveState:
     pools = {r.desired["pool"] for r in workspace.manifests.of_kind("volume")}
     pools |= {r.libvirt_name for r in workspace.manifests.of_kind("pool")}
     pools |= {r.desired["pool"] for r in workspace.manifests.of_kind("cloudinit")}
-    return read_host(connections.main, workspace.project.name, pools)
+    return read_host(connections.main, workspace.project.name, pools, only)
 
 
 def _protected(workspace: Workspace) -> frozenset[str]:
@@ -198,7 +198,16 @@ def verify_applied(workspace: Workspace, connections: ConnectionPool, applied: P
     touched = [change for change in applied.changes if change.address in result.done]
     if not touched:
         return
-    owned = read_live(workspace, connections).owned()
+    # Only the domains and networks apply touched, by every name they had or have: with one domain changed
+    # among hundreds, the read-back costs one domain's XML, not the host's.
+    names: dict[str, set[str]] = {"domain": set(), "network": set()}
+    for change in touched:
+        if change.kind in names:
+            names[change.kind].update(n for n in (change.name, change.live_name) if n)
+            resource = workspace.manifests.resources.get(change.address)
+            if resource is not None:
+                names[change.kind].add(resource.libvirt_name)
+    owned = read_live(workspace, connections, names).owned()
     for change in touched:
         current = owned.get(change.address)
         if change.action is Action.DELETE:

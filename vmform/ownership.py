@@ -112,11 +112,13 @@ class Ledger:
     def save(self, conn: libvirt.virConnect) -> None:
         import libvirt
 
-        payload = {"version": LEDGER_VERSION, "project": self.project, "pools": self.pools, "volumes": self.volumes}
+        with self._lock:  # a consistent copy: apply's workers record and forget entries while one saves
+            payload = {"version": LEDGER_VERSION, "project": self.project, "pools": dict(self.pools),
+                       "volumes": dict(self.volumes)}
         usage = _usage(self.project, "ledger")
         try:
             secret = _lookup_secret(conn, usage)
-            if not self.pools and not self.volumes:
+            if not payload["pools"] and not payload["volumes"]:
                 if secret is not None:
                     secret.undefine()
                 return
