@@ -387,9 +387,14 @@ def _load_resource(
         image = Path(values["source"])
         if not image.is_absolute():
             image = (file.parent / image).resolve()
-        if not image.is_file():
+        try:
+            found = image.is_file()
+        except OSError as exc:  # a name too long for the filesystem, …
+            collector.add(f"source image {values['source'][:80]!r}: {exc.strerror}", source.value((*path, "source")))
+            found = None
+        if found is False:
             collector.add(f"source image {values['source']} not found (looked at {image})", source.value((*path, "source")))
-        elif values.get("sha256") and file_digest(image) != values["sha256"].lower():
+        elif found and values.get("sha256") and file_digest(image) != values["sha256"].lower():
             collector.add(f"source image {values['source']} has sha256 {file_digest(image)}, not the {values['sha256']} "
                           "the manifest expects", source.value((*path, "sha256")))
         values["source"] = str(image)
