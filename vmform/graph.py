@@ -28,6 +28,9 @@ def build_graph(manifests: Manifests) -> nx.DiGraph:
         for number, target in enumerate(resource.depends_on):
             if target in manifests.resources:
                 graph.add_edge(target, address, via=("depends_on", number))
+        for target, via in resource.references:
+            if target in manifests.resources and target != address:
+                graph.add_edge(target, address, via=via)
     errors = []
     # One error per strongly connected component that loops, so every independent cycle is reported at once.
     for component in nx.strongly_connected_components(graph):

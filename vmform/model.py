@@ -21,6 +21,8 @@ class Resource:
     path: Path  # where its mapping sits in its document, e.g. ("domains", "web")
     host: str = "default"
     desired: dict[str, Any] = field(default_factory=dict)  # values in libvirt terms, filled by bind
+    # Resources its expressions read ({{ volume.base.path }}), with the field that read them: graph edges.
+    references: list[tuple[str, tuple[str | int, ...]]] = field(default_factory=list)
 
     @property
     def address(self) -> str:

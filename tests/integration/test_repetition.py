@@ -46,3 +46,24 @@ def test_instances_apply_converge_and_change_one_by_one(project: Any, conn: Any)
     assert project.run("plan", "--detailed-exitcode", "-var", "workers=3").code == 2
     project.run("destroy", "--auto-approve", check=True)
     assert project.leftovers() == []
+
+
+def test_expressions_reading_other_resources_order_the_apply(project: Any, conn: Any) -> None:
+    p = project.prefix
+    project.write(f"""
+pools:
+  pool: {{name: {p}-pool, path: {project.pool_dir}}}
+volumes:
+  data: {{name: {p}-data, pool: pool, format: raw, size: 16MiB}}
+domains:
+  vm:
+    name: "{{{{ volume.data.name }}}}-vm"
+    type: qemu
+    memory: 32MiB
+    state: stopped
+    disks: [{{path: "{{{{ volume.data.path }}}}", format: raw}}]
+""")
+    project.apply()
+    xml = conn.lookupByName(f"{p}-data-vm").XMLDesc(0)
+    assert f"file='{project.pool_dir}/{p}-data'" in xml
+    assert "No changes." in project.run("plan", check=True).stdout

@@ -131,3 +131,29 @@ def test_for_each_map_is_stable_when_a_key_is_inserted(tmp_path: Path) -> None:
 def test_repetition_mistakes(tmp_path: Path, body: str, message: str) -> None:
     found = errors(tmp_path, f"domains:\n  web:\n    {body}\n")
     assert any(message in error for error in found), found
+
+
+def test_expressions_read_other_resources_in_dependency_order(tmp_path: Path) -> None:
+    text = ("domains:\n  vm:\n    description: \"on {{ volume.base.path }} ({{ network.lan.ipv4 }})\"\n"
+            "    name: \"{{ volume.base.name }}-vm\"\n"
+            "volumes:\n  base: {name: golden, pool: p, size: 16MiB}\n"
+            "pools:\n  p: {path: /srv/p}\nnetworks:\n  lan: {ipv4: 10.77.0.1/24}\n")
+    manifests = load(tmp_path, text)
+    vm = manifests.resources["domain.vm"]
+    assert vm.desired["description"] == "on /srv/p/golden (10.77.0.1/24)"
+    assert vm.libvirt_name == "golden-vm"
+    assert {address for address, _ in vm.references} == {"volume.base", "pool.p", "network.lan"}
+    from vmform.graph import build_graph
+
+    graph = build_graph(manifests)
+    assert graph.has_edge("volume.base", "domain.vm") and graph.has_edge("network.lan", "domain.vm")
+
+
+def test_expression_cycles_and_unknown_resources_are_errors(tmp_path: Path) -> None:
+    cycle = ("volumes:\n  a: {pool: p, size: 16MiB, name: \"{{ volume.b.name }}\"}\n"
+             "  b: {pool: p, size: 16MiB, name: \"{{ volume.a.name }}x\"}\npools:\n  p: {path: /srv/p}\n")
+    found = errors(tmp_path, cycle)
+    assert any("volume.a's values refer to volume.b, whose values refer back to it" in e for e in found), found
+    unknown = "domains:\n  vm: {description: \"{{ network.nope.ipv4 }}\"}\n"
+    found = errors(tmp_path, unknown)
+    assert found == ["m.yaml:2:21: expression error (no such resource: 'nope'): '{{ network.nope.ipv4 }}'"], found

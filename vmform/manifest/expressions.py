@@ -78,7 +78,8 @@ def evaluate(text: str, context: Mapping[str, Any]) -> Any:
 
 
 def _message(text: str) -> str:
-    return text.replace("'vmform.manifest.variables.Recorder object' has no attribute", "no variable")
+    return (text.replace("'vmform.manifest.variables.Recorder object' has no attribute", "no variable")
+            .replace("'vmform.manifest.expressions._Kind object' has no attribute", "no such resource:"))
 
 
 def _check_defined(value: Any, text: str) -> None:
@@ -118,3 +119,56 @@ def evaluate_tree(value: Any, context: Mapping[str, Any], path: tuple[str | int,
         return node
 
     return walk(value, path), errors
+
+
+class NotReady(Exception):  # noqa: N818 - a signal, not an error: evaluate it later
+    """An expression read a resource that is declared but not loaded yet."""
+
+    def __init__(self, address: str, wanted: str, position: Any) -> None:
+        super().__init__(wanted)
+        self.address, self.wanted, self.position = address, wanted, position
+
+
+KINDS_READABLE = ("network", "pool", "volume", "cloudinit", "domain")
+
+
+class _Kind(dict):  # type: ignore[type-arg]
+    """``volume`` in an expression: volume.base (or volume["disk[0]"]) is that resource's attributes."""
+
+    def __init__(self, reader: ResourceReader, kind: str) -> None:
+        super().__init__()
+        self.reader, self.kind = reader, kind
+
+    def __getitem__(self, key: str) -> Any:
+        return self.reader.attributes(f"{self.kind}.{key}")
+
+    def __contains__(self, key: object) -> bool:
+        return f"{self.kind}.{key}" in self.reader.declared
+
+
+class ResourceReader:
+    """What expressions may read of other resources: their name, address and values as written (after
+    their own expressions), and a volume's path. Reading one records a graph edge."""
+
+    def __init__(self, manifests: Any, declared: set[str], address: str, position: Any) -> None:
+        self.manifests, self.declared, self.address, self.position = manifests, declared, address, position
+        self.read: list[str] = []
+
+    def namespaces(self) -> dict[str, Any]:
+        return {kind: _Kind(self, kind) for kind in KINDS_READABLE}
+
+    def attributes(self, address: str) -> dict[str, Any]:
+        resource = self.manifests.resources.get(address)
+        if resource is None:
+            if address in self.declared:
+                raise NotReady(self.address, address, self.position)
+            raise KeyError(address)
+        if address not in self.read:
+            self.read.append(address)
+        values = {key: value for key, value in resource.values.items() if key not in ("lifecycle", "depends_on")}
+        values.update(name=resource.libvirt_name, address=address)
+        if resource.kind.name == "volume":
+            pool = self.attributes(f"pool.{resource.values.get('pool')}")
+            if pool.get("path"):
+                values["path"] = f"{pool['path'].rstrip('/')}/{resource.libvirt_name}"
+        return values

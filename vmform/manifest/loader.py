@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ from lxml import etree
 
 from vmform.errors import ManifestError, ManifestErrors, Position
 from vmform.images import file_digest, is_url
-from vmform.manifest.expressions import evaluate_tree
+from vmform.manifest.expressions import NotReady, ResourceReader, evaluate_tree
 from vmform.manifest.variables import Declaration, Recorder, VariableInputs, parse_declaration, resolve
 from vmform.manifest.yamlsource import SourceMap, YamlDocument, load_yaml
 from vmform.model import Manifests, Resource
@@ -81,6 +81,7 @@ def load_manifests(project_name: str, files: Iterable[Path], root: Path | None =
                        inputs, collector)
     for file, document in loaded:
         _load_document(document, file, manifests, collector, scope)
+    _run_tasks(scope, collector)
     _check_references(manifests, collector)
     if collector.errors:
         raise ManifestErrors(collector.errors)
@@ -169,6 +170,9 @@ class _Scope:
 
     values: dict[str, Any] = field(default_factory=dict)
     sensitive: set[str] = field(default_factory=set)
+    # Instances waiting to be evaluated and loaded (references to other resources decide the order).
+    tasks: list[Callable[[], None]] = field(default_factory=list)
+    declared: set[str] = field(default_factory=set)  # addresses of every instance, loaded or not
 
 
 def _variables(loaded: list[tuple[Path, YamlDocument]], settings: Mapping[str, Any], project_file: str,
@@ -250,7 +254,7 @@ def _expand_resource(kind: Kind, key: Any, raw: Any, file: Path, source: SourceM
         collector.add(f"{kind.name} name {exc.message}", source.key(path))
         return
     if not isinstance(raw, dict) or ("count" not in raw and "for_each" not in raw):
-        _load_evaluated(kind, key, raw, None, {}, file, source, manifests, collector, scope, path)
+        _queue(kind, key, raw, None, {}, file, source, manifests, collector, scope, path)
         return
     body = {k: v for k, v in raw.items() if k not in ("count", "for_each")}
     if "count" in raw and "for_each" in raw:
@@ -293,7 +297,33 @@ def _expand_resource(kind: Kind, key: Any, raw: Any, file: Path, source: SourceM
                 return
             instances.append((f'{key}["{each_key}"]', f"{key}-{each_key}", {"each": {"key": each_key, "value": value}}))
     for instance_key, default_name, extra in instances:
-        _load_evaluated(kind, instance_key, body, default_name, extra, file, source, manifests, collector, scope, path)
+        _queue(kind, instance_key, body, default_name, extra, file, source, manifests, collector, scope, path)
+
+
+def _queue(kind: Kind, key: str, raw: Any, default_name: str | None, extra: dict[str, Any], file: Path,
+           source: SourceMap, manifests: Manifests, collector: _Collector, scope: _Scope,
+           path: tuple[str | int, ...]) -> None:
+    scope.declared.add(f"{kind.name}.{key}")
+    scope.tasks.append(lambda: _load_evaluated(kind, key, raw, default_name, extra, file, source, manifests,
+                                               collector, scope, path))
+
+
+def _run_tasks(scope: _Scope, collector: _Collector) -> None:
+    """Load every instance, those whose expressions read other resources after those resources."""
+    pending = list(scope.tasks)
+    while pending:
+        waiting = []
+        for task in pending:
+            try:
+                task()
+            except NotReady as not_ready:
+                waiting.append((task, not_ready))
+        if len(waiting) == len(pending):  # no progress: they wait for each other
+            for _task, stuck in waiting:
+                collector.add(f"{stuck.address}'s values refer to {stuck.wanted}, whose values refer back to it "
+                              "(an expression cycle)", stuck.position)
+            return
+        pending = [task for task, _exc in waiting]
 
 
 def _load_evaluated(kind: Kind, key: str, raw: Any, default_name: str | None, extra: dict[str, Any], file: Path,
@@ -302,9 +332,12 @@ def _load_evaluated(kind: Kind, key: str, raw: Any, default_name: str | None, ex
     if isinstance(raw, dict):
         evaluated: dict[str, Any] = {}
         failed = False
+        references: list[tuple[str, tuple[str | int, ...]]] = []
         for field_name, value in raw.items():
             recorder = Recorder(scope.values)
-            result, errors = evaluate_tree(value, {"var": recorder, **extra}, (*path, field_name))
+            reader = ResourceReader(manifests, scope.declared, f"{kind.name}.{key}", source.value((*path, field_name)))
+            result, errors = evaluate_tree(value, {"var": recorder, **extra, **reader.namespaces()}, (*path, field_name))
+            references.extend((address, (field_name,)) for address in reader.read)
             for where, message in errors:
                 collector.add(message, source.value(where))
             failed |= bool(errors)
@@ -321,6 +354,11 @@ def _load_evaluated(kind: Kind, key: str, raw: Any, default_name: str | None, ex
         if default_name is not None and evaluated.get("name") is None:
             evaluated["name"] = default_name
         raw = evaluated
+        _load_resource(kind, key, raw, file, source, manifests, collector, path)
+        loaded = manifests.resources.get(f"{kind.name}.{key}")
+        if loaded is not None:
+            loaded.references = references
+        return
     _load_resource(kind, key, raw, file, source, manifests, collector, path)
 
 
