@@ -257,6 +257,30 @@ def domain_outputs(workspace: Workspace, connections: ConnectionPool) -> list[Do
     return guests.domain_outputs(connections.main, workspace.manifests)
 
 
+def project_outputs(workspace: Workspace, connections: ConnectionPool) -> dict[str, Any]:
+    """The project's outputs, evaluated against the host: domains offer state, ips and ip (the first)."""
+    from vmform.errors import ManifestError, ManifestErrors
+    from vmform.manifest.expressions import ResourceReader, evaluate_tree
+
+    manifests = workspace.manifests
+    if not manifests.outputs:
+        return {}
+    runtime = {}
+    for output in guests.domain_outputs(connections.main, manifests):
+        ips = [a.ip for a in output.addresses]
+        runtime[output.address] = {"state": output.state, "ips": ips, "ip": ips[0] if ips else None}
+    values: dict[str, Any] = {}
+    errors = []
+    for name, spec in manifests.outputs.items():
+        reader = ResourceReader(manifests, set(manifests.resources), f"output.{name}", spec.position, runtime)
+        value, problems = evaluate_tree(spec.value, {"var": dict(manifests.variables), **reader.namespaces()})
+        errors += [ManifestError(f"output '{name}': {message}", spec.position) for _where, message in problems]
+        values[name] = value
+    if errors:
+        raise ManifestErrors(errors)
+    return values
+
+
 def inventory(workspace: Workspace, connections: ConnectionPool) -> Any:
     """An Ansible inventory of the project's domains (vmform.inventory.Inventory)."""
     from vmform import inventory as ansible_inventory

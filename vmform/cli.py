@@ -281,6 +281,10 @@ def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, paralle
             _run_apply(ctx, workspace, connections, the_plan, parallelism, "apply", lock_timeout)
         if wait_ip:
             _wait_for_addresses(out, workspace, connections, wait_timeout)
+        if workspace.manifests.outputs and not out.quiet:
+            values = api.project_outputs(workspace, connections)
+            _print_outputs(out, {key: "(sensitive)" if workspace.manifests.outputs[key].sensitive else value
+                                 for key, value in values.items()})
     finally:
         connections.close()
 
@@ -378,23 +382,35 @@ def render(ctx: click.Context, addresses: tuple[str, ...], no_argv: bool) -> Non
 
 @main.command()
 @variable_options
+@click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def output(ctx: click.Context, as_json: bool) -> None:
-    """Each declared domain's state and IP addresses (DHCP leases, guest agent)."""
+def output(ctx: click.Context, name: str | None, as_json: bool) -> None:
+    """Each declared domain's state and IP addresses (DHCP leases, guest agent), and the project's outputs;
+    with NAME, just that output's value."""
+    import json
+
     from vmform import api
 
     out: Output = ctx.obj["out"]
     workspace = _workspace(ctx)
+    if name is not None and name not in workspace.manifests.outputs:
+        from vmform.schema.types import did_you_mean
+
+        raise VmformError(f"no output '{name}'{did_you_mean(name, list(workspace.manifests.outputs))}")
     connections = api.connect(workspace)
     try:
         outputs = api.domain_outputs(workspace, connections)
+        values = api.project_outputs(workspace, connections)
     finally:
         connections.close()
+    if name is not None:
+        value = values[name]
+        click.echo(value if isinstance(value, str) else json.dumps(value))
+        return
+    shown = {key: "(sensitive)" if workspace.manifests.outputs[key].sensitive else value for key, value in values.items()}
     if as_json:
-        import json
-
-        click.echo(json.dumps({"domains": [o.to_json() for o in outputs]}, indent=2))
+        click.echo(json.dumps({"domains": [o.to_json() for o in outputs], "outputs": shown}, indent=2))
         return
     # Plain aligned columns, never truncated or wrapped (scripts read this too).
     rows = [("DOMAIN", "NAME", "STATE", "ADDRESSES")]
@@ -404,6 +420,17 @@ def output(ctx: click.Context, as_json: bool) -> None:
     widths = [max(len(row[column]) for row in rows) for column in range(3)]
     for row in rows:
         out.plain("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)) + "  " + row[3])
+    _print_outputs(out, shown)
+
+
+def _print_outputs(out: Output, shown: dict[str, Any]) -> None:
+    import json
+
+    if shown:
+        out.plain("")
+        out.plain("Outputs:")
+        for key, value in shown.items():
+            out.plain(f"{key} = {value if isinstance(value, str) else json.dumps(value)}")
 
 
 @main.command()

@@ -50,6 +50,17 @@ class Resource:
         return self.source.key((*self.path, *relative))
 
 
+@dataclass(frozen=True)
+class OutputSpec:
+    """A project output: an expression evaluated against the host after apply (``vmform output``)."""
+
+    name: str
+    value: Any  # usually a string with {{ … }}
+    position: Position
+    description: str = ""
+    sensitive: bool = False
+
+
 @dataclass
 class Manifests:
     """Every resource of a project, by address."""
@@ -58,6 +69,8 @@ class Manifests:
     resources: dict[str, Resource] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     invalid: set[str] = field(default_factory=set)  # addresses declared with errors (already reported)
+    outputs: dict[str, OutputSpec] = field(default_factory=dict)  # project outputs, evaluated after apply
+    variables: dict[str, Any] = field(default_factory=dict)  # the variables' values this load used
 
     def get(self, kind: str, key: str) -> Resource | None:
         return self.resources.get(f"{kind}.{key}")

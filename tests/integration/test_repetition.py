@@ -67,3 +67,29 @@ domains:
     xml = conn.lookupByName(f"{p}-data-vm").XMLDesc(0)
     assert f"file='{project.pool_dir}/{p}-data'" in xml
     assert "No changes." in project.run("plan", check=True).stdout
+
+
+def test_project_outputs(project: Any) -> None:
+    p = project.prefix
+    project.write(f"""
+variables:
+  secret: {{type: string, default: s3cret, sensitive: true}}
+pools:
+  pool: {{name: {p}-pool, path: {project.pool_dir}}}
+volumes:
+  data: {{name: {p}-data, pool: pool, format: raw, size: 16MiB}}
+domains:
+  vm: {{name: {p}-vm, type: qemu, memory: 32MiB, state: stopped}}
+outputs:
+  state: "{{{{ domain.vm.state }}}}"
+  data_path: {{value: "{{{{ volume.data.path }}}}", description: the data disk}}
+  names: "{{{{ [domain.vm.name, volume.data.name] }}}}"
+""")
+    applied = project.apply().stdout
+    assert "Outputs:" in applied and "state = stopped" in applied
+    assert project.run("output", "data_path", check=True).stdout.strip() == f"{project.pool_dir}/{p}-data"
+    data = project.run("output", "--json", check=True).json()
+    assert data["outputs"] == {"state": "stopped", "data_path": f"{project.pool_dir}/{p}-data",
+                               "names": [f"{p}-vm", f"{p}-data"]}
+    missing = project.run("output", "nope")
+    assert missing.code == 1 and "no output 'nope'" in missing.stderr

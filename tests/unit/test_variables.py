@@ -157,3 +157,11 @@ def test_expression_cycles_and_unknown_resources_are_errors(tmp_path: Path) -> N
     unknown = "domains:\n  vm: {description: \"{{ network.nope.ipv4 }}\"}\n"
     found = errors(tmp_path, unknown)
     assert found == ["m.yaml:2:21: expression error (no such resource: 'nope'): '{{ network.nope.ipv4 }}'"], found
+
+
+def test_outputs_are_declared_once_with_known_keys(tmp_path: Path) -> None:
+    found = errors(tmp_path, "outputs:\n  a: {value: x, colour: red}\n  1b: x\n")
+    assert any("output 'a': write {value, description, sensitive}" in e for e in found), found
+    assert any("output name '1b' must be letters" in e for e in found), found
+    manifests = load(tmp_path, "outputs:\n  ip: {value: \"{{ domain.vm.ip }}\", sensitive: true}\n  plain: text\n")
+    assert manifests.outputs["ip"].sensitive and manifests.outputs["plain"].value == "text"

@@ -150,8 +150,10 @@ class ResourceReader:
     """What expressions may read of other resources: their name, address and values as written (after
     their own expressions), and a volume's path. Reading one records a graph edge."""
 
-    def __init__(self, manifests: Any, declared: set[str], address: str, position: Any) -> None:
+    def __init__(self, manifests: Any, declared: set[str], address: str, position: Any,
+                 runtime: dict[str, dict[str, Any]] | None = None) -> None:
         self.manifests, self.declared, self.address, self.position = manifests, declared, address, position
+        self.runtime = runtime or {}  # what the host reports, by address (outputs: a domain's state, ips)
         self.read: list[str] = []
 
     def namespaces(self) -> dict[str, Any]:
@@ -167,6 +169,7 @@ class ResourceReader:
             self.read.append(address)
         values = {key: value for key, value in resource.values.items() if key not in ("lifecycle", "depends_on")}
         values.update(name=resource.libvirt_name, address=address)
+        values.update(self.runtime.get(address, {}))
         if resource.kind.name == "volume":
             pool = self.attributes(f"pool.{resource.values.get('pool')}")
             if pool.get("path"):

@@ -16,7 +16,7 @@ from vmform.images import file_digest, is_url
 from vmform.manifest.expressions import NotReady, ResourceReader, evaluate_tree
 from vmform.manifest.variables import Declaration, Recorder, VariableInputs, parse_declaration, resolve
 from vmform.manifest.yamlsource import SourceMap, YamlDocument, load_yaml
-from vmform.model import Manifests, Resource
+from vmform.model import Manifests, OutputSpec, Resource
 from vmform.schema.extra_xml import YIELDS_WITH, foreign_paths, overlap, owned_paths, regions
 from vmform.schema.kind import EXISTING_KEYS, Kind, field_references
 from vmform.schema.network import add_reservations
@@ -82,6 +82,7 @@ def load_manifests(project_name: str, files: Iterable[Path], root: Path | None =
     for file, document in loaded:
         _load_document(document, file, manifests, collector, scope)
     _run_tasks(scope, collector)
+    manifests.variables = dict(scope.values)
     _check_references(manifests, collector)
     if collector.errors:
         raise ManifestErrors(collector.errors)
@@ -225,10 +226,13 @@ def _load_document(document: YamlDocument, file: Path, manifests: Manifests, col
     for section, body in data.items():
         if section == "variables":
             continue  # read first, by _variables
+        if section == "outputs":
+            _load_outputs(body, source, manifests, collector)
+            continue
         kind = SECTIONS.get(section)
         if kind is None:
-            hint = did_you_mean(section, [*SECTIONS, "variables"])
-            collector.add(f"unknown section '{section}'{hint} (sections: {', '.join(SECTIONS)}, variables)",
+            hint = did_you_mean(section, [*SECTIONS, "variables", "outputs"])
+            collector.add(f"unknown section '{section}'{hint} (sections: {', '.join(SECTIONS)}, variables, outputs)",
                           source.key((section,)))
             continue
         if body is None:
@@ -241,6 +245,30 @@ def _load_document(document: YamlDocument, file: Path, manifests: Manifests, col
 
 
 MAX_INSTANCES = 1000
+
+
+def _load_outputs(body: Any, source: SourceMap, manifests: Manifests, collector: _Collector) -> None:
+    if body is None:
+        return
+    if not isinstance(body, dict):
+        collector.add("'outputs' must be a mapping of names to {value, description, sensitive}",
+                      source.value(("outputs",)))
+        return
+    for name, raw in body.items():
+        position = source.key(("outputs", name))
+        if not isinstance(name, str) or not VARIABLE_NAME.fullmatch(name):
+            collector.add(f"output name {name!r} must be letters, digits and _ (starting with a letter)", position)
+            continue
+        spec = raw if isinstance(raw, dict) else {"value": raw}
+        unknown = set(spec) - {"value", "description", "sensitive"}
+        if unknown or "value" not in spec:
+            collector.add(f"output '{name}': write {{value, description, sensitive}} or just the value", position)
+            continue
+        if name in manifests.outputs:
+            collector.add(f"output '{name}' is declared twice (first at {manifests.outputs[name].position})", position)
+            continue
+        manifests.outputs[name] = OutputSpec(name, spec["value"], source.value(("outputs", name)),
+                                             str(spec.get("description") or ""), bool(spec.get("sensitive", False)))
 
 
 def _expand_resource(kind: Kind, key: Any, raw: Any, file: Path, source: SourceMap, manifests: Manifests,
