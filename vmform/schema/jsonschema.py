@@ -139,6 +139,15 @@ def manifest_schema() -> dict[str, Any]:
                 "sensitive": {"type": "boolean"}}},
             {"not": {"type": "object"}}]},
     }
+    sections["outputs"] = {
+        "description": "outputs: name -> {value, description, sensitive} (or the value), evaluated after apply",
+        "type": ["object", "null"],
+        "propertyNames": {"pattern": "^[A-Za-z][A-Za-z0-9_]{0,63}$"},
+        "additionalProperties": {"anyOf": [
+            {"type": "object", "required": ["value"], "additionalProperties": False, "properties": {
+                "value": {}, "description": {"type": "string"}, "sensitive": {"type": "boolean"}}},
+            {"not": {"type": "object"}}]},
+    }
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": SCHEMA_ID,
