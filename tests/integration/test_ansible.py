@@ -100,6 +100,7 @@ def test_playbook_first_second_drift_check_planned_absent(project: Any, conn: An
     assert [(c["address"], c["action"]) for c in result["changes"]][-1] == (domain, "create")
     assert sorted(result["apply"]["done"]) == sorted(c["address"] for c in result["changes"])
     assert [(o["address"], o["name"], o["state"]) for o in result["outputs"]] == [(domain, f"{p}-vm", "running")]
+    assert result["project_outputs"] == {"vm_state": "running", "disk": f"{project.pool_dir}/{p}-root"}
     assert conn.lookupByName(f"{p}-vm").isActive()
     assert conn.networkLookupByName(f"{p}-net").isActive()
     print(f"first run:  {first.recap_line}")

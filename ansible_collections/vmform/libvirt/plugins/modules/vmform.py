@@ -173,6 +173,12 @@ notes:
   type: list
   elements: str
   sample: []
+project_outputs:
+  description: The project's C(outputs:), evaluated against the host after the task's changes (as
+    C(vmform output --json) prints them, sensitive ones included).
+  returned: success, unless O(state=absent)
+  type: dict
+  sample: {"web_ip": "10.232.0.100"}
 outputs:
   description: Every declared domain's state and IP addresses (DHCP leases, guest agent), as
     C(vmform output --json) prints them, read after the task's changes.
@@ -365,6 +371,8 @@ def run(module):
                 if not applied.ok:
                     module.fail_json(msg=_incomplete(command, applied), **result)
         result["outputs"] = [output.to_json() for output in api.domain_outputs(workspace, connections)]
+        if params["state"] != "absent":
+            result["project_outputs"] = api.project_outputs(workspace, connections)
         return result
     finally:
         connections.close()
