@@ -21,6 +21,27 @@ URI = os.environ.get("VMFORM_TEST_URI", "qemu:///system")
 POOL_ROOT = Path(os.environ.get("VMFORM_TEST_POOL_ROOT", "/var/lib/vmform-test"))
 
 
+def _subnets_in_use() -> set[str]:
+    """The 10.x.y prefixes of the host's addresses (libvirt networks that run, quickstart, …)."""
+    try:
+        shown = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    return {".".join(word.split("/")[0].split(".")[:3]) for word in shown.split() if word.startswith("10.")}
+
+
+def _free_subnet(number: int) -> str:
+    """A /24 of the test's own (10.200-249.x.0) that no host interface uses, so side-by-side runs and a running
+    quickstart never fight over a subnet."""
+    used = _subnets_in_use()
+    for attempt in range(50 * 256):
+        candidate = (number + attempt * 7919) % (50 * 256)
+        subnet = f"10.{200 + candidate % 50}.{candidate // 50}"
+        if subnet not in used:
+            return subnet
+    return f"10.{200 + number % 50}.{(number // 50) % 256}"
+
+
 def _libvirt() -> Any:
     import libvirt
 
@@ -61,7 +82,7 @@ class TestProject:
         self.pool_dir = POOL_ROOT / prefix
         # A /24 of its own (10.200-249.x.0), so tests running side by side never fight over a subnet.
         number = int(prefix.split("-")[1], 16)
-        self.subnet = f"10.{200 + number % 50}.{(number // 50) % 256}"
+        self.subnet = _free_subnet(number)
         (root / "vmform.toml").write_text(
             f'[project]\nname = "{prefix}"\nuri = "{URI}"\nmanifests = ["*.yaml"]\nparallelism = 4\nshutdown_timeout = 5\n'
         )
