@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import libvirt
 
@@ -339,6 +340,21 @@ def main() -> int:
     if not sys.argv[1:]:
         for old in HERE.glob("*.xml"):
             old.unlink()
+    pools_before = {pool.name() for pool in conn.listAllStoragePools()}
+    try:
+        failed = _generate(conn, chosen)
+    finally:
+        # virt-install defines a pool for the directory the images are in: remove what it made.
+        for pool in conn.listAllStoragePools():
+            if pool.name() not in pools_before:
+                if pool.isActive():
+                    pool.destroy()
+                pool.undefine()
+    print(f"{len(chosen) - failed} written, {failed} skipped")
+    return 0
+
+
+def _generate(conn: Any, chosen: list[str]) -> int:
     failed = 0
     for case in chosen:
         options = CASES[case]
@@ -360,8 +376,7 @@ def main() -> int:
             continue
         (HERE / f"{case}.xml").write_text(xml)
         print(f"ok   {case}")
-    print(f"{len(chosen) - failed} written, {failed} skipped")
-    return 0
+    return failed
 
 
 if __name__ == "__main__":
