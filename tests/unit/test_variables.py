@@ -122,7 +122,7 @@ def test_for_each_map_is_stable_when_a_key_is_inserted(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("body", "message"), [
-    ("count: 2\n    for_each: [a]", "a resource takes count or for_each, not both"),
+    ("count: 2\n    for_each: [a]", "takes count or for_each, not both"),
     ("count: -1", "count must be a whole number from 0 to 1000"),
     ("count: \"{{ var.nope }}\"", "expression error (no variable 'nope')"),
     ("for_each: [a, a]", "for_each over a list takes distinct strings"),
