@@ -103,6 +103,7 @@ class ModuleInstance:
     depends_on: list[str] = field(default_factory=list)  # addresses, in the scope that uses the module
     references: list[str] = field(default_factory=list)  # resources its inputs read: everything in it needs them
     loaded: bool = False  # its inputs evaluated and its manifests loaded
+    failed: bool = False  # its inputs are wrong (reported): nothing of it is loaded
 
     @property
     def address(self) -> str:

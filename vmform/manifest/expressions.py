@@ -239,6 +239,8 @@ class ResourceReader:
         instance = self.manifests.modules[address]
         if not instance.loaded:
             raise NotReady(self.address, address, self.position)
+        if instance.failed:
+            return {name: StrictUndefined(hint=f"{address} has mistakes in its inputs") for name in instance.outputs}
         values: dict[str, Any] = {}
         for name, spec in instance.outputs.items():
             inner = ResourceReader(self.manifests, self.declared, self.address, self.position, self.runtime,

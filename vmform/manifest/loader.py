@@ -445,7 +445,9 @@ def _load_module(instance: ModuleInstance, name: str, directory: Path, inputs: d
         failed |= bool(errors)
         evaluated.append((str(input_name), result, recorder, reader.read))
     if failed:
+        instance.loaded = instance.failed = True
         return
+    before = len(collector.errors)
     for input_name, result, recorder, read in evaluated:
         where = (*path, "inputs", input_name)
         declaration = declarations.get(input_name)
@@ -468,6 +470,9 @@ def _load_module(instance: ModuleInstance, name: str, directory: Path, inputs: d
                 collector.add(f"module '{path[-1]}' needs input '{variable}' (declared at {declaration.position})",
                               source.key(path))
     instance.variables = values
+    if len(collector.errors) > before:
+        instance.loaded = instance.failed = True  # its resources would only repeat the mistake
+        return
     inner = scope.inside(instance, name, directory, values, sensitive)
     for module_file, document in documents:
         _load_document(document, module_file, manifests, collector, inner)
