@@ -130,15 +130,16 @@ def destroy_plan(workspace: Workspace, connections: ConnectionPool, targets: lis
     full = make_plan(nothing, nx.DiGraph(), live, [], PlanOptions(protected=_protected(workspace)))
     if not targets:
         return full
-    # Deleting a target first needs its users gone: keep the targets and every change that waits for them.
-    keep = set(_expand_targets(workspace, targets))
-    grew = True
-    while grew:
-        grew = False
-        for change in full.changes:
-            if change.address not in keep and any(dep in keep for dep in change.depends_on):
-                keep.add(change.address)
-                grew = True
+    # Deleting a target first needs its users gone (a volume's domain): keep the targets and every delete
+    # theirs waits for, never what they stand on (the pool stays).
+    keep: set[str] = set()
+    by_address = {change.address: change for change in full.changes}
+    stack = [address for address in _expand_targets(workspace, targets) if address in by_address]
+    while stack:
+        address = stack.pop()
+        if address not in keep:
+            keep.add(address)
+            stack.extend(by_address[address].depends_on)
     return Plan(full.project, full.host_uri, tuple(c for c in full.changes if c.address in keep))
 
 
