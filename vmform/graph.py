@@ -34,11 +34,10 @@ def build_graph(manifests: Manifests) -> nx.DiGraph:
             instance = manifests.modules.get(module_prefix(resource.module[:depth]))
             if instance is None:
                 continue
-            targets = [t for entry in instance.depends_on for t in manifests.dependency_targets(entry, resource.module[:depth - 1])]
-            # What its inputs read ({{ volume.base.path }}) is there before anything in the module.
-            for target in [*targets, *instance.references]:
-                if target in manifests.resources and not target.startswith(instance.address + "."):
-                    graph.add_edge(target, address, via=())
+            for entry in instance.depends_on:
+                for target in manifests.dependency_targets(entry, resource.module[:depth - 1]):
+                    if not target.startswith(instance.address + "."):
+                        graph.add_edge(target, address, via=())
         for target, via in resource.references:
             if target in manifests.resources and target != address:
                 graph.add_edge(target, address, via=via)

@@ -101,7 +101,8 @@ class ModuleInstance:
     variables: dict[str, Any] = field(default_factory=dict)  # its inputs' values
     outputs: dict[str, OutputSpec] = field(default_factory=dict)
     depends_on: list[str] = field(default_factory=list)  # addresses, in the scope that uses the module
-    references: list[str] = field(default_factory=list)  # resources its inputs read: everything in it needs them
+    # The resources each input read ({{ module.lab.network }}): what reads that variable in the module needs them.
+    input_reads: dict[str, list[str]] = field(default_factory=dict)
     loaded: bool = False  # its inputs evaluated and its manifests loaded
     failed: bool = False  # its inputs are wrong (reported): nothing of it is loaded
 

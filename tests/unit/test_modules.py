@@ -274,3 +274,21 @@ modules:
     assert vm.desired["disks"][0]["volume"] == "vm-a-root.qcow2"
     assert manifests.resources['module.vm["a"].volume.root'].desired["backing"]["volume"] == "base"
     assert manifests.resources['module.vm["b"].cloudinit.seed'].desired["meta_data"]["local-hostname"] == "b"
+
+
+def test_a_saved_plan_goes_stale_when_a_module_file_changes(tmp_path: Path) -> None:
+    from vmform import api, planfile
+    from vmform.manifest.variables import VariableInputs as Inputs
+
+    (tmp_path / "modules" / "vm").mkdir(parents=True)
+    (tmp_path / "modules" / "vm" / "main.yaml").write_text(textwrap.dedent(VM))
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "vmform.toml").write_text('[project]\nname = "unit"\nuri = "test:///default"\n')
+    (root / "main.yaml").write_text(BASE + "modules:\n  web: {source: ../modules/vm, inputs: {name: web, network: lab}}\n")
+    workspace = api.load_workspace(root, Inputs(environ={}))
+    assert "../modules/vm/main.yaml" in workspace.manifests.files
+    before = planfile.manifests_fingerprint(workspace.project, workspace.manifests)
+    (tmp_path / "modules" / "vm" / "main.yaml").write_text(textwrap.dedent(VM).replace("64MiB", "96MiB"))
+    after = planfile.manifests_fingerprint(workspace.project, workspace.manifests)
+    assert before != after

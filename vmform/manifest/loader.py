@@ -459,7 +459,7 @@ def _load_module(instance: ModuleInstance, name: str, directory: Path, inputs: d
             collector.add(f"input '{input_name}' must be a {declaration.type}, got {result!r}", source.value(where))
         else:
             values[input_name] = result
-            instance.references += [address for address in read if address not in instance.references]
+            instance.input_reads[input_name] = _reads(read, recorder, scope)
             if recorder.read & scope.sensitive:
                 sensitive.add(input_name)  # a secret stays one inside the module
     for variable, declaration in declarations.items():
@@ -477,6 +477,15 @@ def _load_module(instance: ModuleInstance, name: str, directory: Path, inputs: d
     for module_file, document in documents:
         _load_document(document, module_file, manifests, collector, inner)
     instance.loaded = True
+
+
+def _reads(read: list[str], recorder: Recorder, scope: _Scope) -> list[str]:
+    """The resources an expression depends on: those it read, and those the module inputs it read read."""
+    found = list(read)
+    if scope.instance is not None:
+        for variable in sorted(recorder.read):
+            found += [a for a in scope.instance.input_reads.get(variable, []) if a not in found]
+    return found
 
 
 def _module_directory(key: str, where: Any, file: Path, source: SourceMap, path: tuple[str | int, ...],
@@ -565,7 +574,7 @@ def _load_evaluated(kind: Kind, key: str, raw: Any, default_name: str | None, ex
         reader = ResourceReader(manifests, scope.declared, address, source.value((*path, field_name)),
                                 module=scope.module)
         result, errors = evaluate_tree(value, {"var": recorder, **extra, **reader.namespaces()}, (*path, field_name))
-        references.extend((read, (field_name,)) for read in reader.read)
+        references.extend((read, (field_name,)) for read in _reads(reader.read, recorder, scope))
         for where, message in errors:
             collector.add(message, source.value(where))
         failed |= bool(errors)
