@@ -35,9 +35,21 @@ def _concat(values: Iterable[Any]) -> Any:
     return "".join(str(part) for part in chain(head, values))
 
 
+class _CodeGenerator(NativeCodeGenerator):
+    def _output_const_repr(self, group: Iterable[Any]) -> str:
+        items = list(group)
+        if len(items) == 1:  # a lone constant ({{ 3 }}, {{ [1] }}) keeps its type, as any lone expression
+            return repr(items[0])
+        return repr("".join(str(item) for item in items))
+
+
+class _Template(NativeTemplate):
+    environment_class: type[_Environment]  # type: ignore[assignment]  # NativeTemplate's own would parse text again (native_concat)
+
+
 class _Environment(ImmutableSandboxedEnvironment):
-    code_generator_class = NativeCodeGenerator
-    template_class = NativeTemplate
+    code_generator_class = _CodeGenerator
+    template_class = _Template
     concat = staticmethod(_concat)  # type: ignore[assignment]
     intercepted_binops = frozenset({"*", "**"})
 
@@ -49,6 +61,9 @@ class _Environment(ImmutableSandboxedEnvironment):
                 if isinstance(sequence, str | list | tuple) and isinstance(times, int) and len(sequence) * times > MAX_RESULT:
                     raise SecurityError("the result would be too large")
         return super().call_binop(context, operator, left, right)
+
+
+_Template.environment_class = _Environment
 
 
 @functools.lru_cache(maxsize=1)
