@@ -122,6 +122,13 @@ class Manifests:
     outputs: dict[str, OutputSpec] = field(default_factory=dict)  # project outputs, evaluated after apply
     variables: dict[str, Any] = field(default_factory=dict)  # the variables' values this load used
     modules: dict[str, ModuleInstance] = field(default_factory=dict)  # by address: module.web["a"]
+    hosts: list[str] = field(default_factory=lambda: ["default"])  # vmform.toml's [hosts] names
+    default_host: str = "default"
+
+    def on_host(self, host: str) -> Manifests:
+        """The resources on one host, as manifests of their own (a plan is made host by host)."""
+        return Manifests(self.project, {a: r for a, r in self.resources.items() if r.host == host}, self.files,
+                         self.invalid, self.outputs, self.variables, self.modules, [host], host)
 
     def get(self, kind: str, key: str) -> Resource | None:
         return self.resources.get(f"{kind}.{key}")

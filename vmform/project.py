@@ -15,7 +15,20 @@ from vmform.schema.types import did_you_mean
 
 PROJECT_FILE = "vmform.toml"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-_KEYS = {"name", "uri", "manifests", "parallelism", "shutdown_timeout"}
+_KEYS = {"name", "uri", "manifests", "parallelism", "shutdown_timeout", "default_host"}
+_HOST_KEYS = {"uri", "parallelism", "migration_uri"}
+HOST_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}")
+DEFAULT_HOST = "default"  # the one host of a project without [hosts]: project.uri
+
+
+@dataclass(frozen=True)
+class Host:
+    """A libvirt host of the project: a name resources use (host: b) and how to reach it."""
+
+    name: str
+    uri: str | None  # None: libvirt's own default (LIBVIRT_DEFAULT_URI, then the daemon's)
+    parallelism: int | None = None  # this host's own bound on concurrent changes (default: the project's)
+    migration_uri: str | None = None  # where QEMU on another host sends this host a migration (tcp://b.lan)
 
 
 @dataclass(frozen=True)
@@ -27,6 +40,12 @@ class Project:
     parallelism: int = 8
     shutdown_timeout: int = 60
     settings: dict[str, Any] = field(default_factory=dict)
+    hosts: dict[str, Host] = field(default_factory=dict)  # by name; one named "default" without [hosts]
+    default_host: str = DEFAULT_HOST
+
+    @property
+    def several_hosts(self) -> bool:
+        return len(self.hosts) > 1 or DEFAULT_HOST not in self.hosts
 
     @property
     def config_file(self) -> Path:
@@ -71,9 +90,10 @@ def load_project(start: Path | str | None = None) -> Project:
         if key not in _KEYS:
             raise ProjectError(f"{shown}: unknown setting 'project.{key}'{did_you_mean(key, sorted(_KEYS))}")
     for key in settings:
-        if key not in ("project", "variables", "vars"):
-            raise ProjectError(f"{shown}: unknown table '{key}'{did_you_mean(key, ['project', 'variables', 'vars'])}")
-    for key in ("variables", "vars"):
+        if key not in ("project", "variables", "vars", "hosts"):
+            known = ["project", "variables", "vars", "hosts"]
+            raise ProjectError(f"{shown}: unknown table '{key}'{did_you_mean(key, known)}")
+    for key in ("variables", "vars", "hosts"):
         if not isinstance(settings.get(key, {}), dict):
             raise ProjectError(f"{shown}: [{key}] must be a table")
     name = section.get("name", root.name)
@@ -96,4 +116,55 @@ def load_project(start: Path | str | None = None) -> Project:
     timeout = section.get("shutdown_timeout", 60)
     if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
         raise ProjectError(f"{shown}: project.shutdown_timeout must be a number of seconds")
-    return Project(root, name, uri, tuple(patterns), parallelism, timeout, settings)
+    hosts, default_host = _hosts(settings, uri, shown)
+    return Project(root, name, hosts[default_host].uri, tuple(patterns), parallelism, timeout, settings, hosts,
+                   default_host)
+
+
+def _hosts(settings: dict[str, Any], uri: str | None, shown: str) -> tuple[dict[str, Host], str]:
+    """[hosts.NAME] tables (uri, parallelism, migration_uri) or NAME = "uri"; without them, one host."""
+    table = settings.get("hosts") or {}
+    section = settings.get("project", {})
+    if not table:
+        if "default_host" in section:
+            raise ProjectError(f"{shown}: project.default_host names a host of [hosts], and there is none")
+        return {DEFAULT_HOST: Host(DEFAULT_HOST, uri)}, DEFAULT_HOST
+    if uri is not None:
+        raise ProjectError(f"{shown}: with [hosts], each host has its uri; drop project.uri (project.default_host "
+                           "chooses the host of resources that do not say host:)")
+    hosts: dict[str, Host] = {}
+    for host_name, raw in table.items():
+        if not HOST_NAME.fullmatch(host_name):
+            raise ProjectError(f"{shown}: host name {host_name!r} must be letters, digits, _ and - (starting with a "
+                               "letter)")
+        spec = {"uri": raw} if isinstance(raw, str) else raw
+        if not isinstance(spec, dict):
+            raise ProjectError(f"{shown}: [hosts] {host_name} is a libvirt URI or a table with uri")
+        for key in spec:
+            if key not in _HOST_KEYS:
+                raise ProjectError(f"{shown}: unknown setting 'hosts.{host_name}.{key}'"
+                                   f"{did_you_mean(key, sorted(_HOST_KEYS))}")
+        host_uri = spec.get("uri")
+        if not isinstance(host_uri, str) or not host_uri:
+            raise ProjectError(f"{shown}: hosts.{host_name}.uri must be a libvirt URI string")
+        parallelism = spec.get("parallelism")
+        if parallelism is not None and (isinstance(parallelism, bool) or not isinstance(parallelism, int)
+                                        or not 1 <= parallelism <= 64):
+            raise ProjectError(f"{shown}: hosts.{host_name}.parallelism must be a whole number from 1 to 64")
+        migration_uri = spec.get("migration_uri")
+        if migration_uri is not None and (not isinstance(migration_uri, str) or not migration_uri):
+            raise ProjectError(f"{shown}: hosts.{host_name}.migration_uri must be a URI string (tcp://HOST)")
+        hosts[host_name] = Host(host_name, host_uri, parallelism, migration_uri)
+    default_host = section.get("default_host", next(iter(hosts)))
+    if default_host not in hosts:
+        raise ProjectError(f"{shown}: project.default_host '{default_host}' is not in [hosts]"
+                           f"{did_you_mean(str(default_host), list(hosts))}")
+    return hosts, default_host
+
+
+def host_names(settings: dict[str, Any]) -> tuple[list[str], str]:
+    """The host names a manifest may use, and the default one (settings as loaded, already checked)."""
+    table = settings.get("hosts") or {}
+    if not table:
+        return [DEFAULT_HOST], DEFAULT_HOST
+    return list(table), (settings.get("project") or {}).get("default_host", next(iter(table)))

@@ -25,6 +25,7 @@ from vmform.manifest.variables import (
 )
 from vmform.manifest.yamlsource import SourceMap, YamlDocument, load_yaml
 from vmform.model import MODULE_NAME, Manifests, ModuleInstance, OutputSpec, Resource, scoped_address
+from vmform.project import host_names
 from vmform.schema.extra_xml import YIELDS_WITH, foreign_paths, overlap, owned_paths, regions
 from vmform.schema.kind import EXISTING_KEYS, Kind, field_references
 from vmform.schema.network import add_reservations
@@ -90,6 +91,7 @@ def load_manifests(project_name: str, files: Iterable[Path], root: Path | None =
     parsed vmform.toml (its [variables] and [vars]); ``inputs`` the variables set from outside."""
     collector = _Collector()
     manifests = Manifests(project_name)
+    manifests.hosts, manifests.default_host = host_names(dict(settings or {}))
     loaded: list[tuple[Path, YamlDocument]] = []
     for file in files:
         manifests.files.append(_display_path(file, root))
@@ -628,7 +630,8 @@ def _load_resource(
             collector.field_errors(exc, source, path)
             manifests.invalid.add(address)
             return
-        resource = Resource(kind, key, values, source, path, module=module)
+        resource = Resource(kind, key, values, source, path, host=_host(values, manifests, source, path, collector),
+                            module=module)
         if resource.address not in manifests.resources:
             manifests.resources[resource.address] = resource
         return
@@ -677,7 +680,8 @@ def _load_resource(
         values["source"] = str(image)
     if kind.name == "cloudinit":
         _read_seed_files(values, file, source, path, collector)
-    resource = Resource(kind, key, values, source, path, module=module)
+    resource = Resource(kind, key, values, source, path, host=_host(values, manifests, source, path, collector),
+                        module=module)
     _check_foreign_xml(resource, collector)
     existing = manifests.resources.get(resource.address)
     if existing is not None:
@@ -685,6 +689,16 @@ def _load_resource(
         collector.add(f"{resource.address} is declared twice (first at {first})", source.key(path))
         return
     manifests.resources[resource.address] = resource
+
+
+def _host(values: dict[str, Any], manifests: Manifests, source: SourceMap, path: tuple[str | int, ...],
+          collector: _Collector) -> str:
+    host = values.get("host") or manifests.default_host
+    if host not in manifests.hosts:
+        known = ", ".join(manifests.hosts)
+        collector.add(f"no host '{host}' in vmform.toml's [hosts]{did_you_mean(host, manifests.hosts)} (hosts: {known})",
+                      source.value((*path, "host")))
+    return str(host)
 
 
 MAX_SEED_FILE_BYTES = 1024 * 1024
@@ -715,14 +729,17 @@ def _read_seed_files(values: dict[str, Any], file: Path, source: SourceMap, path
 
 
 def _check_references(manifests: Manifests, collector: _Collector) -> None:
-    names: dict[tuple[str, str], str] = {}
+    names: dict[tuple[str, str, str], str] = {}
     for resource in manifests.resources.values():
         for relative, kind, name in field_references(resource.kind.fields, resource.values):
-            if manifests.resolve(kind, name, resource.module) is None and \
-                    not manifests.declared_invalid(kind, name, resource.module):
+            used = manifests.resolve(kind, name, resource.module)
+            if used is None and not manifests.declared_invalid(kind, name, resource.module):
                 hint = did_you_mean(name, manifests.visible(kind, resource.module))
                 collector.add(f"{resource.address} refers to {kind} '{name}', which is not declared{hint}",
                               resource.position(*relative))
+            elif used is not None and used.host != resource.host:
+                collector.add(f"{resource.address} is on host {resource.host} but uses {used.address}, which is on "
+                              f"host {used.host}: what a resource uses must be on its host", resource.position(*relative))
         for number, address in enumerate(resource.depends_on):
             if not manifests.dependency_targets(address, resource.module) and \
                     scoped_address(resource.module, address) not in manifests.invalid:
@@ -732,7 +749,7 @@ def _check_references(manifests: Manifests, collector: _Collector) -> None:
         pool = manifests.resolve("pool", resource.values.get("pool", ""), resource.module) \
             if resource.kind.name == "volume" else None
         scope = (pool.libvirt_name if pool else resource.values.get("pool", "")) if resource.kind.name == "volume" else ""
-        identity = (resource.kind.name, f"{scope}/{resource.libvirt_name}")
+        identity = (resource.host, resource.kind.name, f"{scope}/{resource.libvirt_name}")
         if identity in names:
             collector.add(f"{resource.address} has the same libvirt name '{resource.libvirt_name}' as {names[identity]}",
                           resource.key_position())

@@ -24,9 +24,9 @@ class Repetition(ValueType):
 
 # What an `existing: true` resource may say, by kind (it is only used, never configured).
 EXISTING_KEYS = {
-    "network": ("name", "existing", "depends_on"),
-    "pool": ("name", "existing", "depends_on"),
-    "volume": ("name", "existing", "depends_on", "pool", "format"),
+    "network": ("name", "existing", "depends_on", "host"),
+    "pool": ("name", "existing", "depends_on", "host"),
+    "volume": ("name", "existing", "depends_on", "pool", "format", "host"),
 }
 
 # Opt-ins a resource can state with allow: (plans list them).
@@ -47,6 +47,9 @@ LIFECYCLE = Obj((
 
 META_FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("name", NAME, "the libvirt object name (default: the manifest key)", compare=False),
+    FieldSpec("host", Str(pattern=r"[A-Za-z][A-Za-z0-9_-]{0,62}", hint="a host name from vmform.toml's [hosts]"),
+              "the host it lives on, a name from vmform.toml's [hosts] (default: project.default_host); changing a "
+              "domain's host migrates it", compare=False),
     FieldSpec("depends_on", ListOf(Str()), "addresses this resource waits for, e.g. [network.lan]", compare=False),
     FieldSpec("existing", Bool(), "an object vmform did not create (the host's default network or pool, a "
               "volume someone uploaded): only read and used, never changed or deleted; the plan fails if it is "
