@@ -21,6 +21,7 @@ class Action(Enum):
     DELETE_THEN_CREATE = "-/+"
     CREATE_THEN_DELETE = "+/-"
     DELETE = "-"
+    MIGRATE = ">"  # a domain moving to another host of the project (live when it runs)
 
     def is_replace(self) -> bool:
         return self in (Action.DELETE_THEN_CREATE, Action.CREATE_THEN_DELETE)
@@ -81,15 +82,20 @@ def mask_sensitive(kind: str, values: dict[str, Any] | None) -> dict[str, Any] |
 @dataclass(frozen=True)
 class Plan:
     project: str
-    host_uri: str
+    host_uri: str  # the default host's URI
     changes: tuple[Change, ...]
     notes: tuple[str, ...] = ()  # things the user should know that are not changes (pending restarts, ...)
+    hosts: dict[str, str] = field(default_factory=dict)  # host name -> URI, for a project with [hosts]
 
     def counts(self) -> dict[str, int]:
         add = sum(1 for c in self.changes if c.action is Action.CREATE or c.action.is_replace())
         change = sum(1 for c in self.changes if c.action is Action.UPDATE)
         destroy = sum(1 for c in self.changes if c.action is Action.DELETE or c.action.is_replace())
-        return {"add": add, "change": change, "destroy": destroy}
+        counts = {"add": add, "change": change, "destroy": destroy}
+        moves = sum(1 for c in self.changes if c.action is Action.MIGRATE)
+        if moves:
+            counts["move"] = moves
+        return counts
 
     @property
     def empty(self) -> bool:
@@ -116,6 +122,7 @@ class Plan:
             "format_version": PLAN_FORMAT_VERSION,
             "project": self.project,
             "host_uri": self.host_uri,
+            "hosts": dict(self.hosts),
             "summary": self.counts(),
             "changes": [change_json(c) for c in self.changes],
             "notes": list(self.notes),
@@ -133,6 +140,7 @@ class Plan:
             host_uri=data["host_uri"],
             changes=tuple(_change_from_json(c) for c in data["changes"]),
             notes=tuple(data.get("notes", ())),
+            hosts=dict(data.get("hosts") or {}),
         )
 
 
