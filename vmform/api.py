@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from vmform.connection import ConnectionPool, host_identity
 from vmform.diff import PlanOptions, make_plan
 from vmform.graph import build_graph, creation_order
 from vmform.guests import DomainOutput
+from vmform.hostplan import plan_hosts
+from vmform.hosts import HostConnections
 from vmform.live import LiveState, read_host
 from vmform.manifest.loader import load_manifests
 from vmform.manifest.variables import VariableInputs
@@ -27,6 +30,8 @@ from vmform.providers.base import ApplyContext
 
 if TYPE_CHECKING:
     import networkx as nx
+
+Connections = ConnectionPool | HostConnections  # one host, or the project's hosts
 
 
 @dataclass
@@ -79,39 +84,78 @@ def _backing_path(workspace: Workspace, resource: Any) -> str | None:
     return f"{directory}/{backing.get('volume')}"
 
 
-def connect(workspace: Workspace, uri: str | None = None) -> ConnectionPool:
-    return ConnectionPool(uri or workspace.project.uri)
+def connect(workspace: Workspace, uri: str | None = None, skip_unreachable: bool = False) -> HostConnections:
+    """Connections to the project's hosts (opened when first used); ``uri`` overrides the default host's."""
+    return HostConnections(workspace.project, uri, skip_unreachable)
 
 
-def read_live(workspace: Workspace, connections: ConnectionPool, only: dict[str, set[str]] | None = None) -> LiveState:
-    pools = {r.desired["pool"] for r in workspace.manifests.of_kind("volume")}
-    pools |= {r.libvirt_name for r in workspace.manifests.of_kind("pool")}
-    pools |= {r.desired["pool"] for r in workspace.manifests.of_kind("cloudinit")}
-    return read_host(connections.main, workspace.project.name, pools, only)
+def read_live(workspace: Workspace, connections: Connections,
+              only: dict[str, set[str]] | None = None, host: str | None = None) -> LiveState:
+    """One host's state (the default host's unless ``host`` names another)."""
+    host = host or workspace.project.default_host
+    manifests = workspace.manifests.on_host(host) if workspace.project.several_hosts else workspace.manifests
+    pools = {r.desired["pool"] for r in manifests.of_kind("volume")}
+    pools |= {r.libvirt_name for r in manifests.of_kind("pool")}
+    pools |= {r.desired["pool"] for r in manifests.of_kind("cloudinit")}
+    pool = connections.pool(host) if isinstance(connections, HostConnections) else connections
+    return read_host(pool.main, workspace.project.name, pools, only)
+
+
+def read_hosts(workspace: Workspace, connections: HostConnections) -> dict[str, LiveState]:
+    """Every reachable host's state, read at once (one thread per host)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    hosts = connections.reachable()
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(hosts)))) as workers:
+        states = list(workers.map(lambda h: read_live(workspace, connections, host=h), hosts))
+    return dict(zip(hosts, states, strict=True))
 
 
 def _protected(workspace: Workspace) -> frozenset[str]:
     return frozenset(a for a, r in workspace.manifests.resources.items() if r.lifecycle.get("prevent_destroy"))
 
 
-def plan(workspace: Workspace, connections: ConnectionPool, targets: list[str] | None = None,
+def plan(workspace: Workspace, connections: Connections, targets: list[str] | None = None,
          restart: bool = False) -> Plan:
     """What apply would change. ``restart`` lets restart-class changes restart domains and networks."""
     return _plan_with_live(workspace, connections, targets, restart)[0]
 
 
-def _plan_with_live(workspace: Workspace, connections: ConnectionPool, targets: list[str] | None,
+def _plan_with_live(workspace: Workspace, connections: Connections, targets: list[str] | None,
                     restart: bool) -> tuple[Plan, LiveState]:
     chosen = _expand_targets(workspace, targets)
-    live = read_live(workspace, connections)
     options = PlanOptions(restart=restart, targets=frozenset(chosen), protected=_protected(workspace))
+    if isinstance(connections, HostConnections) and workspace.project.several_hosts:
+        lives = read_hosts(workspace, connections)
+        the_plan = plan_hosts(workspace.manifests, workspace.graph, workspace.order, lives, options,
+                              _uris(lives), workspace.project.default_host)
+        return _skipped(the_plan, connections), lives[workspace.project.default_host] \
+            if workspace.project.default_host in lives else next(iter(lives.values()))
+    live = read_live(workspace, connections)
     return make_plan(workspace.manifests, workspace.graph, live, workspace.order, options), live
 
 
-def saved_plan(workspace: Workspace, connections: ConnectionPool, targets: list[str] | None = None,
+def _uris(lives: dict[str, LiveState]) -> dict[str, str]:
+    return {host: live.uri for host, live in lives.items()}
+
+
+def _skipped(the_plan: Plan, connections: HostConnections) -> Plan:
+    """A plan made without the hosts that could not be reached says so (plan --skip-unreachable)."""
+    if not connections.unreachable:
+        return the_plan
+    notes = [f"host {host} skipped: {why}" for host, why in sorted(connections.unreachable.items())]
+    return Plan(the_plan.project, the_plan.host_uri, the_plan.changes, (*notes, *the_plan.notes), the_plan.hosts)
+
+
+def saved_plan(workspace: Workspace, connections: Connections, targets: list[str] | None = None,
                restart: bool = False) -> SavedPlan:
     """A plan with what ``apply_saved`` checks before executing it: the host's identity and the
     fingerprints of the manifests and of the live state the plan read. Write it with ``planfile.write``."""
+    if workspace.project.several_hosts:
+        from vmform.errors import VmformError
+
+        raise VmformError("saved plans (plan -out) of a project with several hosts are not supported yet: plan and "
+                          "apply directly")
     host = host_identity(connections.main)
     the_plan, live = _plan_with_live(workspace, connections, targets, restart)
     fingerprints = planfile.Fingerprints(
@@ -121,13 +165,18 @@ def saved_plan(workspace: Workspace, connections: ConnectionPool, targets: list[
     return SavedPlan(the_plan, host, fingerprints, tuple(targets or ()))
 
 
-def destroy_plan(workspace: Workspace, connections: ConnectionPool, targets: list[str] | None = None) -> Plan:
+def destroy_plan(workspace: Workspace, connections: Connections, targets: list[str] | None = None) -> Plan:
     """Deleting everything this project owns on the host (or only the targets and what uses them)."""
     import networkx as nx
 
-    live = read_live(workspace, connections)
     nothing = Manifests(workspace.project.name)
-    full = make_plan(nothing, nx.DiGraph(), live, [], PlanOptions(protected=_protected(workspace)))
+    if isinstance(connections, HostConnections) and workspace.project.several_hosts:
+        lives = read_hosts(workspace, connections)
+        full = _skipped(plan_hosts(nothing, nx.DiGraph(), [], lives, PlanOptions(protected=_protected(workspace)),
+                                   _uris(lives), workspace.project.default_host), connections)
+    else:
+        live = read_live(workspace, connections)
+        full = make_plan(nothing, nx.DiGraph(), live, [], PlanOptions(protected=_protected(workspace)))
     if not targets:
         return full
     # Deleting a target first needs its users gone (a volume's domain): keep the targets and every delete
@@ -140,7 +189,8 @@ def destroy_plan(workspace: Workspace, connections: ConnectionPool, targets: lis
         if address not in keep:
             keep.add(address)
             stack.extend(by_address[address].depends_on)
-    return Plan(full.project, full.host_uri, tuple(c for c in full.changes if c.address in keep))
+    return Plan(full.project, full.host_uri, tuple(c for c in full.changes if c.address in keep), full.notes,
+                full.hosts)
 
 
 def _expand_targets(workspace: Workspace, targets: list[str] | None) -> list[str]:
@@ -158,15 +208,36 @@ def _expand_targets(workspace: Workspace, targets: list[str] | None) -> list[str
     return chosen
 
 
-def apply_plan(workspace: Workspace, connections: ConnectionPool, plan_to_apply: Plan, parallelism: int | None = None,
+def apply_plan(workspace: Workspace, connections: Connections, plan_to_apply: Plan, parallelism: int | None = None,
                progress: ProgressCallback | None = None, lock_timeout: float = 0.0, command: str = "apply",
                stop: threading.Event | None = None) -> ApplyResult:
-    """Execute a plan under the project lock (waiting up to ``lock_timeout`` seconds for it)."""
-    with ProjectLock(connections.main, workspace.project.name, command, lock_timeout):
+    """Execute a plan under the project lock (on each host it changes; waiting up to ``lock_timeout`` seconds
+    for it)."""
+    with _locks(workspace, connections, plan_to_apply, command, lock_timeout):
         return _execute(workspace, connections, plan_to_apply, parallelism, progress, stop)
 
 
-def check_saved(workspace: Workspace, connections: ConnectionPool, saved: SavedPlan) -> None:
+def _plan_hosts(workspace: Workspace, plan_to_apply: Plan) -> list[str]:
+    hosts = {c.host for c in plan_to_apply.changes} | {str(c.identity["from_host"]) for c in plan_to_apply.changes
+                                                         if "from_host" in c.identity}
+    return sorted(hosts) or [workspace.project.default_host]
+
+
+def _locks(workspace: Workspace, connections: Connections, plan_to_apply: Plan, command: str,
+           lock_timeout: float) -> contextlib.ExitStack:
+    """The project lock on every host the plan touches, taken in name order (two applies never deadlock)."""
+    stack = contextlib.ExitStack()
+    try:
+        for host in _plan_hosts(workspace, plan_to_apply):
+            pool = connections.pool(host) if isinstance(connections, HostConnections) else connections
+            stack.enter_context(ProjectLock(pool.main, workspace.project.name, command, lock_timeout))
+    except BaseException:
+        stack.close()
+        raise
+    return stack
+
+
+def check_saved(workspace: Workspace, connections: Connections, saved: SavedPlan) -> None:
     """Raise StalePlanError unless the saved plan was made for this project and host, from the manifests
     as they are and the host as it is now."""
     planfile.check_project(saved, workspace.project.name)
@@ -176,32 +247,44 @@ def check_saved(workspace: Workspace, connections: ConnectionPool, saved: SavedP
     planfile.check_fresh(saved, manifests_now, planfile.live_fingerprints(workspace.manifests, live))
 
 
-def apply_saved(workspace: Workspace, connections: ConnectionPool, saved: SavedPlan, parallelism: int | None = None,
+def apply_saved(workspace: Workspace, connections: Connections, saved: SavedPlan, parallelism: int | None = None,
                 progress: ProgressCallback | None = None, lock_timeout: float = 0.0,
                 stop: threading.Event | None = None) -> ApplyResult:
     """Execute exactly a saved plan: under the lock, after checking it still holds; never re-planned."""
     planfile.check_project(saved, workspace.project.name)
-    with ProjectLock(connections.main, workspace.project.name, "apply (saved plan)", lock_timeout):
+    with _locks(workspace, connections, saved.plan, "apply (saved plan)", lock_timeout):
         check_saved(workspace, connections, saved)
         return _execute(workspace, connections, saved.plan, parallelism, progress, stop)
 
 
-def _execute(workspace: Workspace, connections: ConnectionPool, plan_to_apply: Plan, parallelism: int | None,
+def _execute(workspace: Workspace, connections: Connections, plan_to_apply: Plan, parallelism: int | None,
              progress: ProgressCallback | None, stop: threading.Event | None) -> ApplyResult:
-    ledger = Ledger.load(connections.main, workspace.project.name)
-    ctx = ApplyContext(connections, workspace.project.name, ledger, workspace.project.shutdown_timeout)
-    result = execute(plan_to_apply, ctx, parallelism or workspace.project.parallelism, progress, stop)
-    verify_applied(workspace, connections, plan_to_apply, result)
+    project = workspace.project
+    contexts: dict[str, ApplyContext] = {}
+    limits: dict[str, int] = {}
+    for host in _plan_hosts(workspace, plan_to_apply):
+        pool = connections.pool(host) if isinstance(connections, HostConnections) else connections
+        spec = project.hosts.get(host)
+        contexts[host] = ApplyContext(pool, project.name, Ledger.load(pool.main, project.name), project.shutdown_timeout,
+                                      spec.migration_uri if spec is not None else None)
+        limits[host] = parallelism or (spec.parallelism if spec is not None else None) or project.parallelism
+    result = execute(plan_to_apply, contexts, sum(limits.values()), progress, stop, limits)
+    for host in contexts:
+        verify_applied(workspace, connections, plan_to_apply, result, host)
     return result
 
 
-def verify_applied(workspace: Workspace, connections: ConnectionPool, applied: Plan, result: ApplyResult) -> None:
-    """Read back every object apply touched and compare it with the manifests, as the next plan would: what
-    the plan said must be what the host holds. A difference is never accepted silently."""
+def verify_applied(workspace: Workspace, connections: Connections, applied: Plan,
+                   result: ApplyResult, host: str | None = None) -> None:
+    """Read back every object apply touched (on ``host``, default: the default host) and compare it with the
+    manifests, as the next plan would: what the plan said must be what the host holds. A difference is never
+    accepted silently."""
     from vmform.diff import compare
     from vmform.plan import Action
 
-    touched = [change for change in applied.changes if change.address in result.done]
+    host = host or workspace.project.default_host
+    touched = [change for change in applied.changes
+               if change.address in result.done and (change.host == host or not workspace.project.several_hosts)]
     if not touched:
         return
     # Only the domains and networks apply touched, by every name they had or have: with one domain changed
@@ -213,7 +296,7 @@ def verify_applied(workspace: Workspace, connections: ConnectionPool, applied: P
             resource = workspace.manifests.resources.get(change.address)
             if resource is not None:
                 names[change.kind].add(resource.libvirt_name)
-    owned = read_live(workspace, connections, names).owned()
+    owned = read_live(workspace, connections, names, host).owned()
     for change in touched:
         current = owned.get(change.address)
         if change.action is Action.DELETE:
@@ -232,12 +315,12 @@ def verify_applied(workspace: Workspace, connections: ConnectionPool, applied: P
                 f"{d.path}: planned {d.display_after}, the host has {d.display_before}" for d in differences)
 
 
-def lock_holder(workspace: Workspace, connections: ConnectionPool) -> LockInfo | None:
+def lock_holder(workspace: Workspace, connections: Connections) -> LockInfo | None:
     """Who holds the project's lock on the host, if anyone."""
     return current_lock(connections.main, workspace.project.name)
 
 
-def force_unlock(workspace: Workspace, connections: ConnectionPool, lock_id: str) -> LockInfo:
+def force_unlock(workspace: Workspace, connections: Connections, lock_id: str) -> LockInfo:
     """Remove a lock left by a killed process; only when ``lock_id`` is the current lock's."""
     return remove_lock(connections.main, workspace.project.name, lock_id)
 
@@ -258,12 +341,17 @@ def show_values(workspace: Workspace, addresses: list[str] | None = None,
     return result
 
 
-def domain_outputs(workspace: Workspace, connections: ConnectionPool) -> list[DomainOutput]:
-    """State and IP addresses of every declared domain."""
-    return guests.domain_outputs(connections.main, workspace.manifests)
+def domain_outputs(workspace: Workspace, connections: Connections) -> list[DomainOutput]:
+    """State and IP addresses of every declared domain (on its host)."""
+    if not isinstance(connections, HostConnections) or not workspace.project.several_hosts:
+        return guests.domain_outputs(connections.main, workspace.manifests)
+    found: list[DomainOutput] = []
+    for host in connections.reachable():
+        found += guests.domain_outputs(connections.pool(host).main, workspace.manifests.on_host(host))
+    return found
 
 
-def project_outputs(workspace: Workspace, connections: ConnectionPool) -> dict[str, Any]:
+def project_outputs(workspace: Workspace, connections: Connections) -> dict[str, Any]:
     """The project's outputs, evaluated against the host: domains offer state, ips and ip (the first)."""
     from vmform.errors import ManifestError, ManifestErrors
     from vmform.manifest.expressions import ResourceReader, evaluate_tree
@@ -272,7 +360,7 @@ def project_outputs(workspace: Workspace, connections: ConnectionPool) -> dict[s
     if not manifests.outputs:
         return {}
     runtime = {}
-    for output in guests.domain_outputs(connections.main, manifests):
+    for output in domain_outputs(workspace, connections):
         ips = [a.ip for a in output.addresses]
         runtime[output.address] = {"state": output.state, "ips": ips, "ip": ips[0] if ips else None}
     values: dict[str, Any] = {}
@@ -287,11 +375,11 @@ def project_outputs(workspace: Workspace, connections: ConnectionPool) -> dict[s
     return values
 
 
-def inventory(workspace: Workspace, connections: ConnectionPool) -> Any:
+def inventory(workspace: Workspace, connections: Connections) -> Any:
     """An Ansible inventory of the project's domains (vmform.inventory.Inventory)."""
     from vmform import inventory as ansible_inventory
 
-    return ansible_inventory.build(workspace.manifests, guests.domain_outputs(connections.main, workspace.manifests))
+    return ansible_inventory.build(workspace.manifests, domain_outputs(workspace, connections))
 
 
 def awaited_domains(workspace: Workspace) -> list[str]:
@@ -299,21 +387,38 @@ def awaited_domains(workspace: Workspace) -> list[str]:
     return guests.awaited_domains(workspace.manifests)
 
 
-def wait_for_addresses(workspace: Workspace, connections: ConnectionPool, timeout: float,
+def wait_for_addresses(workspace: Workspace, connections: Connections, timeout: float,
                        progress: Callable[[DomainOutput], None] | None = None) -> list[DomainOutput]:
     """Wait (bounded) until every declared running domain on a DHCP network reports an address."""
-    return guests.wait_for_addresses(connections.main, workspace.manifests, timeout, progress=progress)
+    if not isinstance(connections, HostConnections) or not workspace.project.several_hosts:
+        return guests.wait_for_addresses(connections.main, workspace.manifests, timeout, progress=progress)
+    import time
+
+    deadline = time.monotonic() + timeout
+    found: list[DomainOutput] = []
+    for host in connections.reachable():
+        found += guests.wait_for_addresses(connections.pool(host).main, workspace.manifests.on_host(host),
+                                           max(0.0, deadline - time.monotonic()), progress=progress)
+    return found
 
 
-def console_log_path(workspace: Workspace, connections: ConnectionPool, address: str) -> Path:
+def console_log_path(workspace: Workspace, connections: Connections, address: str) -> Path:
     """The local file a domain's serial console is logged to (console_log)."""
-    return guests.console_log(connections.main, workspace.manifests, address)
+    return guests.console_log(_host_of(workspace, connections, address), workspace.manifests, address)
 
 
-def console_stream(workspace: Workspace, connections: ConnectionPool, address: str,
+def console_stream(workspace: Workspace, connections: Connections, address: str,
                    stop: threading.Event | None = None) -> Iterator[bytes]:
     """A running domain's serial console output from now on, through libvirt (remote hosts too)."""
-    return guests.console_stream(connections.main, workspace.manifests, address, stop)
+    return guests.console_stream(_host_of(workspace, connections, address), workspace.manifests, address, stop)
+
+
+def _host_of(workspace: Workspace, connections: Connections, address: str) -> Any:
+    """The connection to the host a resource lives on."""
+    resource = workspace.manifests.resources.get(address)
+    if resource is None or not isinstance(connections, HostConnections):
+        return connections.main
+    return connections.pool(resource.host).main
 
 
 def _check_addresses(workspace: Workspace, addresses: list[str] | None) -> None:

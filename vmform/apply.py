@@ -4,7 +4,7 @@ A failure stops only what depends on it. Apply never re-decides what the plan de
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -32,9 +32,14 @@ class ApplyResult:
 ProgressCallback = Callable[[Change, str, str], None]
 
 
-def _run(ctx: ApplyContext, change: Change) -> None:
+def _run(contexts: Mapping[str, ApplyContext], change: Change) -> None:
+    ctx = contexts[change.host]
     provider = provider_for(change.kind)
-    if change.action is Action.CREATE:
+    if change.action is Action.MIGRATE:
+        from vmform.providers.migrate import migrate
+
+        migrate(ctx, contexts[change.identity["from_host"]], change, ctx.migration_uri)
+    elif change.action is Action.CREATE:
         provider.create(ctx, change)
     elif change.action is Action.UPDATE:
         provider.update(ctx, change)
@@ -54,8 +59,13 @@ def _message(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def execute(plan: Plan, ctx: ApplyContext, parallelism: int, progress: ProgressCallback | None = None,
-            stop: threading.Event | None = None) -> ApplyResult:
+def execute(plan: Plan, ctx: ApplyContext | Mapping[str, ApplyContext], parallelism: int,
+            progress: ProgressCallback | None = None, stop: threading.Event | None = None,
+            host_parallelism: Mapping[str, int] | None = None) -> ApplyResult:
+    """Run the plan's changes; ``ctx`` is the one host's context, or each host's by name (several hosts work
+    at once, each with at most its ``host_parallelism`` changes in flight)."""
+    contexts = ctx if isinstance(ctx, Mapping) else {change.host: ctx for change in plan.changes}
+    limits = dict(host_parallelism or {})
     result = ApplyResult()
     changes = {change.address: change for change in plan.changes}
     waiting = {address: {d for d in change.depends_on if d in changes} for address, change in changes.items()}
@@ -85,10 +95,13 @@ def execute(plan: Plan, ctx: ApplyContext, parallelism: int, progress: ProgressC
                 for address in order:
                     if address in started or waiting[address] or len(running) >= parallelism:
                         continue
+                    host = changes[address].host
+                    if host in limits and sum(1 for a in running.values() if changes[a].host == host) >= limits[host]:
+                        continue
                     started.add(address)
                     if progress:
                         progress(changes[address], "start", "")
-                    running[pool.submit(_run, ctx, changes[address])] = address
+                    running[pool.submit(_run, contexts, changes[address])] = address
             if not running:
                 break
             finished, _ = wait(list(running), return_when=FIRST_COMPLETED)

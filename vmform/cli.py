@@ -138,15 +138,17 @@ FORMAT = click.Choice(["text", "json", "markdown"])
 @click.option("-out", "--out", "out_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Save the plan to FILE; vmform apply FILE applies exactly it.")
 @click.option("--restart", is_flag=True, help="Plan as apply --restart would: restart-class changes restart their objects.")
+@click.option("--skip-unreachable", is_flag=True,
+              help="With several hosts: plan (and apply) the reachable ones, and say which were skipped.")
 @click.pass_context
 def plan(ctx: click.Context, targets: tuple[str, ...], detailed_exitcode: bool, as_json: bool, output_format: str,
-         out_file: str | None, restart: bool) -> None:
+         out_file: str | None, restart: bool, skip_unreachable: bool) -> None:
     """Show what apply would change on the host. Takes no lock."""
     from vmform import api, planfile
 
     out: Output = ctx.obj["out"]
     workspace = _workspace(ctx)
-    connections = api.connect(workspace)
+    connections = api.connect(workspace, skip_unreachable=skip_unreachable)
     try:
         if out_file is not None:
             saved = api.saved_plan(workspace, connections, list(targets), restart=restart)
@@ -244,9 +246,12 @@ def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: A
               help="Afterwards, wait until every running domain on a DHCP network reports an IP address.")
 @click.option("--wait-timeout", type=click.FloatRange(1, 3600), default=300.0, show_default=True, metavar="SECONDS",
               help="How long --wait-ip waits.")
+@click.option("--skip-unreachable", is_flag=True,
+              help="With several hosts: plan (and apply) the reachable ones, and say which were skipped.")
 @click.pass_context
 def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, parallelism: int | None,
-          targets: tuple[str, ...], restart: bool, lock_timeout: float, wait_ip: bool, wait_timeout: float) -> None:
+          targets: tuple[str, ...], restart: bool, lock_timeout: float, wait_ip: bool, wait_timeout: float,
+          skip_unreachable: bool) -> None:
     """Plan, confirm, then make the host match the manifests.
 
     With PLAN_FILE (from vmform plan -out), apply exactly that plan without planning again or asking;
@@ -261,7 +266,7 @@ def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, paralle
                               "not when a saved plan is applied")
         saved = planfile.read(plan_file)
     workspace = _workspace(ctx)
-    connections = api.connect(workspace)
+    connections = api.connect(workspace, skip_unreachable=skip_unreachable)
     try:
         if saved is not None:
             _print_plan(out, saved.plan, before_apply=True)
@@ -310,15 +315,17 @@ def _wait_for_addresses(out: Output, workspace: Any, connections: Any, timeout: 
 @click.option("--target", "targets", multiple=True, metavar="ADDRESS", help="Only ADDRESS and what uses it.")
 @click.option("--lock-timeout", type=click.FloatRange(0), default=0.0, show_default=True, metavar="SECONDS",
               help="Wait this long for the project lock held by another apply or destroy, then fail.")
+@click.option("--skip-unreachable", is_flag=True,
+              help="With several hosts: plan (and apply) the reachable ones, and say which were skipped.")
 @click.pass_context
 def destroy(ctx: click.Context, auto_approve: bool, parallelism: int | None, targets: tuple[str, ...],
-            lock_timeout: float) -> None:
+            lock_timeout: float, skip_unreachable: bool) -> None:
     """Remove every object this project owns on the host (and nothing else)."""
     from vmform import api
 
     out: Output = ctx.obj["out"]
     workspace = _workspace(ctx)
-    connections = api.connect(workspace)
+    connections = api.connect(workspace, skip_unreachable=skip_unreachable)
     try:
         the_plan = api.destroy_plan(workspace, connections, list(targets))
         _print_plan(out, the_plan, before_apply=True)

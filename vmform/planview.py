@@ -8,13 +8,14 @@ from vmform.schema.registry import KINDS
 from vmform.schema.types import Effect
 
 STYLE = {Action.CREATE: "green", Action.UPDATE: "yellow", Action.DELETE_THEN_CREATE: "magenta",
-         Action.CREATE_THEN_DELETE: "magenta", Action.DELETE: "red"}
+         Action.CREATE_THEN_DELETE: "magenta", Action.DELETE: "red", Action.MIGRATE: "cyan"}
 HEADLINE = {
     Action.CREATE: "will be created",
     Action.UPDATE: "will be updated in place",
     Action.DELETE_THEN_CREATE: "must be replaced",
     Action.CREATE_THEN_DELETE: "must be replaced (the new one is created first)",
     Action.DELETE: "will be destroyed",
+    Action.MIGRATE: "will be migrated",
 }
 EFFECT_NOTE = {
     Effect.LIVE: "live",
@@ -30,14 +31,15 @@ def _escape(text: str) -> str:
 
 def summary_line(plan: Plan) -> str:
     counts = plan.counts()
-    return f"Plan: {counts['add']} to add, {counts['change']} to change, {counts['destroy']} to destroy."
+    moves = f", {counts['move']} to move" if counts.get("move") else ""
+    return f"Plan: {counts['add']} to add, {counts['change']} to change, {counts['destroy']} to destroy{moves}."
 
 
 def _change_lines(change: Change) -> list[str]:
     style = STYLE[change.action]
     symbol = change.action.value
     headline = HEADLINE[change.action]
-    if change.action.is_replace() and change.reason:
+    if (change.action.is_replace() or change.action is Action.MIGRATE) and change.reason:
         headline += f" ({change.reason})"
     if change.restart:
         headline += ", and [bold]restarted[/bold]" if change.kind == "domain" else ", and [bold]restarted[/bold]"
@@ -79,10 +81,21 @@ def plan_lines(plan: Plan) -> list[str]:
     """Rich-markup lines; the console strips the markup when colour is off."""
     if plan.empty:
         return ["[green]No changes.[/green] The host matches the manifests.", *(_escape(n) for n in plan.notes)]
-    lines = [f"vmform will perform the following actions on {_escape(plan.host_uri)}:", ""]
-    for change in plan.changes:
-        lines.extend(_change_lines(change))
-        lines.append("")
+    if plan.hosts:
+        lines = [f"vmform will perform the following actions on the hosts of project {_escape(plan.project)}:", ""]
+        for host, uri in plan.hosts.items():
+            mine = [change for change in plan.changes if change.host == host]
+            if not mine:
+                continue
+            lines += [f"[bold underline]host {_escape(host)}[/bold underline] ({_escape(uri)})", ""]
+            for change in mine:
+                lines.extend(_change_lines(change))
+                lines.append("")
+    else:
+        lines = [f"vmform will perform the following actions on {_escape(plan.host_uri)}:", ""]
+        for change in plan.changes:
+            lines.extend(_change_lines(change))
+            lines.append("")
     restarting = [c.address for c in plan.changes if c.restart]
     if restarting:
         lines.append(f"[bold yellow]Restarted by this apply:[/bold yellow] {', '.join(restarting)}")
@@ -112,6 +125,7 @@ ACTION_WORDS = {
     Action.DELETE_THEN_CREATE: "replace",
     Action.CREATE_THEN_DELETE: "replace (create first)",
     Action.DELETE: "destroy",
+    Action.MIGRATE: "migrate",
 }
 
 

@@ -20,6 +20,7 @@ class ApplyContext:
     project: str
     ledger: Ledger
     shutdown_timeout: float = 60.0
+    migration_uri: str | None = None  # where a domain migrating to this host is sent ([hosts] migration_uri)
     # libvirt fails concurrent jobs on one pool ("pool has asynchronous jobs running"): one at a time per pool.
     pool_locks: defaultdict[str, threading.Lock] = field(default_factory=lambda: defaultdict(threading.Lock))
     ledger_lock: threading.Lock = field(default_factory=threading.Lock)
