@@ -251,8 +251,16 @@ class RemoteHost:
 
     # --- start ---------------------------------------------------------------------------------------------
     def _seed(self) -> None:
-        for sub in ("etc", "lib", "cache", "log", "pools", "ssh"):
+        for sub in ("etc", "lib", "cache", "log", "pools", "ssh", "bin"):
             (self.state / sub).mkdir(parents=True, exist_ok=True)
+        # The daemons run under names of their own (a process's name is the basename it was executed as), so
+        # `pgrep -x libvirtd` in scripts/bootstrap never takes a fake host for the host's daemon and a `pkill
+        # libvirtd` meant for the host's leaves them alone.
+        for program in ("libvirtd", "virtlogd", "sshd"):
+            real = shutil.which(program, path="/usr/sbin:/usr/bin:/sbin:/bin")
+            if real is None:
+                raise RuntimeError(f"fake host {self.name}: {program} is not installed (run scripts/bootstrap)")
+            (self.state / "bin" / f"vmftest-{program}").symlink_to(real)
         self.state.chmod(0o711)
         (self.state / "pools").chmod(0o755)  # QEMU (libvirt-qemu) reaches its disks through it
         (self.state / "ssh").chmod(0o700)
@@ -316,6 +324,9 @@ class RemoteHost:
             err = self.holder.stderr.read() if self.holder.stderr else ""
             raise RuntimeError(f"fake host {self.name}: the mount namespace could not be set up: {line} {err}")
 
+    def _program(self, name: str) -> str:
+        return str(self.state / "bin" / f"vmftest-{name}")
+
     def _in_namespace(self, argv: list[str], log_name: str) -> subprocess.Popen[Any]:
         assert self.holder is not None
         log = open(self.state / log_name, "ab")  # noqa: SIM115 - handed to the child
@@ -341,14 +352,14 @@ class RemoteHost:
     def start(self) -> None:
         self._seed()
         self._start_holder()
-        self.virtlogd = self._in_namespace(["virtlogd"], "virtlogd.stderr")
+        self.virtlogd = self._in_namespace([self._program("virtlogd")], "virtlogd.stderr")
         self._wait_for("virtlogd", lambda: (self.run_dir / "libvirt" / "virtlogd-sock").exists(), self.virtlogd)
         libvirt = _libvirt()
         last_error = ""
         for _attempt in range(3):  # the free port may be taken between the probe and libvirtd's bind
             self.port = free_port()
             self._write_libvirtd_conf()
-            self.libvirtd = self._in_namespace(["libvirtd", "--listen"], "libvirtd.stderr")
+            self.libvirtd = self._in_namespace([self._program("libvirtd"), "--listen"], "libvirtd.stderr")
 
             def answers() -> bool:
                 nonlocal last_error
@@ -408,7 +419,7 @@ class RemoteHost:
             self.ssh_key = ssh / "client_key"
             self.ssh_uri = (f"qemu+ssh://root@127.0.0.1:{self.ssh_port}/system"
                             f"?keyfile={self.ssh_key}&no_tty=1&command={wrapper}")
-            self.sshd = self._in_namespace(["/usr/sbin/sshd", "-D", "-e", "-f", f"{ssh}/sshd_config"], "sshd.stderr")
+            self.sshd = self._in_namespace([self._program("sshd"), "-D", "-e", "-f", f"{ssh}/sshd_config"], "sshd.stderr")
 
             def listening() -> bool:
                 try:
