@@ -131,18 +131,23 @@ def test_ssh_transport_reaches_the_namespaced_daemon(remote_host_ssh: RemoteHost
         ssh.close()
 
 
-def test_live_migration_with_disk_copy(remote_host_b: RemoteHost, remote_host_c: RemoteHost, prefix: str) -> None:
+def make_disk(host: RemoteHost, pool_name: str, volume: str) -> str:
+    """A dir pool at the same path on each fake host holds the disk; returns the volume's path."""
+    pool = host.conn().storagePoolDefineXML(pool_xml(pool_name, host))
+    pool.build(0)
+    pool.create(0)
+    return str(pool.createXML(volume_xml(volume), 0).path())
+
+
+@pytest.mark.parametrize("driver", ["peer2peer", "managed"])
+def test_live_migration_with_disk_copy(remote_host_b: RemoteHost, remote_host_c: RemoteHost, prefix: str,
+                                       driver: str) -> None:
     """A running TCG domain with a qcow2 disk moves from b to c: native migration to loopback (URI and listen
-    address given per migration), the disk copied over NBD into a volume created on c first."""
+    address given per migration), the disk copied over NBD into the volume created on c first. peer2peer: b's
+    daemon connects to c itself (migrateToURI3); managed: this client holds both connections (migrate3)."""
     b, c = remote_host_b.conn(), remote_host_c.conn()
-    volume = f"{prefix}-disk.qcow2"
-    pools = {}
-    for host, conn in ((remote_host_b, b), (remote_host_c, c)):
-        pools[host.name] = conn.storagePoolDefineXML(pool_xml(f"{prefix}-pool", host))
-        pools[host.name].build(0)
-        pools[host.name].create(0)
-        pools[host.name].createXML(volume_xml(volume), 0)
-    path = pools["b"].storageVolLookupByName(volume).path()
+    path = make_disk(remote_host_b, f"{prefix}-pool", f"{prefix}-disk.qcow2")
+    assert make_disk(remote_host_c, f"{prefix}-pool", f"{prefix}-disk.qcow2") == path
     # Data the copy must carry: 1 MiB of 0x5a at 1 MiB, written before the guest starts.
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 1M", str(remote_host_b.host_path(path))],
                    check=True, capture_output=True)
@@ -150,9 +155,12 @@ def test_live_migration_with_disk_copy(remote_host_b: RemoteHost, remote_host_c:
     dom.create()
 
     started = time.monotonic()
-    dom.migrateToURI3(remote_host_c.uri, LOCAL_MIGRATION, MIGRATE_FLAGS | libvirt.VIR_MIGRATE_NON_SHARED_DISK)
-    took = time.monotonic() - started
-    print(f"live migration b -> c with the disk copied: {took:.2f} s")
+    if driver == "peer2peer":
+        dom.migrateToURI3(remote_host_c.uri, LOCAL_MIGRATION, MIGRATE_FLAGS | libvirt.VIR_MIGRATE_NON_SHARED_DISK)
+    else:
+        dom.migrate3(c, LOCAL_MIGRATION,
+                     (MIGRATE_FLAGS & ~libvirt.VIR_MIGRATE_PEER2PEER) | libvirt.VIR_MIGRATE_NON_SHARED_DISK)
+    print(f"live migration b -> c ({driver}) with the disk copied: {time.monotonic() - started:.2f} s")
 
     assert not [d for d in b.listAllDomains() if d.name().startswith(prefix)]  # undefined on b
     moved = c.lookupByName(f"{prefix}-mig")
@@ -164,14 +172,34 @@ def test_live_migration_with_disk_copy(remote_host_b: RemoteHost, remote_host_c:
     assert copied.returncode == 0 and "Pattern verification failed" not in copied.stdout, copied.stdout
 
 
-def test_tunnelled_migration_over_the_libvirt_connection(remote_host_b: RemoteHost, remote_host_c: RemoteHost,
-                                                         prefix: str) -> None:
-    """PEER2PEER|TUNNELLED: the memory goes through the daemons' own connection, no migration port at all. This
-    QEMU/libvirt refuses it with NON_SHARED_DISK, so the domain here has no disk."""
+def test_tunnelled_migration_over_ssh(remote_host_b: RemoteHost, remote_host_ssh: RemoteHost,
+                                      remote_host_c: RemoteHost, prefix: str) -> None:
+    """PEER2PEER|TUNNELLED to c's qemu+ssh:// URI: b's daemon runs ssh itself, and the memory goes through that
+    libvirt connection — no migration port at all. The domain has no disk (see the next test)."""
     b, c = remote_host_b.conn(), remote_host_c.conn()
-    dom = c.createXML(domain_xml(f"{prefix}-tun"), 0)  # transient: PERSIST_DEST makes it persistent on b
-    dom.migrateToURI3(remote_host_b.uri, {}, MIGRATE_FLAGS | libvirt.VIR_MIGRATE_TUNNELLED)
-    moved = b.lookupByName(f"{prefix}-tun")
-    assert moved.state()[0] == libvirt.VIR_DOMAIN_RUNNING and moved.isPersistent()
-    assert not [d for d in c.listAllDomains() if d.name().startswith(prefix)]
+    dom = b.createXML(domain_xml(f"{prefix}-tun"), 0)  # transient: PERSIST_DEST makes it persistent on c
+    started = time.monotonic()
+    dom.migrateToURI3(remote_host_ssh.uri, {}, MIGRATE_FLAGS | libvirt.VIR_MIGRATE_TUNNELLED)
+    print(f"tunnelled live migration b -> c over qemu+ssh: {time.monotonic() - started:.2f} s")
+    moved = c.lookupByName(f"{prefix}-tun")
+    assert moved.state() == [libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_MIGRATED]
+    assert moved.isPersistent()
+    assert not [d for d in b.listAllDomains() if d.name().startswith(prefix)]
     assert cpu_time_grows(moved)
+
+
+def test_tunnelled_migration_cannot_copy_disks_and_leaves_the_domain_running(
+        remote_host_b: RemoteHost, remote_host_c: RemoteHost, prefix: str) -> None:
+    """libvirt 9.0 with QEMU 7.2 refuses TUNNELLED|NON_SHARED_DISK; the domain keeps running on the source and is
+    not left on the destination."""
+    b, c = remote_host_b.conn(), remote_host_c.conn()
+    path = make_disk(remote_host_b, f"{prefix}-pool", f"{prefix}-disk.qcow2")
+    make_disk(remote_host_c, f"{prefix}-pool", f"{prefix}-disk.qcow2")
+    dom = b.defineXML(domain_xml(f"{prefix}-tundisk", disk=path))
+    dom.create()
+    with pytest.raises(libvirt.libvirtError):
+        dom.migrateToURI3(remote_host_c.uri, {},
+                          MIGRATE_FLAGS | libvirt.VIR_MIGRATE_TUNNELLED | libvirt.VIR_MIGRATE_NON_SHARED_DISK)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING and dom.isPersistent()
+    assert not [d for d in c.listAllDomains() if d.name().startswith(prefix)]
+    assert cpu_time_grows(dom)
