@@ -103,11 +103,12 @@ def free_port() -> int:
 
 
 def _die_with_parent(sig: int) -> Callable[[], None]:
-    """A preexec_fn: the child gets ``sig`` when this process dies (so a killed pytest leaves no daemons)."""
+    """A preexec_fn: the child gets ``sig`` when this process dies (so a killed pytest leaves no daemons).
+    libc is loaded here, in the parent: the child between fork and exec only makes the call."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
 
     def arm() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
     return arm
 
@@ -264,6 +265,18 @@ class RemoteHost:
         self.state.chmod(0o711)
         (self.state / "pools").chmod(0o755)  # QEMU (libvirt-qemu) reaches its disks through it
         (self.state / "ssh").chmod(0o700)
+        # The host's directory layout (first level, with modes and owners; no files): /var/log/libvirt/qemu for
+        # console logs, /var/lib/libvirt/images, /var/lib/libvirt/qemu owned by libvirt-qemu, …
+        for outside, inside in (("lib", "/var/lib/libvirt"), ("cache", "/var/cache/libvirt"),
+                                ("log", "/var/log/libvirt")):
+            with contextlib.suppress(OSError):
+                for entry in Path(inside).iterdir():
+                    if entry.is_dir() and not entry.is_symlink():
+                        info = entry.stat()
+                        target = self.state / outside / entry.name
+                        target.mkdir(exist_ok=True)
+                        target.chmod(info.st_mode & 0o7777)
+                        os.chown(target, info.st_uid, info.st_gid)
         etc = self.state / "etc"
         for item in Path("/etc/libvirt").iterdir():
             if item.is_file() and item.suffix == ".conf":
