@@ -80,6 +80,11 @@ def prefix(remote_host_b: RemoteHost, remote_host_c: RemoteHost) -> Iterator[str
                 if dom.isActive():
                     dom.destroy()
                 dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        for net in conn.listAllNetworks():
+            if net.name().startswith(name):
+                if net.isActive():
+                    net.destroy()
+                net.undefine()
         for pool in conn.listAllStoragePools():
             if pool.name().startswith(name):
                 if pool.isActive():
@@ -116,6 +121,33 @@ def test_pool_root_is_the_same_path_with_separate_storage(remote_host_b: RemoteH
     assert paths[0].rsplit("/", 1)[0] == paths[1].rsplit("/", 1)[0]  # one pool path on both hosts …
     assert remote_host_b.host_path(paths[0]).is_file() and not remote_host_b.host_path(paths[1]).exists()
     assert remote_host_c.host_path(paths[1]).is_file() and not remote_host_c.host_path(paths[0]).exists()
+
+
+def free_subnet() -> str:
+    """A 10.250-254.x /24 that no interface of this machine uses."""
+    shown = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True).stdout
+    used = {".".join(word.split("/")[0].split(".")[:3]) for word in shown.split() if word.startswith("10.")}
+    while True:
+        subnet = f"10.{250 + secrets.randbelow(5)}.{secrets.randbelow(256)}"
+        if subnet not in used:
+            return subnet
+
+
+def test_isolated_network_on_a_fake_host(remote_host_b: RemoteHost, prefix: str) -> None:
+    """A network with DHCP starts on a fake host (its dnsmasq runs in b's namespace, its bridge is a real one of
+    this machine) and is not seen by the host daemon."""
+    subnet = free_subnet()
+    bridge = "vmft" + prefix.split("-")[1]
+    net = remote_host_b.conn().networkDefineXML(
+        f"<network><name>{prefix}-net</name><bridge name='{bridge}'/>"
+        f"<ip address='{subnet}.1' netmask='255.255.255.0'><dhcp><range start='{subnet}.10' end='{subnet}.20'/>"
+        "</dhcp></ip></network>")
+    net.create()
+    assert net.isActive()
+    shown = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", bridge], capture_output=True, text=True)
+    assert f"{subnet}.1/24" in shown.stdout
+    pidfile = remote_host_b.host_path(f"/run/libvirt/network/{prefix}-net.pid")
+    assert pidfile.exists(), "no dnsmasq for the network"
 
 
 @pytest.mark.parametrize("proxy", ["auto", "netcat", "native"])
