@@ -21,7 +21,13 @@ Each fake host ("b", "c", …) is an independent system libvirtd with everything
   UUID; this machine has no SMBIOS, so ``getSysinfo`` fails and the UUID is read from ``getCapabilities``).
   libvirt 9.0 on Debian 12 without systemd: plain ``libvirtd --listen`` (no socket activation; ``--listen`` is only
   refused when systemd hands the daemon sockets). Its pid file and unix sockets are the defaults, on the private /run.
-  ``virtlogd`` (QEMU's stdio goes through it) runs in the same namespace, started first.
+  ``virtlogd`` (QEMU's stdio goes through it) runs in the same namespace, started first. The daemons are executed
+  through symlinks named ``vmftest-libvirtd``, ``vmftest-virtlogd`` and ``vmftest-sshd`` (a process's name is
+  the basename it was executed as): ``pgrep -x libvirtd`` in scripts/bootstrap and ``pkill libvirtd``-style kills
+  meant for the host's daemon never see them.
+  ``lib``, ``cache`` and ``log`` get the host's first-level directories (modes and owners, no files), e.g.
+  ``/var/log/libvirt/qemu`` where console logs go; the host's QEMU capability cache is copied (same binaries, so
+  libvirt accepts it: about 4 s less before a fake host's first domain starts).
 
 - **qemu.conf** (the host's, plus): ``cgroup_controllers = [ ]`` — without systemd, libvirt names a domain's cgroup
   ``machine/qemu-<id>-<name>.libvirt-qemu`` and two daemons count ids on their own, so during a migration both ends
