@@ -4,6 +4,7 @@ with its disk copied (the facts docs/MULTIHOST-TESTING.md states are checked her
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import subprocess
@@ -95,8 +96,10 @@ def prefix(remote_host_b: RemoteHost, remote_host_c: RemoteHost) -> Iterator[str
 
 
 def test_fake_hosts_are_independent_hosts(remote_host_b: RemoteHost, remote_host_c: RemoteHost,
-                                          conn: Any, prefix: str) -> None:
+                                          prefix: str) -> None:
     b, c = remote_host_b.conn(), remote_host_c.conn()
+    # The host daemon, on a connection of this test's own (the session's may be stale if it was restarted).
+    conn = libvirt.open(os.environ.get("VMFORM_TEST_URI", "qemu:///system"))
     assert remote_host_b.uri.startswith("qemu+tcp://127.0.0.1:") and remote_host_b.uri.endswith("/system")
     uuids = {host_uuid(b), host_uuid(c), host_uuid(conn)}
     assert len(uuids) == 3, uuids
@@ -108,6 +111,7 @@ def test_fake_hosts_are_independent_hosts(remote_host_b: RemoteHost, remote_host
     assert [d.name() for d in b.listAllDomains() if d.name().startswith(prefix)] == [f"{prefix}-only-b"]
     assert not [d for d in c.listAllDomains() if d.name().startswith(prefix)]
     assert not [d for d in conn.listAllDomains() if d.name().startswith(prefix)]
+    conn.close()
 
 
 def test_pool_root_is_the_same_path_with_separate_storage(remote_host_b: RemoteHost,
