@@ -17,6 +17,14 @@ from typing import Any
 
 import pytest
 
+# Fake remote libvirt hosts (remote_host_b, remote_host_c, remote_host_ssh), started lazily when a test asks.
+from tests.integration.remote_hosts import (  # noqa: F401
+    remote_host_b,
+    remote_host_c,
+    remote_host_ssh,
+    remote_hosts,
+)
+
 URI = os.environ.get("VMFORM_TEST_URI", "qemu:///system")
 POOL_ROOT = Path(os.environ.get("VMFORM_TEST_POOL_ROOT", "/var/lib/vmform-test"))
 
