@@ -176,8 +176,8 @@ def _confirm(out: Output, what: str, auto_approve: bool) -> bool:
     return str(answer).strip() == "yes"
 
 
-PAST = {"+": "created", "~": "updated", "-/+": "replaced", "+/-": "replaced", "-": "destroyed"}
-PRESENT = {"+": "creating", "~": "updating", "-/+": "replacing", "+/-": "replacing", "-": "destroying"}
+PAST = {"+": "created", "~": "updated", "-/+": "replaced", "+/-": "replaced", "-": "destroyed", ">": "migrated"}
+PRESENT = {"+": "creating", "~": "updating", "-/+": "replacing", "+/-": "replacing", "-": "destroying", ">": "migrating"}
 
 
 def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: Any, parallelism: int | None,
@@ -221,8 +221,9 @@ def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: A
         if command == "destroy":
             out.summary(f"[bold green]{verb} complete![/bold green] Resources: {summary['destroy']} destroyed.")
         else:
+            moved = f", {summary['move']} moved" if summary.get("move") else ""
             out.summary(f"[bold green]{verb} complete![/bold green] Resources: {summary['add']} added, "
-                        f"{summary['change']} changed, {summary['destroy']} destroyed.")
+                        f"{summary['change']} changed, {summary['destroy']} destroyed{moved}.")
         return
     out.summary(f"[bold red]{verb} incomplete:[/bold red] {counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped.")
     for address, message in result.failed.items():

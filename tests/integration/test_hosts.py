@@ -1,0 +1,186 @@
+"""Several hosts in one project, on real daemons: the fake remote hosts b and c of remote_hosts.py (over
+qemu+tcp and qemu+ssh). Apply on both, re-plan "No changes.", destroy to nothing on each; an unreachable host
+fails the plan in one line, or is skipped; a domain moves between hosts by editing host:."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.remote_hosts import RemoteHost
+
+
+class HostsProject:
+    def __init__(self, project: Any, hosts: dict[str, RemoteHost], extra_hosts: dict[str, str] | None = None) -> None:
+        self.project, self.hosts = project, hosts
+        self.prefix = project.prefix
+        table = "".join(f'[hosts.{name}]\nuri = "{host.uri}"\nmigration_uri = "tcp://127.0.0.1"\n'
+                        for name, host in hosts.items())
+        table += "".join(f'[hosts.{name}]\nuri = "{uri}"\n' for name, uri in (extra_hosts or {}).items())
+        (project.root / "vmform.toml").write_text(
+            f'[project]\nname = "{project.prefix}"\nmanifests = ["*.yaml"]\nparallelism = 4\nshutdown_timeout = 5\n'
+            f'default_host = "{next(iter(hosts))}"\n\n{table}')
+
+    def write(self, text: str) -> None:
+        self.project.write(textwrap.dedent(text))
+
+    def run(self, *args: str, check: bool = True) -> Any:
+        return self.project.run(*args, check=check)
+
+    def names(self, host: str) -> list[str]:
+        conn = self.hosts[host].conn()
+        return sorted(d.name() for d in conn.listAllDomains() if d.name().startswith(self.prefix))
+
+    def cleanup(self) -> None:
+        import libvirt
+
+        for host in self.hosts.values():
+            conn = host.conn()
+            for dom in conn.listAllDomains():
+                if dom.name().startswith(self.prefix):
+                    if dom.isActive():
+                        dom.destroy()
+                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+            for pool in conn.listAllStoragePools():
+                if pool.name().startswith(self.prefix):
+                    if pool.isActive():
+                        for vol in pool.listAllVolumes():
+                            vol.delete(0)
+                        pool.destroy()
+                    pool.undefine()
+            for net in conn.listAllNetworks():
+                if net.name().startswith(self.prefix):
+                    if net.isActive():
+                        net.destroy()
+                    net.undefine()
+            for secret in conn.listAllSecrets():
+                if (secret.usageID() or "").startswith(f"vmform/{self.prefix}/"):
+                    secret.undefine()
+
+    def leftovers(self) -> list[str]:
+        found = []
+        for name, host in self.hosts.items():
+            conn = host.conn()
+            found += [f"{name}: domain {d.name()}" for d in conn.listAllDomains() if d.name().startswith(self.prefix)]
+            found += [f"{name}: network {n.name()}" for n in conn.listAllNetworks() if n.name().startswith(self.prefix)]
+            found += [f"{name}: pool {p.name()}" for p in conn.listAllStoragePools() if p.name().startswith(self.prefix)]
+        return found
+
+
+@pytest.fixture
+def two_hosts(project: Any, remote_host_b: RemoteHost, remote_host_ssh: RemoteHost) -> Iterator[HostsProject]:
+    hosts = HostsProject(project, {"b": remote_host_b, "c": remote_host_ssh})
+    try:
+        yield hosts
+    finally:
+        hosts.cleanup()
+
+
+def lab(hosts: HostsProject, moved: str = "b") -> str:
+    p, pool_root, bridge = hosts.prefix, hosts.hosts["b"].pool_root, hosts.project.bridge_prefix
+    return f"""
+pools:
+  pool_b: {{name: {p}-pool, host: b, path: {pool_root}/{p}}}
+  pool_c: {{name: {p}-pool, host: c, path: {pool_root}/{p}}}
+networks:
+  net_b: {{name: {p}-net, host: b, bridge: {bridge}b}}
+  net_c: {{name: {p}-net, host: c, bridge: {bridge}c}}
+volumes:
+  disk:
+    for_each: {{b1: b, b2: b, c1: c, c2: c}}
+    name: "{p}-{{{{ each.key }}}}.qcow2"
+    host: "{{{{ each.value }}}}"
+    pool: "pool_{{{{ each.value }}}}"
+    format: qcow2
+    size: 16MiB
+  moving:
+    name: {p}-mover.qcow2
+    host: {moved}
+    pool: pool_{moved}
+    format: qcow2
+    size: 16MiB
+domains:
+  vm:
+    for_each: {{b1: b, b2: b, c1: c, c2: c}}
+    name: "{p}-{{{{ each.key }}}}"
+    host: "{{{{ each.value }}}}"
+    type: qemu
+    memory: 32MiB
+    state: stopped
+    disks: [{{volume: 'disk["{{{{ each.key }}}}"]'}}]
+    interfaces: [{{network: "net_{{{{ each.value }}}}"}}]
+  mover:
+    name: {p}-mover
+    host: {moved}
+    type: qemu
+    memory: 32MiB
+    state: stopped
+    disks: [{{volume: moving}}]
+"""
+
+
+def test_two_domains_on_each_of_two_hosts_apply_converge_and_destroy(two_hosts: HostsProject) -> None:
+    p = two_hosts.prefix
+    two_hosts.write(lab(two_hosts))
+    plan = two_hosts.run("plan", "--json").json()
+    assert plan["hosts"] == {"b": two_hosts.hosts["b"].uri, "c": two_hosts.hosts["c"].uri}
+    assert {c["host"] for c in plan["changes"] if c["kind"] == "domain"} == {"b", "c"}
+    shown = two_hosts.run("plan").stdout
+    assert "host b (" in shown and "host c (" in shown
+    two_hosts.run("apply", "--auto-approve")
+    assert two_hosts.names("b") == [f"{p}-b1", f"{p}-b2", f"{p}-mover"]
+    assert two_hosts.names("c") == [f"{p}-c1", f"{p}-c2"]
+    assert "No changes." in two_hosts.run("plan").stdout
+
+    # A stopped domain moves by editing host: one migration, its disk copied, nothing else changes.
+    disk_b = two_hosts.hosts["b"].conn().storagePoolLookupByName(f"{p}-pool").storageVolLookupByName(f"{p}-mover.qcow2")
+    two_hosts.write(lab(two_hosts, moved="c"))
+    plan = two_hosts.run("plan", "--json").json()
+    assert plan["summary"] == {"add": 1, "change": 0, "destroy": 0, "move": 1}, plan["summary"]
+    assert [(c["address"], c["action"], c["host"]) for c in plan["changes"]] == [
+        ("volume.moving", "create", "c"), ("domain.mover", "migrate", "c")]
+    assert "Plan: 1 to add, 0 to change, 0 to destroy, 1 to move." in two_hosts.run("plan").stdout
+    assert disk_b.info()[1] > 0
+    two_hosts.run("apply", "--auto-approve")
+    assert two_hosts.names("b") == [f"{p}-b1", f"{p}-b2"]
+    assert two_hosts.names("c") == [f"{p}-c1", f"{p}-c2", f"{p}-mover"]
+    pool_b = two_hosts.hosts["b"].conn().storagePoolLookupByName(f"{p}-pool")
+    pool_b.refresh(0)
+    assert f"{p}-mover.qcow2" not in pool_b.listVolumes()
+    assert "No changes." in two_hosts.run("plan").stdout
+
+    two_hosts.run("destroy", "--auto-approve")
+    assert two_hosts.leftovers() == []
+
+
+def test_an_unreachable_host_fails_the_plan_or_is_skipped(project: Any, remote_host_b: RemoteHost) -> None:
+    hosts = HostsProject(project, {"b": remote_host_b}, {"gone": "qemu+tcp://127.0.0.1:1/system"})
+    try:
+        p = project.prefix
+        hosts.write(f"""
+domains:
+  here: {{name: {p}-here, host: b, type: qemu, memory: 32MiB, state: stopped}}
+  there: {{name: {p}-there, host: gone, type: qemu, memory: 32MiB, state: stopped}}
+""")
+        failed = hosts.run("plan", check=False)
+        assert failed.code == 1
+        errors = [line for line in failed.stderr.splitlines() if line.strip()]
+        assert len(errors) == 1 and "host gone (qemu+tcp://127.0.0.1:1/system)" in errors[0], failed.stderr
+        assert "Traceback" not in failed.stderr
+        skipped = hosts.run("plan", "--skip-unreachable", "--json").json()
+        assert [c["address"] for c in skipped["changes"]] == ["domain.here"]
+        assert any(n.startswith("host gone skipped:") for n in skipped["notes"])
+        hosts.run("apply", "--auto-approve", "--skip-unreachable")
+        assert hosts.names("b") == [f"{p}-here"]
+        hosts.run("destroy", "--auto-approve", "--skip-unreachable")
+        assert hosts.leftovers() == []
+    finally:
+        hosts.cleanup()
