@@ -61,9 +61,10 @@ def _join(per_host: dict[str, list[Change]], manifests: Manifests, lives: dict[s
         running = bool(live is not None and live.active)
         migrations[address] = Change(
             address, "domain", new.name, Action.MIGRATE, host=new.host, before=old.before, after=new.after,
-            fields=(FieldChange("host", old.host, new.host, Effect.LIVE if running else Effect.RESTART),),
-            reason=f"moves from host {old.host} to host {new.host}"
-                   + (" (live migration, its disks copied with it)" if running else " (stopped: its disks copied)"),
+            fields=(FieldChange("host", old.host, new.host, Effect.LIVE if running else Effect.RESTART, old.host,
+                                new.host),),
+            reason=f"from host {old.host} to host {new.host}, "
+                   + ("live: its disks are copied with it" if running else "stopped: its disks are copied"),
             depends_on=new.depends_on,
             identity={**old.identity, "from_host": old.host, "from_name": old.name, "running": running,
                       "volumes": source_volumes},

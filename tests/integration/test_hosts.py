@@ -184,3 +184,89 @@ domains:
         assert hosts.leftovers() == []
     finally:
         hosts.cleanup()
+
+
+COUNTER_INIT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+n=0
+while :; do echo "vmf-count $n"; n=$((n+1)); sleep 1; done
+"""
+
+
+def _counts(path: Path) -> list[int]:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return [int(line.split()[1]) for line in text.splitlines() if line.startswith("vmf-count ") and
+            line.split()[1].isdigit()]
+
+
+def _wait_count(path: Path, at_least: int, timeout: float) -> list[int]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counts = _counts(path)
+        if counts and counts[-1] >= at_least:
+            return counts
+        time.sleep(0.5)
+    return _counts(path)
+
+
+def test_a_running_guest_moves_live_and_keeps_counting(two_hosts: HostsProject) -> None:
+    from tests.guest.build import build_guest
+
+    guest = build_guest(COUNTER_INIT)
+    p, pool_root = two_hosts.prefix, two_hosts.hosts["b"].pool_root
+
+    def manifest(host: str) -> str:
+        return f"""
+pools:
+  pool_b: {{name: {p}-pool, host: b, path: {pool_root}/{p}}}
+  pool_c: {{name: {p}-pool, host: c, path: {pool_root}/{p}}}
+volumes:
+  data: {{name: {p}-data.qcow2, host: {host}, pool: pool_{host}, format: qcow2, size: 32MiB}}
+domains:
+  counter:
+    name: {p}-counter
+    host: {host}
+    type: qemu
+    memory: 96MiB
+    kernel: {guest.kernel}
+    initrd: {guest.initrd}
+    cmdline: console=ttyS0 quiet
+    console_log: true
+    disks: [{{volume: data}}]
+"""
+
+    two_hosts.write(manifest("b"))
+    two_hosts.run("apply", "--auto-approve")
+    log = Path(f"/var/log/libvirt/qemu/{p}-counter-console.log")
+    log_b, log_c = two_hosts.hosts["b"].host_path(str(log)), two_hosts.hosts["c"].host_path(str(log))
+    before = _wait_count(log_b, 3, 120)
+    assert before and before[-1] >= 3, f"the guest did not count on b: {log_b.read_text(errors='replace')[-2000:]}"
+    assert "No changes." in two_hosts.run("plan").stdout
+
+    two_hosts.write(manifest("c"))
+    plan = two_hosts.run("plan", "--json").json()
+    assert [(c["address"], c["action"], c["host"]) for c in plan["changes"]] == [
+        ("volume.data", "create", "c"), ("domain.counter", "migrate", "c")]
+    shown = two_hosts.run("plan").stdout
+    print(shown)
+    assert "domain.counter will be migrated (from host b to host c, live: its disks are copied with it)" in shown
+    moved = two_hosts.run("apply", "--auto-approve")
+    print(moved.stdout)
+    assert "domain.counter: migrated" in moved.stdout
+    last_on_b = _counts(log_b)[-1]
+    after = _wait_count(log_c, last_on_b + 3, 60)
+    print("serial log on b, last lines:", _counts(log_b)[-3:], "\nserial log on c, first lines:", after[:3])
+    assert after and after[0] > 0 and after[0] <= last_on_b + 2, (last_on_b, after[:5])  # it went on counting
+    assert two_hosts.names("b") == [] and two_hosts.names("c") == [f"{p}-counter"]
+    dom = two_hosts.hosts["c"].conn().lookupByName(f"{p}-counter")
+    assert dom.isActive() and dom.isPersistent()
+    pool_b = two_hosts.hosts["b"].conn().storagePoolLookupByName(f"{p}-pool")
+    pool_b.refresh(0)
+    assert pool_b.listVolumes() == []
+    assert f"{p}-data.qcow2" in two_hosts.hosts["c"].conn().storagePoolLookupByName(f"{p}-pool").listVolumes()
+    assert "No changes." in two_hosts.run("plan").stdout
+    two_hosts.run("destroy", "--auto-approve")
+    assert two_hosts.leftovers() == []

@@ -3,7 +3,7 @@
 The volumes that move with it were created on the destination first (their own create changes, which the
 migration waits for). A running domain is live-migrated, managed by vmform over its two connections (the
 source daemon needs no credentials for the destination), natively with its writable disks copied by QEMU
-(VIR_MIGRATE_NON_SHARED_INC: an overlay's top layer, on the base image the destination already has); the
+(VIR_MIGRATE_NON_SHARED_DISK); the
 domain keeps running on the source if anything fails. A stopped domain's writable volumes are copied through
 the storage API, then it is defined on the destination and undefined on the source. Either way, the source's
 volumes are deleted last, once the domain is where the manifests say.
@@ -52,7 +52,9 @@ def migrate(dest: ApplyContext, source: ApplyContext, change: Change, migration_
                 params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = address
         flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
         if any(disk["copy"] for disk in disks.values()):
-            flags |= libvirt.VIR_MIGRATE_NON_SHARED_INC
+            # The whole disk: libvirt 9 refuses an incremental copy into volumes made beforehand (an overlay
+            # gets its base's blocks too, still reading correctly on the base the new host has).
+            flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
         dom.migrate3(dst_conn, params, flags)
     else:
         for disk in disks.values():
