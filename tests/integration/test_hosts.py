@@ -4,10 +4,6 @@ fails the plan in one line, or is skipped; a domain moves between hosts by editi
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
