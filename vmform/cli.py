@@ -216,6 +216,11 @@ def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: A
         raise
     counts = {"done": len(result.done), "failed": len(result.failed), "skipped": len(result.skipped)}
     verb = "Destroy" if command == "destroy" else "Apply"
+    unreachable = dict(getattr(connections, "unreachable", {}) or {})
+    if result.ok and unreachable:
+        out.summary(f"[bold red]{verb} incomplete:[/bold red] {counts['done']} done; hosts not reached: "
+                    f"{', '.join(sorted(unreachable))}.")
+        _fail_if_unreachable(connections)
     if result.ok:
         summary = the_plan.counts()
         if command == "destroy":
@@ -285,6 +290,8 @@ def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, paralle
                 out.line("Apply cancelled.")
                 sys.exit(1)
             _run_apply(ctx, workspace, connections, the_plan, parallelism, "apply", lock_timeout)
+        else:
+            _fail_if_unreachable(connections)
         if wait_ip:
             _wait_for_addresses(out, workspace, connections, wait_timeout)
         if workspace.manifests.outputs and not out.quiet:
@@ -293,6 +300,15 @@ def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, paralle
                                  for key, value in values.items()})
     finally:
         connections.close()
+
+
+def _fail_if_unreachable(connections: Any) -> None:
+    """apply/destroy --skip-unreachable: the hosts left out make the command incomplete (exit 1)."""
+    unreachable = dict(getattr(connections, "unreachable", {}) or {})
+    for host in sorted(unreachable):
+        click.echo(f"Error: {unreachable[host]}: its resources were not planned or applied", err=True)
+    if unreachable:
+        sys.exit(1)
 
 
 def _wait_for_addresses(out: Output, workspace: Any, connections: Any, timeout: float) -> None:
@@ -331,6 +347,7 @@ def destroy(ctx: click.Context, auto_approve: bool, parallelism: int | None, tar
         the_plan = api.destroy_plan(workspace, connections, list(targets))
         _print_plan(out, the_plan, before_apply=True)
         if the_plan.empty:
+            _fail_if_unreachable(connections)
             return
         if not _confirm(out, "destroy these objects", auto_approve):
             out.line("Destroy cancelled.")

@@ -15,10 +15,11 @@ from tests.integration.remote_hosts import RemoteHost
 
 
 class HostsProject:
-    def __init__(self, project: Any, hosts: dict[str, RemoteHost], extra_hosts: dict[str, str] | None = None) -> None:
+    def __init__(self, project: Any, hosts: dict[str, RemoteHost], extra_hosts: dict[str, str] | None = None,
+                 migration_uri: str = "tcp://127.0.0.1") -> None:
         self.project, self.hosts = project, hosts
         self.prefix = project.prefix
-        table = "".join(f'[hosts.{name}]\nuri = "{host.uri}"\nmigration_uri = "tcp://127.0.0.1"\n'
+        table = "".join(f'[hosts.{name}]\nuri = "{host.uri}"\nmigration_uri = "{migration_uri}"\n'
                         for name, host in hosts.items())
         table += "".join(f'[hosts.{name}]\nuri = "{uri}"\n' for name, uri in (extra_hosts or {}).items())
         (project.root / "vmform.toml").write_text(
@@ -174,9 +175,12 @@ domains:
         skipped = hosts.run("plan", "--skip-unreachable", "--json").json()
         assert [c["address"] for c in skipped["changes"]] == ["domain.here"]
         assert any(n.startswith("host gone skipped:") for n in skipped["notes"])
-        hosts.run("apply", "--auto-approve", "--skip-unreachable")
+        # apply does what it can reach, and fails for the host it cannot: exit 1, one line naming it.
+        applied = hosts.run("apply", "--auto-approve", "--skip-unreachable", check=False)
+        assert applied.code == 1 and "domain.here: created" in applied.stdout, applied.stdout
+        assert "Error: host gone (qemu+tcp://127.0.0.1:1/system)" in applied.stderr, applied.stderr
         assert hosts.names("b") == [f"{p}-here"]
-        hosts.run("destroy", "--auto-approve", "--skip-unreachable")
+        assert hosts.run("destroy", "--auto-approve", "--skip-unreachable", check=False).code == 1
         assert hosts.leftovers() == []
     finally:
         hosts.cleanup()
@@ -266,3 +270,35 @@ domains:
     assert "No changes." in two_hosts.run("plan").stdout
     two_hosts.run("destroy", "--auto-approve")
     assert two_hosts.leftovers() == []
+
+
+def test_a_failed_migration_leaves_the_domain_running_where_it_was(project: Any, remote_host_b: RemoteHost,
+                                                                    remote_host_c: RemoteHost) -> None:
+    # The destination is told to listen on an address it does not have (TEST-NET-1): its QEMU cannot bind,
+    # so the migration fails before anything is sent.
+    hosts = HostsProject(project, {"b": remote_host_b, "c": remote_host_c}, migration_uri="tcp://192.0.2.1")
+    try:
+        p = project.prefix
+
+        def manifest(host: str) -> str:
+            return f"""
+domains:
+  vm: {{name: {p}-vm, host: {host}, type: qemu, memory: 32MiB}}
+"""
+        hosts.write(manifest("b"))
+        hosts.run("apply", "--auto-approve")
+        hosts.write(manifest("c"))
+        failed = hosts.run("apply", "--auto-approve", check=False)
+        assert failed.code == 1 and "domain.vm: failed:" in failed.stdout, failed.stdout
+        assert "Traceback" not in failed.stderr
+        dom = remote_host_b.conn().lookupByName(f"{p}-vm")
+        assert dom.isActive() and dom.isPersistent()
+        assert hosts.names("c") == []
+        again = hosts.run("plan", "--json").json()
+        assert [(c["address"], c["action"]) for c in again["changes"]] == [("domain.vm", "migrate")]
+        hosts.write(manifest("b"))
+        assert "No changes." in hosts.run("plan").stdout
+        hosts.run("destroy", "--auto-approve")
+        assert hosts.leftovers() == []
+    finally:
+        hosts.cleanup()
