@@ -104,6 +104,8 @@ volumes:
     pool: pool_{moved}
     format: qcow2
     size: 16MiB
+cloudinit:
+  seed: {{name: {p}-mover-seed, host: {moved}, pool: pool_{moved}, user_data: {{runcmd: [[echo, moved]]}}}}
 domains:
   vm:
     for_each: {{b1: b, b2: b, c1: c, c2: c}}
@@ -121,6 +123,7 @@ domains:
     memory: 32MiB
     state: stopped
     disks: [{{volume: moving}}]
+    cloudinit: seed
 """
 
 
@@ -141,17 +144,17 @@ def test_two_domains_on_each_of_two_hosts_apply_converge_and_destroy(two_hosts: 
     disk_b = two_hosts.hosts["b"].conn().storagePoolLookupByName(f"{p}-pool").storageVolLookupByName(f"{p}-mover.qcow2")
     two_hosts.write(lab(two_hosts, moved="c"))
     plan = two_hosts.run("plan", "--json").json()
-    assert plan["summary"] == {"add": 1, "change": 0, "destroy": 0, "move": 1}, plan["summary"]
-    assert [(c["address"], c["action"], c["host"]) for c in plan["changes"]] == [
-        ("volume.moving", "create", "c"), ("domain.mover", "migrate", "c")]
-    assert "Plan: 1 to add, 0 to change, 0 to destroy, 1 to move." in two_hosts.run("plan").stdout
+    assert plan["summary"] == {"add": 2, "change": 0, "destroy": 0, "move": 1}, plan["summary"]
+    assert sorted((c["address"], c["action"], c["host"]) for c in plan["changes"]) == [
+        ("cloudinit.seed", "create", "c"), ("domain.mover", "migrate", "c"), ("volume.moving", "create", "c")]
+    assert "Plan: 2 to add, 0 to change, 0 to destroy, 1 to move." in two_hosts.run("plan").stdout
     assert disk_b.info()[1] > 0
     two_hosts.run("apply", "--auto-approve")
     assert two_hosts.names("b") == [f"{p}-b1", f"{p}-b2"]
     assert two_hosts.names("c") == [f"{p}-c1", f"{p}-c2", f"{p}-mover"]
     pool_b = two_hosts.hosts["b"].conn().storagePoolLookupByName(f"{p}-pool")
     pool_b.refresh(0)
-    assert f"{p}-mover.qcow2" not in pool_b.listVolumes()
+    assert f"{p}-mover.qcow2" not in pool_b.listVolumes() and f"{p}-mover-seed.iso" not in pool_b.listVolumes()
     assert "No changes." in two_hosts.run("plan").stdout
 
     two_hosts.run("destroy", "--auto-approve")
