@@ -122,17 +122,17 @@ def plan(workspace: Workspace, connections: Connections, targets: list[str] | No
 
 
 def _plan_with_live(workspace: Workspace, connections: Connections, targets: list[str] | None,
-                    restart: bool) -> tuple[Plan, LiveState]:
+                    restart: bool) -> tuple[Plan, dict[str, LiveState]]:
     chosen = _expand_targets(workspace, targets)
     options = PlanOptions(restart=restart, targets=frozenset(chosen), protected=_protected(workspace))
     if isinstance(connections, HostConnections) and workspace.project.several_hosts:
         lives = read_hosts(workspace, connections)
         the_plan = plan_hosts(workspace.manifests, workspace.graph, workspace.order, lives, options,
                               _uris(lives), workspace.project.default_host)
-        return _skipped(the_plan, connections), lives[workspace.project.default_host] \
-            if workspace.project.default_host in lives else next(iter(lives.values()))
+        return _skipped(the_plan, connections), lives
     live = read_live(workspace, connections)
-    return make_plan(workspace.manifests, workspace.graph, live, workspace.order, options), live
+    plan_made = make_plan(workspace.manifests, workspace.graph, live, workspace.order, options)
+    return plan_made, {workspace.project.default_host: live}
 
 
 def _uris(lives: dict[str, LiveState]) -> dict[str, str]:
@@ -149,20 +149,34 @@ def _skipped(the_plan: Plan, connections: HostConnections) -> Plan:
 
 def saved_plan(workspace: Workspace, connections: Connections, targets: list[str] | None = None,
                restart: bool = False) -> SavedPlan:
-    """A plan with what ``apply_saved`` checks before executing it: the host's identity and the
+    """A plan with what ``apply_saved`` checks before executing it: the hosts' identities and the
     fingerprints of the manifests and of the live state the plan read. Write it with ``planfile.write``."""
-    if workspace.project.several_hosts:
-        from vmform.errors import VmformError
-
-        raise VmformError("saved plans (plan -out) of a project with several hosts are not supported yet: plan and "
-                          "apply directly")
-    host = host_identity(connections.main)
-    the_plan, live = _plan_with_live(workspace, connections, targets, restart)
+    the_plan, lives = _plan_with_live(workspace, connections, targets, restart)
+    identities = _identities(workspace, connections, list(lives))
     fingerprints = planfile.Fingerprints(
         manifests=planfile.manifests_fingerprint(workspace.project, workspace.manifests),
-        live=planfile.live_fingerprints(workspace.manifests, live),
+        live=_live_fingerprints(workspace, lives),
     )
-    return SavedPlan(the_plan, host, fingerprints, tuple(targets or ()))
+    default = identities.get(workspace.project.default_host) or next(iter(identities.values()))
+    several = identities if workspace.project.several_hosts else {}
+    return SavedPlan(the_plan, default, fingerprints, tuple(targets or ()), hosts=several)
+
+
+def _identities(workspace: Workspace, connections: Connections, hosts: list[str]) -> dict[str, dict[str, str]]:
+    if not isinstance(connections, HostConnections):
+        return {workspace.project.default_host: host_identity(connections.main)}
+    return {host: host_identity(connections.pool(host).main) for host in hosts}
+
+
+def _live_fingerprints(workspace: Workspace, lives: dict[str, LiveState]) -> dict[str, str | None]:
+    """Per address; with several hosts, per address@host (an address is on two hosts while it moves)."""
+    if not workspace.project.several_hosts:
+        return planfile.live_fingerprints(workspace.manifests, next(iter(lives.values())))
+    found: dict[str, str | None] = {}
+    for host, live in lives.items():
+        for address, digest in planfile.live_fingerprints(workspace.manifests.on_host(host), live).items():
+            found[f"{address}@{host}"] = digest
+    return found
 
 
 def destroy_plan(workspace: Workspace, connections: Connections, targets: list[str] | None = None) -> Plan:
@@ -238,13 +252,22 @@ def _locks(workspace: Workspace, connections: Connections, plan_to_apply: Plan, 
 
 
 def check_saved(workspace: Workspace, connections: Connections, saved: SavedPlan) -> None:
-    """Raise StalePlanError unless the saved plan was made for this project and host, from the manifests
-    as they are and the host as it is now."""
+    """Raise StalePlanError unless the saved plan was made for this project and its hosts, from the
+    manifests as they are and the hosts as they are now."""
     planfile.check_project(saved, workspace.project.name)
-    planfile.check_host(saved, host_identity(connections.main))
+    if saved.hosts:
+        if not isinstance(connections, HostConnections) or not workspace.project.several_hosts:
+            raise planfile.StalePlanError("this plan was made for a project with several hosts; this one has one")
+        for host, identity in saved.hosts.items():
+            if host not in workspace.project.hosts:
+                raise planfile.StalePlanError(f"this plan was made for host {host}, which vmform.toml no longer has")
+            planfile.check_host(saved, host_identity(connections.pool(host).main), identity)
+        lives = {host: read_live(workspace, connections, host=host) for host in saved.hosts}
+    else:
+        planfile.check_host(saved, host_identity(connections.main))
+        lives = {workspace.project.default_host: read_live(workspace, connections)}
     manifests_now = planfile.manifests_fingerprint(workspace.project, workspace.manifests)
-    live = read_live(workspace, connections)
-    planfile.check_fresh(saved, manifests_now, planfile.live_fingerprints(workspace.manifests, live))
+    planfile.check_fresh(saved, manifests_now, _live_fingerprints(workspace, lives))
 
 
 def apply_saved(workspace: Workspace, connections: Connections, saved: SavedPlan, parallelism: int | None = None,

@@ -58,6 +58,7 @@ class SavedPlan:
     targets: tuple[str, ...] = ()
     created: float = field(default_factory=time.time)
     vmform_version: str = __version__
+    hosts: dict[str, dict[str, str]] = field(default_factory=dict)  # several hosts: each one's identity, by name
 
     def describe(self) -> str:
         made = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.created))
@@ -74,6 +75,7 @@ class SavedPlan:
             "created": self.created,
             "project": self.plan.project,
             "host": dict(self.host),
+            "hosts": {name: dict(identity) for name, identity in self.hosts.items()},
             "targets": list(self.targets),
             "fingerprints": {
                 "manifests": self.fingerprints.manifests,
@@ -128,6 +130,8 @@ def read(path: Path | str) -> SavedPlan:
             targets=tuple(data.get("targets", ())),
             created=float(data.get("created", 0)),
             vmform_version=str(data.get("vmform_version", "?")),
+            hosts={str(name): {k: str(v) for k, v in identity.items()} for name, identity in
+                   (data.get("hosts") or {}).items()},
         )
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise PlanFileError(f"{path} is damaged: {type(exc).__name__} {exc}") from None
@@ -199,11 +203,11 @@ def check_project(saved: SavedPlan, project_name: str) -> None:
         raise StalePlanError(f"this plan was made for project {saved.plan.project}, not {project_name}")
 
 
-def check_host(saved: SavedPlan, host: dict[str, str]) -> None:
-    same = saved.host.get("hostname") == host.get("hostname") and saved.host.get("uuid") == host.get("uuid")
-    if not same:
-        raise StalePlanError(f"this plan was made for host {_host_text(saved.host)}, "
-                             f"not for {_host_text(host)}")
+def check_host(saved: SavedPlan, host: dict[str, str], expected: dict[str, str] | None = None) -> None:
+    """The host reached now is the one the plan was made for (``expected``: one of several hosts')."""
+    then = expected if expected is not None else saved.host
+    if then.get("hostname") != host.get("hostname") or then.get("uuid") != host.get("uuid"):
+        raise StalePlanError(f"this plan was made for host {_host_text(then)}, not for {_host_text(host)}")
 
 
 def check_fresh(saved: SavedPlan, manifests_now: str, live_now: dict[str, str | None]) -> None:

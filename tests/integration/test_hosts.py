@@ -4,6 +4,7 @@ fails the plan in one line, or is skipped; a domain moves between hosts by editi
 
 from __future__ import annotations
 
+import json
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,7 +150,11 @@ def test_two_domains_on_each_of_two_hosts_apply_converge_and_destroy(two_hosts: 
         ("cloudinit.seed", "create", "c"), ("domain.mover", "migrate", "c"), ("volume.moving", "create", "c")]
     assert "Plan: 2 to add, 0 to change, 0 to destroy, 1 to move." in two_hosts.run("plan").stdout
     assert disk_b.info()[1] > 0
-    two_hosts.run("apply", "--auto-approve")
+    # Saved, as a pipeline does (plan on the pull request, apply on merge): the file knows both hosts.
+    saved = str(two_hosts.project.root / "move.plan")
+    two_hosts.run("plan", "-out", saved)
+    assert set(json.loads(Path(saved).read_text())["hosts"]) == {"b", "c"}
+    two_hosts.run("apply", saved)
     assert two_hosts.names("b") == [f"{p}-b1", f"{p}-b2"]
     assert two_hosts.names("c") == [f"{p}-c1", f"{p}-c2", f"{p}-mover"]
     pool_b = two_hosts.hosts["b"].conn().storagePoolLookupByName(f"{p}-pool")
