@@ -132,7 +132,8 @@ ACTION_WORDS = {
 def plan_markdown(plan: Plan) -> str:
     """A summary for a pull-request comment: counts, one table row per change, each change's details
     collapsed in a <details> block."""
-    title = f"### vmform plan for `{plan.project}` on `{plan.host_uri}`"
+    where = ", ".join(f"{host} (`{uri}`)" for host, uri in plan.hosts.items()) if plan.hosts else f"`{plan.host_uri}`"
+    title = f"### vmform plan for `{plan.project}` on {where}"
     if plan.empty:
         lines = [title, "", "**No changes.** The host matches the manifests."]
         lines += [f"- {note}" for note in plan.notes]
@@ -144,8 +145,10 @@ def plan_markdown(plan: Plan) -> str:
             effects.append("restarted by apply")
         elif change.waits_for_restart:
             effects.append("waits for a restart")
-        why = change.reason if change.action.is_replace() else ", ".join(f.path for f in change.fields)
-        lines.append(f"| `{change.action.value}` | `{change.address}` | {ACTION_WORDS[change.action]} | "
+        why = change.reason if change.action.is_replace() or change.action is Action.MIGRATE \
+            else ", ".join(f.path for f in change.fields)
+        resource = f"`{change.address}`" + (f" on {change.host}" if plan.hosts else "")
+        lines.append(f"| `{change.action.value}` | {resource} | {ACTION_WORDS[change.action]} | "
                      f"{_cell(', '.join(effects))} | {_cell(why)} |")
     lines.append("")
     for change in plan.changes:
