@@ -193,3 +193,30 @@ def test_waits_use_events(project: Any, conn: Any, monkeypatch: pytest.MonkeyPat
     assert f"domain.g: {subnet}." in result.stdout, result.stdout
     project.run("destroy", "--auto-approve", check=True)
     assert project.leftovers() == []
+
+
+def test_import_maps_missing_defaults_back(project: Any, conn: Any) -> None:
+    """A domain without the defaults imports with each switched off, so the defaults add nothing to it; one with
+    them imports with them on. Either way the next plan is "No changes."."""
+    p = project.prefix
+    bare = f"""<domain type='qemu'><name>{p}-bare</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
+      <os><type arch='x86_64'>hvm</type></os><features><acpi/></features><devices/></domain>"""
+    full = f"""<domain type='qemu'><name>{p}-full</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
+      <os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type></os><features><acpi/></features><devices>
+      <serial type='pty'><target port='0'/></serial><console type='pty'><target type='serial' port='0'/></console>
+      <channel type='unix'><target type='virtio' name='{AGENT}'/></channel>
+      <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng></devices></domain>"""
+    conn.defineXML(bare)
+    conn.defineXML(full)
+    imported = project.run("import", f"domain.{p}-bare", f"domain.{p}-full", check=True)
+    assert "imported" in imported.stdout, imported.stdout
+    text = (project.root / "imported.yaml").read_text()
+    bare_part, full_part = text.split(f"{p}-full:")[0], text.split(f"{p}-full:")[1]
+    for line in ("firmware: bios", "rng: false", "guest_agent: false", "serial_console: false", "machine: pc-i440fx-"):
+        assert line in bare_part, text
+    for line in ("firmware: efi", "rng: true", "guest_agent: true", "machine: pc-q35-"):
+        assert line in full_part, text
+    assert "not carried" not in text, text
+    assert "No changes." in project.run("plan", check=True).stdout
+    project.run("destroy", "--auto-approve", check=True)
+    assert project.leftovers() == []

@@ -158,3 +158,11 @@ def test_record_with_unknown_values_leaves_the_field_unmanaged() -> None:
                      "firmware='coreboot' rng='yes'/></metadata></domain>")
     assert domain_schema.read_defaults_record(root) == {"rng": True}
     assert domain_schema.read_defaults_record(parse_xml("<domain/>")) is None
+
+
+def test_a_new_arch_takes_this_vmforms_machine_for_it(load_files: Callable[..., Manifests]) -> None:
+    manifests = load_files({"m.yaml": MANIFEST})
+    live = _live(_printed(render_domain("web", manifests.resources["domain.web"].desired, "unit", "domain.web")))
+    moved = load_files({"m.yaml": MANIFEST.replace("state: stopped", "state: stopped, arch: aarch64")})
+    changes, _, _ = compare(moved.resources["domain.web"], live)
+    assert {(c.path, c.after) for c in changes} == {("arch", "aarch64"), ("machine", "virt")}

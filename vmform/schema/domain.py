@@ -1148,6 +1148,8 @@ def settle_defaults(resource: Any, live: Any) -> dict[str, Any]:
     for spec in pinned_fields():
         if spec.name not in desired or (*resource.path, spec.name) in resource.source.keys:
             continue  # stated in the manifest, or yielded to the xml: section
+        if spec.name == "machine" and desired.get("arch") not in (None, live.values.get("arch")):
+            continue  # another architecture: the recorded machine type belongs to the old one
         if spec.name in record:
             desired[spec.name] = _device_value(spec.name, record[spec.name])
         else:
