@@ -40,6 +40,7 @@ def test_defaults_apply_replan_and_each_switches_off(project: Any, conn: Any, mo
     project.write(f"""
     domains:
       dflt: {{name: {p}-on, type: qemu, memory: 128MiB, state: stopped}}
+      uefi: {{name: {p}-uefi, type: qemu, memory: 128MiB, state: stopped, firmware: efi}}
       bare:
         name: {p}-off
         type: qemu
@@ -53,13 +54,14 @@ def test_defaults_apply_replan_and_each_switches_off(project: Any, conn: Any, mo
     project.apply()
     assert "No changes." in project.run("plan", check=True).stdout
 
-    on, off = _xml(conn, f"{p}-on"), _xml(conn, f"{p}-off")
-    assert _devices(on) == {"serial": True, "rng": True, "agent": True, "efi": True}
+    on, off, uefi = _xml(conn, f"{p}-on"), _xml(conn, f"{p}-off"), _xml(conn, f"{p}-uefi")
+    assert _devices(on) == {"serial": True, "rng": True, "agent": True, "efi": False}
     assert on.find("devices/rng/backend").text == "/dev/urandom"
-    assert on.find("os/loader") is None, "UEFI through libvirt's auto-selection, never an OVMF path"
     assert on.find("os/type").get("machine").startswith("pc-i440fx-")  # vmform's default, resolved by libvirt
     record = domain_schema.read_defaults_record(on)
-    assert record == {"machine": "pc", "firmware": "efi", "serial_console": True, "rng": True, "guest_agent": True}
+    assert record == {"machine": "pc", "firmware": "bios", "serial_console": True, "rng": True, "guest_agent": True}
+    assert _devices(uefi) == {"serial": True, "rng": True, "agent": True, "efi": True}
+    assert uefi.find("os/loader") is None, "UEFI through libvirt's auto-selection, never an OVMF path"
     assert _devices(off) == {"serial": False, "rng": False, "agent": False, "efi": False}
     assert off.find("os").get("firmware") is None  # bios: SeaBIOS, which needs no firmware descriptor
 
@@ -67,7 +69,7 @@ def test_defaults_apply_replan_and_each_switches_off(project: Any, conn: Any, mo
     project.write((project.root / "main.yaml").read_text().replace("state: stopped", "state: running"))
     project.apply()
     assert "No changes." in project.run("plan", check=True).stdout
-    running = _xml(conn, f"{p}-on", inactive=False)
+    running = _xml(conn, f"{p}-uefi", inactive=False)
     assert running.find("os/loader") is not None and "OVMF" in running.find("os/loader").text
     project.write((project.root / "main.yaml").read_text().replace("state: running", "state: stopped"))
     project.apply()
@@ -75,23 +77,24 @@ def test_defaults_apply_replan_and_each_switches_off(project: Any, conn: Any, mo
     # Switching each default off on the existing domain removes its device.
     text = (project.root / "main.yaml").read_text()
     project.write(text.replace("state: stopped}", "state: stopped, rng: false, guest_agent: false, "
-                               "serial_console: false, firmware: bios}", 1))
-    planned = project.plan_json()
-    (change,) = planned["changes"]
-    assert {f["path"] for f in change["fields"]} == {"rng", "guest_agent", "serial_console", "firmware"}
+                               "serial_console: false}", 1).replace("firmware: efi}", "firmware: bios}"))
+    planned = {c["address"]: {f["path"] for f in c["fields"]} for c in project.plan_json()["changes"]}
+    assert planned == {"domain.dflt": {"rng", "guest_agent", "serial_console"}, "domain.uefi": {"firmware"}}
     project.apply()
     assert "No changes." in project.run("plan", check=True).stdout
     assert _devices(_xml(conn, f"{p}-on")) == {"serial": False, "rng": False, "agent": False, "efi": False}
+    assert _devices(_xml(conn, f"{p}-uefi"))["efi"] is False
     # ... and removing the switches brings the defaults the domain was created with back.
     project.write(text)
     project.apply()
-    assert _devices(_xml(conn, f"{p}-on")) == {"serial": True, "rng": True, "agent": True, "efi": True}
+    assert _devices(_xml(conn, f"{p}-on")) == {"serial": True, "rng": True, "agent": True, "efi": False}
+    assert _devices(_xml(conn, f"{p}-uefi"))["efi"] is True
     assert "No changes." in project.run("plan", check=True).stdout
 
-    # A newer vmform with other defaults (q35, no UEFI, no RNG, no agent) plans no change to these domains.
+    # A newer vmform with other defaults (q35, UEFI, no RNG, no agent) plans no change to these domains.
     monkeypatch.setitem(domain_schema.MACHINE_DEFAULTS, None, "q35")
     specs = {name: domain_schema.KIND.spec(name) for name in ("firmware", "rng", "guest_agent")}
-    newer = {"firmware": "bios", "rng": False, "guest_agent": False}
+    newer = {"firmware": "efi", "rng": False, "guest_agent": False}
     old = {name: spec.default for name, spec in specs.items()}  # type: ignore[union-attr]
     try:
         for name, value in newer.items():

@@ -64,11 +64,10 @@ MANIFEST = "domains:\n  web: {type: qemu, memory: 64MiB, state: stopped}\n"
 
 def test_a_new_domain_gets_every_default(load_files: Callable[..., Manifests]) -> None:
     desired = load_files({"m.yaml": MANIFEST}).resources["domain.web"].desired
-    assert desired["machine"] == "pc" and desired["firmware"] == "efi"
+    assert desired["machine"] == "pc" and desired["firmware"] == "bios"
     assert desired["rng"] is True and desired["guest_agent"] is True and desired["serial_console"] is True
     root = render_domain("web", desired, "unit", "domain.web")
-    assert root.find("os").get("firmware") == "efi"
-    assert root.find("os/loader") is None and root.find("os/nvram") is None  # never a distro OVMF path
+    assert root.find("os").get("firmware") is None  # bios: SeaBIOS, libvirt's default, needs no descriptor
     assert root.find("os/type").get("machine") == "pc"
     assert root.find("devices/rng/backend").text == "/dev/urandom"
     channel = root.find("devices/channel")
@@ -76,7 +75,15 @@ def test_a_new_domain_gets_every_default(load_files: Callable[..., Manifests]) -
         "type": "virtio", "name": "org.qemu.guest_agent.0"}
     assert root.find("devices/serial") is not None and root.find("devices/console") is not None
     assert domain_schema.read_defaults_record(root) == {
-        "machine": "pc", "firmware": "efi", "serial_console": True, "rng": True, "guest_agent": True}
+        "machine": "pc", "firmware": "bios", "serial_console": True, "rng": True, "guest_agent": True}
+
+
+def test_uefi_through_libvirts_auto_selection(load_files: Callable[..., Manifests]) -> None:
+    desired = load_files({"m.yaml": MANIFEST.replace("state: stopped", "state: stopped, firmware: efi")}
+                         ).resources["domain.web"].desired
+    root = render_domain("web", desired, "unit", "domain.web")
+    assert root.find("os").get("firmware") == "efi"
+    assert root.find("os/loader") is None and root.find("os/nvram") is None  # never a distro OVMF path
 
 
 def test_each_default_switched_off(load_files: Callable[..., Manifests]) -> None:
@@ -97,7 +104,7 @@ def test_machine_default_follows_arch(load_files: Callable[..., Manifests]) -> N
     assert resources["domain.set"].desired["machine"] == "q35"
 
 
-@pytest.mark.parametrize("name, newer", [("machine", "q35"), ("firmware", "bios"), ("rng", False),
+@pytest.mark.parametrize("name, newer", [("machine", "q35"), ("firmware", "efi"), ("rng", False),
                                          ("guest_agent", False), ("serial_console", False)])
 def test_a_newer_default_plans_no_change_to_an_existing_domain(
         name: str, newer: Any, load_files: Callable[..., Manifests], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -898,7 +898,7 @@ FIELDS: tuple[FieldSpec, ...] = (
               "s390-ccw-virtio on s390x"),
     FieldSpec("firmware", Enum(("bios", "efi")), "efi: UEFI, the firmware image picked by libvirt's auto-selection "
               "(<os firmware='efi'>, never a distro OVMF path); bios: no UEFI (SeaBIOS on x86). An existing OVMF "
-              "pflash loader reads as efi", xml="os/@firmware", binding=Firmware(), default="efi", pinned=True),
+              "pflash loader reads as efi", xml="os/@firmware", binding=Firmware(), default="bios", pinned=True),
     FieldSpec("secure_boot", Bool(), "UEFI secure boot with the distribution's keys enrolled (needs firmware: efi; "
               "turns on SMM)", xml="os/firmware/feature[@name='secure-boot'], features/smm", binding=SecureBoot()),
     FieldSpec("cpu", CPU, "CPU model: host-passthrough | host-model | maximum, or {mode: custom, model: NAME}",
