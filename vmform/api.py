@@ -425,6 +425,26 @@ def wait_for_addresses(workspace: Workspace, connections: Connections, timeout: 
     return found
 
 
+def awaited_agents(workspace: Workspace) -> list[str]:
+    """The domains apply --wait-agent waits for: declared running, with the guest agent channel."""
+    return guests.awaited_agents(workspace.manifests)
+
+
+def wait_for_agents(workspace: Workspace, connections: Connections, timeout: float,
+                    progress: Callable[[str], None] | None = None) -> list[str]:
+    """Wait (bounded, on libvirt's agent lifecycle events) until every awaited domain's guest agent connected."""
+    if not isinstance(connections, HostConnections) or not workspace.project.several_hosts:
+        return guests.wait_for_agents(connections.main, workspace.manifests, timeout, progress=progress)
+    import time
+
+    deadline = time.monotonic() + timeout
+    found: list[str] = []
+    for host in connections.reachable():
+        found += guests.wait_for_agents(connections.pool(host).main, workspace.manifests.on_host(host),
+                                        max(0.0, deadline - time.monotonic()), progress=progress)
+    return found
+
+
 def console_log_path(workspace: Workspace, connections: Connections, address: str) -> Path:
     """The local file a domain's serial console is logged to (console_log)."""
     return guests.console_log(_host_of(workspace, connections, address), workspace.manifests, address)

@@ -250,14 +250,16 @@ def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: A
               help="Wait this long for the project lock held by another apply or destroy, then fail.")
 @click.option("--wait-ip", is_flag=True,
               help="Afterwards, wait until every running domain on a DHCP network reports an IP address.")
+@click.option("--wait-agent", is_flag=True,
+              help="Afterwards, wait until the guest agent of every running domain with one has connected.")
 @click.option("--wait-timeout", type=click.FloatRange(1, 3600), default=300.0, show_default=True, metavar="SECONDS",
-              help="How long --wait-ip waits.")
+              help="How long --wait-ip and --wait-agent wait (each).")
 @click.option("--skip-unreachable", is_flag=True,
               help="With several hosts: plan (and apply) the reachable ones, and say which were skipped.")
 @click.pass_context
 def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, parallelism: int | None,
-          targets: tuple[str, ...], restart: bool, lock_timeout: float, wait_ip: bool, wait_timeout: float,
-          skip_unreachable: bool) -> None:
+          targets: tuple[str, ...], restart: bool, lock_timeout: float, wait_ip: bool, wait_agent: bool,
+          wait_timeout: float, skip_unreachable: bool) -> None:
     """Plan, confirm, then make the host match the manifests.
 
     With PLAN_FILE (from vmform plan -out), apply exactly that plan without planning again or asking;
@@ -280,8 +282,7 @@ def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, paralle
                 _run_apply(ctx, workspace, connections, saved.plan, parallelism, "apply", lock_timeout, saved)
             else:
                 api.check_saved(workspace, connections, saved)  # "nothing to do" must still be true now
-            if wait_ip:
-                _wait_for_addresses(out, workspace, connections, wait_timeout)
+            _wait_after_apply(out, workspace, connections, wait_agent, wait_ip, wait_timeout)
             return
         the_plan = api.plan(workspace, connections, list(targets), restart=restart)
         _print_plan(out, the_plan, before_apply=True)
@@ -292,8 +293,7 @@ def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, paralle
             _run_apply(ctx, workspace, connections, the_plan, parallelism, "apply", lock_timeout)
         else:
             _fail_if_unreachable(connections)
-        if wait_ip:
-            _wait_for_addresses(out, workspace, connections, wait_timeout)
+        _wait_after_apply(out, workspace, connections, wait_agent, wait_ip, wait_timeout)
         if workspace.manifests.outputs and not out.quiet:
             values = api.project_outputs(workspace, connections)
             _print_outputs(out, {key: "(sensitive)" if workspace.manifests.outputs[key].sensitive else value
@@ -309,6 +309,24 @@ def _fail_if_unreachable(connections: Any) -> None:
         click.echo(f"Error: {unreachable[host]}: its resources were not planned or applied", err=True)
     if unreachable:
         sys.exit(1)
+
+
+def _wait_after_apply(out: Output, workspace: Any, connections: Any, agent: bool, ip: bool, timeout: float) -> None:
+    if agent:
+        _wait_for_agents(out, workspace, connections, timeout)
+    if ip:
+        _wait_for_addresses(out, workspace, connections, timeout)
+
+
+def _wait_for_agents(out: Output, workspace: Any, connections: Any, timeout: float) -> None:
+    from vmform import api
+
+    awaited = api.awaited_agents(workspace)
+    if not awaited:
+        out.line("No running domain with a guest agent channel: no agent to wait for.")
+        return
+    out.line(f"Waiting up to {timeout:.0f}s for the guest agents of {', '.join(awaited)}...")
+    api.wait_for_agents(workspace, connections, timeout, lambda address: out.line(f"{address}: guest agent connected"))
 
 
 def _wait_for_addresses(out: Output, workspace: Any, connections: Any, timeout: float) -> None:
