@@ -12,6 +12,7 @@ from vmform import guests, planfile
 from vmform.apply import ApplyResult, ProgressCallback, execute
 from vmform.connection import ConnectionPool, host_identity
 from vmform.diff import PlanOptions, make_plan
+from vmform.errors import ConnectionLost
 from vmform.graph import build_graph, creation_order
 from vmform.guests import DomainOutput
 from vmform.live import LiveState, read_host
@@ -80,7 +81,7 @@ def _backing_path(workspace: Workspace, resource: Any) -> str | None:
 
 
 def connect(workspace: Workspace, uri: str | None = None) -> ConnectionPool:
-    return ConnectionPool(uri or workspace.project.uri)
+    return ConnectionPool(uri or workspace.project.uri, reconnect_timeout=workspace.project.reconnect_timeout)
 
 
 def read_live(workspace: Workspace, connections: ConnectionPool, only: dict[str, set[str]] | None = None) -> LiveState:
@@ -154,10 +155,20 @@ def _check_targets(workspace: Workspace, targets: list[str] | None) -> None:
 
 def apply_plan(workspace: Workspace, connections: ConnectionPool, plan_to_apply: Plan, parallelism: int | None = None,
                progress: ProgressCallback | None = None, lock_timeout: float = 0.0, command: str = "apply",
-               stop: threading.Event | None = None) -> ApplyResult:
-    """Execute a plan under the project lock (waiting up to ``lock_timeout`` seconds for it)."""
-    with ProjectLock(connections.main, workspace.project.name, command, lock_timeout):
-        return _execute(workspace, connections, plan_to_apply, parallelism, progress, stop)
+               stop: threading.Event | None = None, abandon: threading.Event | None = None,
+               notice: Callable[[str], None] | None = None, force_off: bool | None = None) -> ApplyResult:
+    """Execute a plan under the project lock (waiting up to ``lock_timeout`` seconds for it; a lock left by a
+    process that is provably gone is removed, and ``notice`` says so). ``force_off`` lets a domain that does
+    not shut down within shutdown_timeout be powered off (None: the project's force_off setting)."""
+    lock = ProjectLock(connections, workspace.project.name, command, lock_timeout, notice, stop)
+    lock.acquire()
+    try:
+        result = _execute(workspace, connections, plan_to_apply, parallelism, progress, stop, abandon, force_off)
+    finally:
+        lock.release()
+    if lock.left_behind:
+        result.notes.append(lock.left_behind)
+    return result
 
 
 def check_saved(workspace: Workspace, connections: ConnectionPool, saved: SavedPlan) -> None:
@@ -172,20 +183,34 @@ def check_saved(workspace: Workspace, connections: ConnectionPool, saved: SavedP
 
 def apply_saved(workspace: Workspace, connections: ConnectionPool, saved: SavedPlan, parallelism: int | None = None,
                 progress: ProgressCallback | None = None, lock_timeout: float = 0.0,
-                stop: threading.Event | None = None) -> ApplyResult:
+                stop: threading.Event | None = None, abandon: threading.Event | None = None,
+                notice: Callable[[str], None] | None = None, force_off: bool | None = None) -> ApplyResult:
     """Execute exactly a saved plan: under the lock, after checking it still holds; never re-planned."""
     planfile.check_project(saved, workspace.project.name)
-    with ProjectLock(connections.main, workspace.project.name, "apply (saved plan)", lock_timeout):
+    lock = ProjectLock(connections, workspace.project.name, "apply (saved plan)", lock_timeout, notice, stop)
+    lock.acquire()
+    try:
         check_saved(workspace, connections, saved)
-        return _execute(workspace, connections, saved.plan, parallelism, progress, stop)
+        result = _execute(workspace, connections, saved.plan, parallelism, progress, stop, abandon, force_off)
+    finally:
+        lock.release()
+    if lock.left_behind:
+        result.notes.append(lock.left_behind)
+    return result
 
 
 def _execute(workspace: Workspace, connections: ConnectionPool, plan_to_apply: Plan, parallelism: int | None,
-             progress: ProgressCallback | None, stop: threading.Event | None) -> ApplyResult:
+             progress: ProgressCallback | None, stop: threading.Event | None, abandon: threading.Event | None = None,
+             force_off: bool | None = None) -> ApplyResult:
     ledger = Ledger.load(connections.main, workspace.project.name)
-    ctx = ApplyContext(connections, workspace.project.name, ledger, workspace.project.shutdown_timeout)
-    result = execute(plan_to_apply, ctx, parallelism or workspace.project.parallelism, progress, stop)
-    verify_applied(workspace, connections, plan_to_apply, result)
+    ctx = ApplyContext(connections, workspace.project.name, ledger, workspace.project.shutdown_timeout,
+                       force_off=workspace.project.force_off if force_off is None else force_off)
+    result = execute(plan_to_apply, ctx, parallelism or workspace.project.parallelism, progress, stop, abandon)
+    if result.lost_connection is None and not result.abandoned:
+        try:
+            verify_applied(workspace, connections, plan_to_apply, result)
+        except ConnectionLost as exc:
+            result.lost_connection = str(exc)
     return result
 
 

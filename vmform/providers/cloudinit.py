@@ -46,13 +46,17 @@ class CloudInitProvider(Provider):
         with ctx.pool_locks[after["pool"]]:
             try:
                 vol = pool.createXML(to_text(root), 0)
-            except libvirt.libvirtError:
+            except libvirt.libvirtError as exc:
+                if not ctx.refused(exc):
+                    raise  # the volume may exist now: it stays recorded as owned
                 ctx.ledger.forget("volume", change.address, pool=after["pool"], name=volume)
                 ctx.save_ledger()
                 raise
             try:
                 upload(ctx.connections.get(), vol, io.BytesIO(image), len(image))
-            except Exception:
+            except Exception as exc:
+                if not ctx.refused(exc):
+                    raise  # the half-made volume stays owned; the next plan shows it
                 vol.delete(0)
                 ctx.ledger.forget("volume", change.address, pool=after["pool"], name=volume)
                 ctx.save_ledger()

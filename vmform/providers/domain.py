@@ -7,6 +7,7 @@ from typing import Any
 
 from lxml import etree
 
+from vmform.errors import VmformError
 from vmform.live import parse_xml
 from vmform.plan import Change, FieldChange
 from vmform.providers.base import ApplyContext, Provider
@@ -66,8 +67,9 @@ def start(dom: Any, memory: int | None) -> None:
         record_balloon(dom, memory)
 
 
-def stop(dom: Any, timeout: float, graceful: bool = True) -> None:
-    """ACPI shutdown with a bounded wait, then power off."""
+def stop(dom: Any, timeout: float, graceful: bool = True, force_off: bool = True) -> None:
+    """ACPI shutdown with a bounded wait; then power off, only when ``force_off`` allows it. Otherwise a guest
+    still running after ``timeout`` seconds is left running and the change fails, saying how to allow it."""
     import libvirt
 
     if not dom.isActive():
@@ -78,7 +80,15 @@ def stop(dom: Any, timeout: float, graceful: bool = True) -> None:
             if wait_until_off(dom, timeout):
                 return
         except libvirt.libvirtError:
-            pass
+            if not dom.isActive():
+                return
+            if not force_off:
+                raise
+    if not force_off:
+        raise VmformError(
+            f"the guest did not shut down within {timeout:.0f}s (shutdown_timeout) "
+            "and is left running; vmform powers a domain off only when allowed: apply --force-off, or "
+            "force_off = true in vmform.toml")
     try:
         dom.destroy()
     except libvirt.libvirtError:
@@ -126,7 +136,7 @@ class DomainProvider(Provider):
         if "state" in touched:
             self._set_state(ctx, dom, after["state"], after.get("memory"))
         elif change.restart and dom.isActive():
-            stop(dom, ctx.shutdown_timeout)
+            stop(dom, ctx.shutdown_timeout, force_off=ctx.force_off)
             start(dom, after.get("memory"))
 
     def _apply_live(self, dom: Any, change: FieldChange, after: dict[str, Any]) -> None:
@@ -204,7 +214,7 @@ class DomainProvider(Provider):
             if dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
                 dom.suspend()
         else:
-            stop(dom, ctx.shutdown_timeout)
+            stop(dom, ctx.shutdown_timeout, force_off=ctx.force_off)
 
     def delete(self, ctx: ApplyContext, change: Change) -> None:
         import libvirt

@@ -77,7 +77,9 @@ class VolumeProvider(Provider):
             try:
                 flags = libvirt.VIR_STORAGE_VOL_CREATE_PREALLOC_METADATA if after.get("preallocation") == "metadata" else 0
                 vol = pool.createXML(to_text(root), flags)
-            except libvirt.libvirtError:
+            except libvirt.libvirtError as exc:
+                if not ctx.refused(exc):
+                    raise  # the volume may exist now: it stays recorded as owned
                 ctx.ledger.forget("volume", change.address, pool=after["pool"], name=change.name)
                 ctx.save_ledger()
                 raise
@@ -86,7 +88,9 @@ class VolumeProvider(Provider):
                     self._upload(ctx, vol, str(local))
                     if after.get("size") and after["size"] > image.virtual_size:
                         vol.resize(after["size"], 0)
-            except Exception:
+            except Exception as exc:
+                if not ctx.refused(exc):
+                    raise  # the half-made volume stays owned; the next plan shows it
                 vol.delete(0)
                 ctx.ledger.forget("volume", change.address, pool=after["pool"], name=change.name)
                 ctx.save_ledger()

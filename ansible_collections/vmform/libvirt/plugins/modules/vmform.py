@@ -367,7 +367,7 @@ def run(module):
                                          params["lock_timeout"], command, stop)
                 result["changed"] = bool(applied.done)
                 result["apply"] = dict(done=applied.done, failed=applied.failed, skipped=applied.skipped,
-                                       mismatched=applied.mismatched)
+                                       mismatched=applied.mismatched, interrupted=applied.interrupted)
                 if not applied.ok:
                     module.fail_json(msg=_incomplete(command, applied), **result)
         result["outputs"] = [output.to_json() for output in api.domain_outputs(workspace, connections)]
