@@ -163,7 +163,8 @@ def apply_plan(workspace: Workspace, connections: ConnectionPool, plan_to_apply:
     lock = ProjectLock(connections, workspace.project.name, command, lock_timeout, notice, stop)
     lock.acquire()
     try:
-        result = _execute(workspace, connections, plan_to_apply, parallelism, progress, stop, abandon, force_off)
+        result = _execute(workspace, connections, plan_to_apply, parallelism, progress, stop, abandon, force_off,
+                          notice)
     finally:
         lock.release()
     if lock.left_behind:
@@ -191,7 +192,8 @@ def apply_saved(workspace: Workspace, connections: ConnectionPool, saved: SavedP
     lock.acquire()
     try:
         check_saved(workspace, connections, saved)
-        result = _execute(workspace, connections, saved.plan, parallelism, progress, stop, abandon, force_off)
+        result = _execute(workspace, connections, saved.plan, parallelism, progress, stop, abandon, force_off,
+                          notice)
     finally:
         lock.release()
     if lock.left_behind:
@@ -201,13 +203,14 @@ def apply_saved(workspace: Workspace, connections: ConnectionPool, saved: SavedP
 
 def _execute(workspace: Workspace, connections: ConnectionPool, plan_to_apply: Plan, parallelism: int | None,
              progress: ProgressCallback | None, stop: threading.Event | None, abandon: threading.Event | None = None,
-             force_off: bool | None = None) -> ApplyResult:
+             force_off: bool | None = None, notice: Callable[[str], None] | None = None) -> ApplyResult:
     ledger = Ledger.load(connections.main, workspace.project.name)
     ctx = ApplyContext(connections, workspace.project.name, ledger, workspace.project.shutdown_timeout,
-                       force_off=workspace.project.force_off if force_off is None else force_off)
+                       force_off=workspace.project.force_off if force_off is None else force_off, notice=notice)
     result = execute(plan_to_apply, ctx, parallelism or workspace.project.parallelism, progress, stop, abandon)
     if result.lost_connection is None and not result.abandoned:
         try:
+            connections.ensure()  # libvirtd may have restarted while the changes ran
             verify_applied(workspace, connections, plan_to_apply, result)
         except ConnectionLost as exc:
             result.lost_connection = str(exc)

@@ -331,7 +331,14 @@ class ProjectLock:
             return
         lock_id, self.lock_id = self.lock_id, None
         try:
-            self.conn.secretLookupByUUIDString(lock_id).undefine()
+            try:
+                self.conn.secretLookupByUUIDString(lock_id).undefine()
+            except libvirt.libvirtError as exc:
+                from vmform.connection import is_connection_lost
+
+                if not is_connection_lost(exc):
+                    raise
+                self.conn.secretLookupByUUIDString(lock_id).undefine()  # on a new connection (``conn`` reopens)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
                 return  # removed already (force-unlock)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from lxml import etree
@@ -67,7 +68,8 @@ def start(dom: Any, memory: int | None) -> None:
         record_balloon(dom, memory)
 
 
-def stop(dom: Any, timeout: float, graceful: bool = True, force_off: bool = True) -> None:
+def stop(dom: Any, timeout: float, graceful: bool = True, force_off: bool = True,
+         tell: Callable[[str], None] | None = None) -> None:
     """ACPI shutdown with a bounded wait; then power off, only when ``force_off`` allows it. Otherwise a guest
     still running after ``timeout`` seconds is left running and the change fails, saying how to allow it."""
     import libvirt
@@ -77,6 +79,8 @@ def stop(dom: Any, timeout: float, graceful: bool = True, force_off: bool = True
     if graceful and timeout > 0:
         try:
             dom.shutdown()
+            if tell is not None:
+                tell(f"domain {dom.name()}: waiting up to {timeout:.0f}s for the guest to shut down")
             if wait_until_off(dom, timeout):
                 return
         except libvirt.libvirtError:
@@ -136,7 +140,7 @@ class DomainProvider(Provider):
         if "state" in touched:
             self._set_state(ctx, dom, after["state"], after.get("memory"))
         elif change.restart and dom.isActive():
-            stop(dom, ctx.shutdown_timeout, force_off=ctx.force_off)
+            stop(dom, ctx.shutdown_timeout, force_off=ctx.force_off, tell=ctx.tell)
             start(dom, after.get("memory"))
 
     def _apply_live(self, dom: Any, change: FieldChange, after: dict[str, Any]) -> None:
@@ -214,7 +218,7 @@ class DomainProvider(Provider):
             if dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
                 dom.suspend()
         else:
-            stop(dom, ctx.shutdown_timeout, force_off=ctx.force_off)
+            stop(dom, ctx.shutdown_timeout, force_off=ctx.force_off, tell=ctx.tell)
 
     def delete(self, ctx: ApplyContext, change: Change) -> None:
         import libvirt
