@@ -283,7 +283,7 @@ class ProjectLock:
         told_waiting = False
         while True:
             if self.stop is not None and self.stop.is_set():
-                raise LockError(f"interrupted while waiting for the lock of project {self.project}")
+                raise KeyboardInterrupt  # Ctrl-C or SIGTERM while waiting: nothing taken, nothing done
             try:
                 secret = self.conn.secretDefineXML(_secret_xml(
                     f"vmform lock of project {self.project}: {json.dumps(holder, sort_keys=True)}", usage))
