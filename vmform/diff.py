@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmform.errors import PlanError, PlanErrors
 from vmform.live import LiveObject, LiveState
+from vmform.ownership import INCOMPLETE_UPLOAD
 from vmform.plan import Action, Change, FieldChange, Plan
 from vmform.schema import extra_xml, xslt
 from vmform.schema.cloudinit import volume_name as seed_volume_name
@@ -495,6 +496,8 @@ def _refusals(manifests: Manifests, changes: dict[str, Change], options: PlanOpt
             continue
         if change.kind == "volume" and change.action.is_replace() and resource is not None:
             holds_data = not resource.values.get("source") or _attached(manifests, resource.key)
+            if any(f.path == "source" and f.before == INCOMPLETE_UPLOAD for f in change.fields):
+                holds_data = False  # its upload was cut off: it never held more than part of its image
             if holds_data and not resource.lifecycle.get("allow_data_loss"):
                 errors.append(PlanError(
                     f"{address} must be replaced ({change.reason}), which discards the data it holds; "

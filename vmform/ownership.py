@@ -35,6 +35,10 @@ PREFIX = "vmform"
 # Live-only record of the balloon target vmform asked for and the size the guest reported then.
 BALLOON_NAMESPACE = "https://vmform.dev/xmlns/balloon/1"
 LEDGER_VERSION = 1
+# What the next plan reads as the content of a volume (or seed) whose upload did not finish: a ledger entry is
+# marked "incomplete" before the volume is created and unmarked once its image is all there, so an apply
+# killed or cut off during the upload leaves a volume the next plan replaces, never one it takes as done.
+INCOMPLETE_UPLOAD = "incomplete upload (interrupted)"
 
 
 def owner_element(project: str, address: str) -> etree._Element:

@@ -217,6 +217,60 @@ def test_sigkill_mid_apply_leaves_an_exact_plan_and_a_recoverable_lock(project: 
     assert_converged(project, conn, volumes, domains)
 
 
+def test_sigkill_during_an_image_upload_leaves_a_volume_the_next_apply_replaces(project: Any, conn: Any) -> None:
+    """A volume is recorded as incomplete until its image is all uploaded: killed mid-upload, the next plan
+    replaces it (no allow_data_loss needed: it never held its whole image), and the next apply completes it."""
+    import hashlib
+
+    p = project.prefix
+    image = project.root / "disk.raw"
+    with open(image, "wb") as handle:  # 512 MiB, mostly a hole: every byte of it goes through the upload stream
+        handle.write(os.urandom(1 << 20))
+        handle.seek((1 << 29) - (1 << 20))
+        handle.write(os.urandom(1 << 20))
+    project.write(f"""
+pools:
+  {p}-pool: {{path: {project.pool_dir}}}
+volumes:
+  {p}-img: {{pool: {p}-pool, source: {image}, format: raw}}
+domains:
+  {p}-vm: {{type: qemu, memory: 64MiB, disks: [{p}-img], state: stopped}}
+""")
+    process = start_apply(project)
+    try:
+        def volume_exists() -> bool:
+            try:
+                conn.storagePoolLookupByName(f"{p}-pool").storageVolLookupByName(f"{p}-img")
+            except libvirt.libvirtError:
+                return False
+            return True
+
+        _wait_for(volume_exists, "the volume to be created", limit=300)
+        process.send_signal(signal.SIGSTOP)  # created, its upload under way: freeze, look, then kill
+        entry = ledger(conn, p)["volumes"][f"volume.{p}-img"]
+        assert entry.get("incomplete") is True, entry
+        process.send_signal(signal.SIGKILL)
+    finally:
+        code, _out, _err = finish(process)
+    assert code == -signal.SIGKILL
+    left = project.plan_json()
+    actions = {c["address"]: c["action"] for c in left["changes"]}
+    assert actions == {f"volume.{p}-img": "delete_then_create", f"domain.{p}-vm": "create"}, actions
+    second = project.run("apply", "--auto-approve")
+    assert second.code == 0, second.stdout + second.stderr
+    no_traceback(second.stderr)
+    assert f"volume.{p}-img: replaced" in second.stdout
+    path = conn.storagePoolLookupByName(f"{p}-pool").storageVolLookupByName(f"{p}-img").path()
+
+    def digest(name: str) -> str:
+        with open(name, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+
+    assert digest(path) == digest(str(image)), "the volume holds the whole image"
+    assert "incomplete" not in ledger(conn, p)["volumes"][f"volume.{p}-img"]
+    assert "No changes." in project.run("plan", check=True).stdout
+
+
 def test_a_lock_of_another_machine_is_removed_only_with_force_unlock(project: Any, conn: Any) -> None:
     p = project.prefix
     project.write(manifest(project, 1))
@@ -439,6 +493,43 @@ def test_ctrl_c_finishes_the_change_in_flight_releases_the_lock_and_says_what_wa
     assert set(planned(project)) == declared(project, volumes) - set(done)
     project.apply()
     assert_converged(project, conn, volumes)
+
+
+def test_a_second_ctrl_c_stops_waiting_for_the_change_in_flight(project: Any, conn: Any) -> None:
+    """The first Ctrl-C lets a change in flight finish; the second abandons it: reported interrupted, lock
+    released, exit 130, no traceback."""
+    p = project.prefix
+    toml = project.root / "vmform.toml"
+    toml.write_text(toml.read_text().replace("shutdown_timeout = 5\nforce_off = true\n", "shutdown_timeout = 300\n"))
+    text = f"""
+domains:
+  {p}-vm: {{type: qemu, memory: 64MiB, state: STATE}}
+"""
+    project.write(text.replace("STATE", "running"))
+    project.apply()
+    project.write(text.replace("STATE", "stopped"))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vmform", "-C", str(project.root), "apply", "--auto-approve"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        env={**os.environ, "NO_COLOR": "1"})
+    try:
+        assert process.stderr is not None
+        assert process.stderr.readline() == f"domain {p}-vm: waiting up to 300s for the guest to shut down\n"
+        process.send_signal(signal.SIGINT)
+        assert process.stderr.readline().startswith("Interrupted: finishing the changes in flight, starting no more")
+        process.send_signal(signal.SIGINT)
+    finally:
+        code, out, err = finish(process)
+    print(out, err)
+    assert code == 130
+    no_traceback(err)
+    assert "Apply interrupted: 0 done, 0 failed, 1 interrupted, 0 skipped." in out
+    assert err.splitlines() == [
+        f"Error: domain.{p}-vm: interrupted: abandoned while in flight (Ctrl-C): libvirtd completes or fails it on its "
+        "own; the next plan shows which"]
+    assert lock_secret(conn, p) is None
+    assert conn.lookupByName(f"{p}-vm").isActive()
+    assert planned(project) == {f"domain.{p}-vm": "update"}
 
 
 def test_a_guest_that_does_not_shut_down_is_forced_off_only_when_allowed(project: Any, conn: Any) -> None:

@@ -41,7 +41,8 @@ class CloudInitProvider(Provider):
         volume = volume_name(change.name)
         pool = ctx.connections.get().storagePoolLookupByName(after["pool"])
         # Recorded before it exists, so an interrupted apply never leaves an unowned seed behind.
-        ctx.ledger.record("volume", change.address, ledger_entry(after["pool"], volume, after))
+        # Marked incomplete until the ISO is all uploaded (an interrupted upload is replaced by the next apply).
+        ctx.ledger.record("volume", change.address, {**ledger_entry(after["pool"], volume, after), "incomplete": True})
         ctx.save_ledger()
         with ctx.pool_locks[after["pool"]]:
             try:
@@ -54,6 +55,8 @@ class CloudInitProvider(Provider):
                 raise
             try:
                 upload(ctx.connections.get(), vol, io.BytesIO(image), len(image))
+                ctx.ledger.record("volume", change.address, ledger_entry(after["pool"], volume, after))
+                ctx.save_ledger()
             except Exception as exc:
                 if not ctx.refused(exc):
                     raise  # the half-made volume stays owned; the next plan shows it

@@ -70,8 +70,9 @@ class VolumeProvider(Provider):
         entry: dict[str, Any] = {"pool": after["pool"], "name": change.name}
         if after.get("source_sha256"):
             entry["source_sha256"] = after["source_sha256"]
-        # Recorded before it exists, so an interrupted apply never leaves an unowned volume behind.
-        ctx.ledger.record("volume", change.address, entry)
+        # Recorded before it exists, so an interrupted apply never leaves an unowned volume behind; marked
+        # incomplete until its image is all uploaded, so an interrupted upload is replaced by the next apply.
+        ctx.ledger.record("volume", change.address, {**entry, "incomplete": True} if image is not None else entry)
         ctx.save_ledger()
         with ctx.pool_locks[after["pool"]]:
             try:
@@ -88,6 +89,8 @@ class VolumeProvider(Provider):
                     self._upload(ctx, vol, str(local))
                     if after.get("size") and after["size"] > image.virtual_size:
                         vol.resize(after["size"], 0)
+                    ctx.ledger.record("volume", change.address, entry)  # complete now
+                    ctx.save_ledger()
             except Exception as exc:
                 if not ctx.refused(exc):
                     raise  # the half-made volume stays owned; the next plan shows it
