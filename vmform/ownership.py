@@ -285,6 +285,7 @@ class ProjectLock:
         started = time.monotonic()
         deadline = started + self.timeout
         told_waiting = False
+        reconnects = 0
         while True:
             if self.stop is not None and self.stop.is_set():
                 raise KeyboardInterrupt  # Ctrl-C or SIGTERM while waiting: nothing taken, nothing done
@@ -294,7 +295,8 @@ class ProjectLock:
             except libvirt.libvirtError as exc:
                 from vmform.connection import is_connection_lost
 
-                if is_connection_lost(exc, self.conn):
+                if is_connection_lost(exc) and reconnects < 5:
+                    reconnects += 1
                     continue  # libvirtd restarted: ``conn`` opens a new connection (or says it cannot)
                 existing = current_lock(self.conn, self.project)
                 if existing is None:
