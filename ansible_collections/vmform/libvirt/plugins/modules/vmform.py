@@ -330,8 +330,11 @@ def _incomplete(command, applied):
     problems = [f"{address}: {message}" for address, message in applied.failed.items()]
     problems += [f"{address}: read back after apply, it differs from the plan: {message}"
                  for address, message in applied.mismatched.items()]
+    problems += [f"{address}: interrupted: {message}" for address, message in applied.interrupted.items()]
+    if applied.lost_connection:
+        problems.append(applied.lost_connection)
     return (f"{verb} incomplete: {len(applied.done)} done, {len(applied.failed)} failed, "
-            f"{len(applied.skipped)} skipped: {'; '.join(problems)}")
+            f"{len(applied.interrupted)} interrupted, {len(applied.skipped)} skipped: {'; '.join(problems)}")
 
 
 def run(module):
