@@ -181,7 +181,7 @@ def test_sigkill_mid_apply_leaves_an_exact_plan_and_a_recoverable_lock(project: 
     everything = declared(project, volumes, domains)
     process = start_apply(project)
     try:
-        created = read_created(process, 10)
+        created = read_created(process, 27)  # the network, the pool, the 24 volumes and the first domain
         process.send_signal(signal.SIGKILL)
     finally:
         code, _out, _err = finish(process)
@@ -204,6 +204,10 @@ def test_sigkill_mid_apply_leaves_an_exact_plan_and_a_recoverable_lock(project: 
     # Everything on the host is owned: volumes are in the ledger (a killed apply may have recorded one more
     # that it had not made yet; the plan creates it).
     assert {f"volume.{v}" for v in on_host(conn, project)["volume"]} <= set(ledger(conn, p)["volumes"])
+    for name in on_host(conn, project)["domain"]:
+        owner = etree.fromstring(conn.lookupByName(name).XMLDesc(0).encode()).find(
+            "metadata/{https://vmform.dev/xmlns/owner/1}owner")
+        assert owner is not None and owner.get("project") == p and owner.get("address") == f"domain.{name}"
     plan_text = project.run("plan", check=True).stdout
     print(f"killed after {len(created)} created lines; the next plan: {len(left)} to add\n{plan_text}")
 
