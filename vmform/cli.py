@@ -222,12 +222,15 @@ def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: A
     stop, abandon = threading.Event(), threading.Event()
 
     def interrupt(_signum: int, _frame: Any) -> None:
-        if not stop.is_set():
-            stop.set()
+        if stop.is_set():
+            abandon.set()
+            return
+        stop.set()
+        try:
             click.echo("Interrupted: finishing the changes in flight, starting no more (again to stop waiting).",
                        err=True)
-        else:
-            abandon.set()
+        except OSError:  # stderr is gone (a killed pipeline): a handler must not raise into apply
+            pass
 
     previous = {}
     if threading.current_thread() is threading.main_thread():

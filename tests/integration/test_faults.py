@@ -16,6 +16,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -138,10 +139,19 @@ def assert_converged(project: Any, conn: Any, volumes: int, domains: int = 0) ->
     assert lock_secret(conn, p) is None
 
 
-def libvirtd_pid() -> int:
-    pids = subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True).stdout.split()
-    assert pids, "libvirtd is not running"
-    return int(pids[0])
+def libvirtd_pid() -> int | None:
+    """The system libvirtd this test talks to: the one whose pid file is in our /run and that runs in our mount
+    namespace. Other libvirtd processes on the machine (a second host in its own namespace, for migration
+    tests) are never touched."""
+    try:
+        pid = int(Path("/run/libvirtd.pid").read_text().strip())
+        if os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt"):
+            return None
+        if Path(f"/proc/{pid}/comm").read_text().strip() != "libvirtd":
+            return None
+    except (OSError, ValueError):
+        return None
+    return pid
 
 
 def _wait_for(condition: Any, what: str, limit: float = 60) -> None:
@@ -160,12 +170,13 @@ def _libvirtd_answers() -> bool:
 def libvirtd_stopped(conn: Any) -> Iterator[None]:
     """libvirtd stopped (SIGTERM) for the body, started again (libvirtd -d) afterwards, whatever happens."""
     pid = libvirtd_pid()
+    assert pid is not None, "the system libvirtd (/run/libvirtd.pid) is not running"
     os.kill(pid, signal.SIGTERM)
     try:
         _wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "libvirtd to exit")
         yield
     finally:
-        if not subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).stdout.strip():
+        if libvirtd_pid() is None:
             subprocess.run(["libvirtd", "-d"], check=True)
         _wait_for(_libvirtd_answers, "libvirtd to answer again")
         try:
