@@ -455,7 +455,7 @@ networks:
 pools:
   {p}-pool: {{path: {project.pool_dir}}}
 volumes:
-  {p}-huge: {{pool: {p}-pool, size: 1000TiB, format: raw, preallocation: full}}
+  {p}-huge: {{pool: {p}-pool, size: 10TiB, format: raw, preallocation: full}}
   {p}-a: {{pool: {p}-pool, size: 1MiB}}
   {p}-b: {{pool: {p}-pool, size: 1MiB}}
 domains:
@@ -474,6 +474,7 @@ domains:
     errors = result.stderr.splitlines()
     assert len(errors) == 2 and errors[0].startswith(f"Error: network.{p}-net: ") and errors[1].startswith(
         f"Error: volume.{p}-huge: "), errors
+    assert f"bridge name '{taken}' already in use" in errors[0] and "No space left on device" in errors[1], errors
     host = on_host(conn, project)
     assert host["volume"] == [f"{p}-a", f"{p}-b"] and host["network"] == [f"{p}-ok", f"{p}-other"], host
     assert sorted(ledger(conn, p)["volumes"]) == [f"volume.{p}-a", f"volume.{p}-b"]
