@@ -511,6 +511,40 @@ def test_ctrl_c_finishes_the_change_in_flight_releases_the_lock_and_says_what_wa
     assert_converged(project, conn, volumes)
 
 
+def test_ctrl_c_lets_the_change_in_flight_finish_and_starts_no_more(project: Any, conn: Any) -> None:
+    """Ctrl-C while a change is in flight (apply waits for a guest to shut down): that change finishes (the guest
+    is powered off after shutdown_timeout, allowed here), the next one never starts, the lock is released."""
+    p = project.prefix
+    toml = project.root / "vmform.toml"
+    toml.write_text(toml.read_text().replace("shutdown_timeout = 5\n", "shutdown_timeout = 3\n"))
+    text = f"""
+domains:
+  {p}-a: {{type: qemu, memory: 64MiB, state: STATE}}
+  {p}-b: {{type: qemu, memory: 64MiB, state: STATE}}
+"""
+    project.write(text.replace("STATE", "running"))
+    project.apply()
+    project.write(text.replace("STATE", "stopped"))
+    process = start_apply(project)
+    try:
+        assert process.stderr is not None
+        first = process.stderr.readline()
+        assert re.fullmatch(rf"domain {p}-[ab]: waiting up to 3s for the guest to shut down\n", first), first
+        process.send_signal(signal.SIGINT)
+    finally:
+        code, out, err = finish(process)
+    print(out, first + err)
+    assert code == 130
+    no_traceback(err)
+    in_flight = first.split()[1].rstrip(":")
+    other = f"{p}-b" if in_flight == f"{p}-a" else f"{p}-a"
+    assert f"domain.{in_flight}: updated (" in out
+    assert "Apply interrupted: 1 done, 0 failed, 0 skipped, 1 not started." in out
+    assert not conn.lookupByName(in_flight).isActive() and conn.lookupByName(other).isActive()
+    assert lock_secret(conn, p) is None
+    assert planned(project) == {f"domain.{other}": "update"}
+
+
 def test_a_second_ctrl_c_stops_waiting_for_the_change_in_flight(project: Any, conn: Any) -> None:
     """The first Ctrl-C lets a change in flight finish; the second abandons it: reported interrupted, lock
     released, exit 130, no traceback."""
