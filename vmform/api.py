@@ -103,9 +103,9 @@ def plan(workspace: Workspace, connections: ConnectionPool, targets: list[str] |
 
 def _plan_with_live(workspace: Workspace, connections: ConnectionPool, targets: list[str] | None,
                     restart: bool) -> tuple[Plan, LiveState]:
-    _check_targets(workspace, targets)
+    chosen = _expand_targets(workspace, targets)
     live = read_live(workspace, connections)
-    options = PlanOptions(restart=restart, targets=frozenset(targets or ()), protected=_protected(workspace))
+    options = PlanOptions(restart=restart, targets=frozenset(chosen), protected=_protected(workspace))
     return make_plan(workspace.manifests, workspace.graph, live, workspace.order, options), live
 
 
@@ -131,26 +131,32 @@ def destroy_plan(workspace: Workspace, connections: ConnectionPool, targets: lis
     full = make_plan(nothing, nx.DiGraph(), live, [], PlanOptions(protected=_protected(workspace)))
     if not targets:
         return full
-    _check_targets(workspace, targets)
-    # Deleting a target first needs its users gone: keep the targets and every change that waits for them.
-    keep = set(targets)
-    grew = True
-    while grew:
-        grew = False
-        for change in full.changes:
-            if change.address not in keep and any(dep in keep for dep in change.depends_on):
-                keep.add(change.address)
-                grew = True
+    # Deleting a target first needs its users gone (a volume's domain): keep the targets and every delete
+    # theirs waits for, never what they stand on (the pool stays).
+    keep: set[str] = set()
+    by_address = {change.address: change for change in full.changes}
+    stack = [address for address in _expand_targets(workspace, targets) if address in by_address]
+    while stack:
+        address = stack.pop()
+        if address not in keep:
+            keep.add(address)
+            stack.extend(by_address[address].depends_on)
     return Plan(full.project, full.host_uri, tuple(c for c in full.changes if c.address in keep))
 
 
-def _check_targets(workspace: Workspace, targets: list[str] | None) -> None:
+def _expand_targets(workspace: Workspace, targets: list[str] | None) -> list[str]:
+    """The resources --target names: one address, or a module's (module.web: everything it declares)."""
     from vmform.errors import VmformError
     from vmform.schema.types import did_you_mean
 
+    chosen: list[str] = []
     for target in targets or []:
-        if target not in workspace.manifests.resources:
-            raise VmformError(f"--target {target}: no such resource{did_you_mean(target, list(workspace.manifests.resources))}")
+        found = workspace.manifests.dependency_targets(target)
+        if not found:
+            known = [*workspace.manifests.resources, *workspace.manifests.modules]
+            raise VmformError(f"--target {target}: no such resource or module{did_you_mean(target, known)}")
+        chosen += [address for address in found if address not in chosen]
+    return chosen
 
 
 def apply_plan(workspace: Workspace, connections: ConnectionPool, plan_to_apply: Plan, parallelism: int | None = None,

@@ -371,21 +371,21 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
             field_changes.append(_field(None, "name", current.name, resource.libvirt_name, Effect.REPLACE))
         # A volume (or seed) is rebuilt when what it stands on is: its pool, or its backing image.
         if kind in ("volume", "cloudinit"):
-            pool_address = f"pool.{resource.values['pool']}"
-            backing_address = f"volume.{resource.values['backing']}" if resource.values.get("backing") else None
+            pool_address = _address_of(manifests, "pool", resource.values["pool"], resource)
+            backing_address = _address_of(manifests, "volume", resource.values.get("backing"), resource)
             if pool_address in replaced:
                 forcing.append(f"its pool {pool_address} is replaced")
             if backing_address in replaced:
                 forcing.append(f"its backing volume {backing_address} is replaced")
         if kind == "domain":
             for disk, desired_disk in zip(resource.values.get("disks") or [], resource.desired.get("disks") or [], strict=False):
-                used = f"volume.{disk['volume']}" if isinstance(disk, dict) and disk.get("volume") else None
+                used = _address_of(manifests, "volume", disk.get("volume"), resource) if isinstance(disk, dict) else None
                 if used in replaced and current.active:
                     field_changes.append(_field(None, f"disks[{desired_disk.get('target')}]", desired_disk, desired_disk,
                                                 Effect.RESTART))
                     notes.append(f"{address}: {used} is replaced; the running guest keeps the old image until it restarts")
             seed = resource.values.get("cloudinit")
-            seed_resource = manifests.get("cloudinit", seed) if seed else None
+            seed_resource = manifests.resolve("cloudinit", seed, resource.module) if seed else None
             if seed_resource is not None and seed_resource.address in replaced and current.active:
                 seed_volume = seed_volume_name(seed_resource.libvirt_name)
                 seed_disk = next((d for d in resource.desired.get("disks") or [] if d.get("volume") == seed_volume), None)
@@ -394,7 +394,7 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
                     # change (eject, insert) puts the new seed in the drive, so the guest's next boot reads it.
                     field_changes.append(FieldChange(f"disks[{seed_disk['target']}]", seed_disk, seed_disk, Effect.LIVE,
                                                      f"{seed_volume} (the old seed)", f"{seed_volume} (the new seed)"))
-                notes.append(f"{address}: the new seed of cloudinit.{seed} goes into the running guest's cdrom drive "
+                notes.append(f"{address}: the new seed of {seed_resource.address} goes into the running guest's cdrom drive "
                              "now; cloud-init applies it at the guest's next boot (new instance-id)")
         if forcing:
             replaced.add(address)
@@ -495,7 +495,7 @@ def _refusals(manifests: Manifests, changes: dict[str, Change], options: PlanOpt
             errors.append(PlanError(f"{address} has lifecycle.prevent_destroy set, and this plan would {what} it", position))
             continue
         if change.kind == "volume" and change.action.is_replace() and resource is not None:
-            holds_data = not resource.values.get("source") or _attached(manifests, resource.key)
+            holds_data = not resource.values.get("source") or _attached(manifests, resource)
             if any(f.path == "source" and f.before == INCOMPLETE_UPLOAD for f in change.fields):
                 holds_data = False  # its upload was cut off: it never held more than part of its image
             if holds_data and not resource.lifecycle.get("allow_data_loss"):
@@ -505,12 +505,19 @@ def _refusals(manifests: Manifests, changes: dict[str, Change], options: PlanOpt
     return errors
 
 
-def _attached(manifests: Manifests, volume_key: str) -> bool:
+def _attached(manifests: Manifests, volume: Resource) -> bool:
     for domain in manifests.of_kind("domain"):
         for disk in domain.values.get("disks") or []:
-            if isinstance(disk, dict) and disk.get("volume") == volume_key:
+            if isinstance(disk, dict) and disk.get("volume") and \
+                    manifests.resolve("volume", disk["volume"], domain.module) is volume:
                 return True
     return False
+
+
+def _address_of(manifests: Manifests, kind: str, name: str | None, user: Resource) -> str | None:
+    """The address of the resource ``user`` names (None: it names none, or one not declared)."""
+    found = manifests.resolve(kind, name, user.module) if name else None
+    return found.address if found is not None else None
 
 
 def _order(changes: dict[str, Change], dependents: dict[str, set[str]], order: list[str]) -> list[Change]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vmform.errors import ManifestError, ManifestErrors
+from vmform.model import module_prefix
 from vmform.schema.kind import field_references
 
 if TYPE_CHECKING:
@@ -22,12 +23,21 @@ def build_graph(manifests: Manifests) -> nx.DiGraph:
         graph.add_node(address)
     for address, resource in manifests.resources.items():
         for relative, kind, name in field_references(resource.kind.fields, resource.values):
-            target = f"{kind}.{name}"
-            if target in manifests.resources:
-                graph.add_edge(target, address, via=relative)
-        for number, target in enumerate(resource.depends_on):
-            if target in manifests.resources:
+            found = manifests.resolve(kind, name, resource.module)
+            if found is not None:
+                graph.add_edge(found.address, address, via=relative)
+        for number, entry in enumerate(resource.depends_on):
+            for target in manifests.dependency_targets(entry, resource.module):
                 graph.add_edge(target, address, via=("depends_on", number))
+        # depends_on on a modules: entry holds for everything the module declares.
+        for depth in range(1, len(resource.module) + 1):
+            instance = manifests.modules.get(module_prefix(resource.module[:depth]))
+            if instance is None:
+                continue
+            for entry in instance.depends_on:
+                for target in manifests.dependency_targets(entry, resource.module[:depth - 1]):
+                    if not target.startswith(instance.address + "."):
+                        graph.add_edge(target, address, via=())
         for target, via in resource.references:
             if target in manifests.resources and target != address:
                 graph.add_edge(target, address, via=via)

@@ -103,12 +103,13 @@ def domain_outputs(conn: libvirt.virConnect, manifests: Manifests) -> list[Domai
 def awaited_domains(manifests: Manifests) -> list[str]:
     """Domains that should get an address: declared running, with an interface on a network that hands out
     DHCP leases."""
-    dhcp_networks = {r.key for r in manifests.of_kind("network") if r.values.get("dhcp") or r.values.get("dhcp_hosts")}
     wanted = []
     for resource in manifests.of_kind("domain"):
         if resource.desired.get("state", "running") != "running":
             continue
-        if any(isinstance(nic, dict) and nic.get("network") in dhcp_networks for nic in resource.values.get("interfaces") or []):
+        networks = [manifests.resolve("network", nic["network"], resource.module)
+                    for nic in resource.values.get("interfaces") or [] if isinstance(nic, dict) and nic.get("network")]
+        if any(n is not None and (n.values.get("dhcp") or n.values.get("dhcp_hosts")) for n in networks):
             wanted.append(resource.address)
     return wanted
 

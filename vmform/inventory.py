@@ -9,6 +9,7 @@ Ansible's dynamic-inventory format (``--list`` / ``--host``).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,12 @@ def _ini_value(value: Any) -> str:
     return json.dumps(text) if any(ch in text for ch in " \t\"'#;=") else text
 
 
+def module_groups(module: tuple[str, ...]) -> list[str]:
+    """A domain in module.workers["a"] is in group workers (each module it sits in gives one; Ansible group
+    names take no dashes)."""
+    return [re.sub(r"[^A-Za-z0-9_]", "_", name.split("[", 1)[0]) for name in module]
+
+
 def build(manifests: Manifests, outputs: list[DomainOutput]) -> Inventory:
     by_address = {output.address: output for output in outputs}
     inventory = Inventory()
@@ -67,6 +74,7 @@ def build(manifests: Manifests, outputs: list[DomainOutput]) -> Inventory:
         if live or reserved:
             variables["ansible_host"] = (live or reserved)[0]
         inventory.hosts[name] = variables
-        for group in resource.values.get("groups") or []:
-            inventory.groups.setdefault(group, []).append(name)
+        for group in [*(resource.values.get("groups") or []), *module_groups(resource.module)]:
+            if name not in inventory.groups.setdefault(group, []):
+                inventory.groups[group].append(name)
     return inventory

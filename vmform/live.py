@@ -10,6 +10,7 @@ from lxml import etree
 
 from vmform.connection import libvirt_message
 from vmform.errors import HostError
+from vmform.model import local_address
 from vmform.ownership import BALLOON_NAMESPACE, INCOMPLETE_UPLOAD, Ledger, read_owner
 from vmform.schema.registry import KINDS
 from vmform.schema.xmlbind import Element
@@ -205,7 +206,7 @@ def read_volumes(pool: libvirt.virStoragePool, ledger: Ledger,
         backing_format = root.find("backingStore/format")
         obj.values["backing_format"] = backing_format.get("type") if backing_format is not None else None
         obj.address = index.get((pool_name, obj.name))
-        if obj.address is not None and obj.address.startswith("cloudinit."):
+        if obj.address is not None and local_address(obj.address).startswith("cloudinit."):
             result.append(seed_object(obj, ledger.volumes[obj.address]))
             continue
         if obj.address is not None:

@@ -146,6 +146,11 @@ def manifests_fingerprint(project: Project, manifests: Manifests) -> str:
     parts: list[Any] = [("vmform.toml", project.config_file.read_bytes().hex())]
     for file in sorted(project.manifest_files()):
         parts.append((os.path.relpath(file, project.root), hashlib.sha256(file.read_bytes()).hexdigest()))
+    # The modules' manifests too (listed after the project's, relative to its root: ../../modules/…).
+    for shown in manifests.files[len(project.manifest_files()):]:
+        module_file = project.root / shown
+        if module_file.is_file():
+            parts.append((shown, hashlib.sha256(module_file.read_bytes()).hexdigest()))
     for address, resource in sorted(manifests.resources.items()):
         if resource.desired.get("source_sha256"):
             parts.append((address, resource.desired["source_sha256"]))

@@ -81,6 +81,25 @@ def test_text_stays_text(tmp_path: Path) -> None:
     assert (desired["description"], desired["vcpus"]) == ("123", 2)
 
 
+@pytest.mark.parametrize(("template", "context", "expected"), [
+    ("{{ x }}", {"x": "123"}, "123"),            # Jinja's native mode would parse these strings again
+    ("{{ x }}", {"x": "0" * 64}, "0" * 64),      # (a sha256 of zeros became the number 0)
+    ("{{ x }}", {"x": "[1, 2]"}, "[1, 2]"),
+    ("{{ x }}", {"x": "None"}, "None"),
+    ("{{ 1 + 2 }}", {}, 3),                      # constants keep their type like any lone expression
+    ("{{ [1] }}", {}, [1]),
+    ("{{ '7' }}", {}, "7"),
+    ("a{{ 1 }}", {}, "a1"),
+    ("{{ x }}{{ x }}", {"x": 1}, "11"),
+])
+def test_a_lone_expression_keeps_its_type_and_text_is_never_reparsed(template: str, context: dict[str, Any],
+                                                                      expected: Any) -> None:
+    from vmform.manifest.expressions import evaluate
+
+    result = evaluate(template, context)
+    assert (result, type(result)) == (expected, type(expected))
+
+
 def test_sensitive_variables_only_reach_sensitive_fields(tmp_path: Path) -> None:
     text = ("variables:\n  token: {type: string, default: s3cret, sensitive: true}\n"
             "domains:\n  web:\n    description: \"{{ var.token }}\"\n")
@@ -122,7 +141,7 @@ def test_for_each_map_is_stable_when_a_key_is_inserted(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("body", "message"), [
-    ("count: 2\n    for_each: [a]", "a resource takes count or for_each, not both"),
+    ("count: 2\n    for_each: [a]", "takes count or for_each, not both"),
     ("count: -1", "count must be a whole number from 0 to 1000"),
     ("count: \"{{ var.nope }}\"", "expression error (no variable 'nope')"),
     ("for_each: [a, a]", "for_each over a list takes distinct strings"),

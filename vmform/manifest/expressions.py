@@ -35,9 +35,21 @@ def _concat(values: Iterable[Any]) -> Any:
     return "".join(str(part) for part in chain(head, values))
 
 
+class _CodeGenerator(NativeCodeGenerator):
+    def _output_const_repr(self, group: Iterable[Any]) -> str:
+        items = list(group)
+        if len(items) == 1:  # a lone constant ({{ 3 }}, {{ [1] }}) keeps its type, as any lone expression
+            return repr(items[0])
+        return repr("".join(str(item) for item in items))
+
+
+class _Template(NativeTemplate):
+    environment_class: type[_Environment]  # type: ignore[assignment]  # NativeTemplate's own would parse text again (native_concat)
+
+
 class _Environment(ImmutableSandboxedEnvironment):
-    code_generator_class = NativeCodeGenerator
-    template_class = NativeTemplate
+    code_generator_class = _CodeGenerator
+    template_class = _Template
     concat = staticmethod(_concat)  # type: ignore[assignment]
     intercepted_binops = frozenset({"*", "**"})
 
@@ -49,6 +61,9 @@ class _Environment(ImmutableSandboxedEnvironment):
                 if isinstance(sequence, str | list | tuple) and isinstance(times, int) and len(sequence) * times > MAX_RESULT:
                     raise SecurityError("the result would be too large")
         return super().call_binop(context, operator, left, right)
+
+
+_Template.environment_class = _Environment
 
 
 @functools.lru_cache(maxsize=1)
@@ -79,7 +94,8 @@ def evaluate(text: str, context: Mapping[str, Any]) -> Any:
 
 def _message(text: str) -> str:
     return (text.replace("'vmform.manifest.variables.Recorder object' has no attribute", "no variable")
-            .replace("'vmform.manifest.expressions._Kind object' has no attribute", "no such resource:"))
+            .replace("'vmform.manifest.expressions._Kind object' has no attribute", "no such resource:")
+            .replace("'vmform.manifest.expressions._Modules object' has no attribute", "no such module:"))
 
 
 def _check_defined(value: Any, text: str) -> None:
@@ -140,24 +156,78 @@ class _Kind(dict):  # type: ignore[type-arg]
         self.reader, self.kind = reader, kind
 
     def __getitem__(self, key: str) -> Any:
-        return self.reader.attributes(f"{self.kind}.{key}")
+        return self.reader.attributes(self.reader.find(self.kind, key))
 
     def __contains__(self, key: object) -> bool:
-        return f"{self.kind}.{key}" in self.reader.declared
+        return self.reader.find(self.kind, str(key), missing_ok=True) != ""
+
+
+class _Modules(dict):  # type: ignore[type-arg]
+    """``module`` in an expression: module.web is that module's outputs; module.workers["a"] (or
+    module.workers[0]) one instance's of a module used with for_each (or count)."""
+
+    def __init__(self, reader: ResourceReader) -> None:
+        super().__init__()
+        self.reader = reader
+
+    def __getitem__(self, name: str) -> Any:
+        from vmform.model import scoped_address
+
+        address = scoped_address(self.reader.module, f"module.{name}")
+        modules = self.reader.manifests.modules
+        if address in modules:
+            return self.reader.module_outputs(address)
+        instances = {a: i for a, i in modules.items() if a.startswith(address + "[") and a.count(".") == address.count(".")}
+        if not instances:
+            raise KeyError(f"module.{name}")
+        return _ModuleInstances(self.reader, address, instances)
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            self[str(name)]
+        except KeyError:
+            return False
+        return True
+
+
+class _ModuleInstances(dict):  # type: ignore[type-arg]
+    """The instances of a module used with count or for_each: by index or key, each its outputs."""
+
+    def __init__(self, reader: ResourceReader, address: str, instances: dict[str, Any]) -> None:
+        super().__init__()
+        self.reader, self.address = reader, address
+        for full in instances:
+            inside = full[len(address) + 1:-1]
+            key: Any = int(inside) if inside.isdigit() else inside.strip('"')
+            dict.__setitem__(self, key, reader.module_outputs(full))
 
 
 class ResourceReader:
     """What expressions may read of other resources: their name, address and values as written (after
-    their own expressions), and a volume's path. Reading one records a graph edge."""
+    their own expressions), and a volume's path; and modules' outputs. Reading one records a graph edge.
+    Names are looked for from inside ``module`` (see vmform.model.enclosing)."""
 
     def __init__(self, manifests: Any, declared: set[str], address: str, position: Any,
-                 runtime: dict[str, dict[str, Any]] | None = None) -> None:
+                 runtime: dict[str, dict[str, Any]] | None = None, module: tuple[str, ...] = ()) -> None:
         self.manifests, self.declared, self.address, self.position = manifests, declared, address, position
         self.runtime = runtime or {}  # what the host reports, by address (outputs: a domain's state, ips)
+        self.module = module
         self.read: list[str] = []
 
     def namespaces(self) -> dict[str, Any]:
-        return {kind: _Kind(self, kind) for kind in KINDS_READABLE}
+        return {**{kind: _Kind(self, kind) for kind in KINDS_READABLE}, "module": _Modules(self)}
+
+    def find(self, kind: str, key: str, module: tuple[str, ...] | None = None, missing_ok: bool = False) -> str:
+        """The address a name means from inside ``module`` (default: the reader's)."""
+        from vmform.model import enclosing, scoped_address
+
+        for scope in enclosing(self.module if module is None else module):
+            address = scoped_address(scope, f"{kind}.{key}")
+            if address in self.manifests.resources or address in self.declared:
+                return address
+        if missing_ok:
+            return ""
+        raise KeyError(f"{kind}.{key}")
 
     def attributes(self, address: str) -> dict[str, Any]:
         resource = self.manifests.resources.get(address)
@@ -171,7 +241,26 @@ class ResourceReader:
         values.update(name=resource.libvirt_name, address=address)
         values.update(self.runtime.get(address, {}))
         if resource.kind.name == "volume":
-            pool = self.attributes(f"pool.{resource.values.get('pool')}")
+            pool = self.attributes(self.find("pool", str(resource.values.get("pool")), resource.module))
             if pool.get("path"):
                 values["path"] = f"{pool['path'].rstrip('/')}/{resource.libvirt_name}"
+        return values
+
+    def module_outputs(self, address: str) -> dict[str, Any]:
+        """A module instance's outputs, evaluated in the module (an output that fails is an undefined value
+        carrying why, so only an expression that uses it fails)."""
+        from vmform.manifest.variables import Recorder
+
+        instance = self.manifests.modules[address]
+        if not instance.loaded:
+            raise NotReady(self.address, address, self.position)
+        if instance.failed:
+            return {name: StrictUndefined(hint=f"{address} has mistakes in its inputs") for name in instance.outputs}
+        values: dict[str, Any] = {}
+        for name, spec in instance.outputs.items():
+            inner = ResourceReader(self.manifests, self.declared, self.address, self.position, self.runtime,
+                                   instance.module)
+            value, errors = evaluate_tree(spec.value, {"var": Recorder(instance.variables), **inner.namespaces()})
+            self.read.extend(read for read in inner.read if read not in self.read)
+            values[name] = StrictUndefined(hint=f"output '{name}' of {address}: {errors[0][1]}") if errors else value
         return values

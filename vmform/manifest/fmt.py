@@ -70,7 +70,7 @@ def _format_fields(fields: tuple[FieldSpec, ...], mapping: dict[str, Any]) -> No
 def format_document(document: Any) -> None:
     if not isinstance(document, dict):
         return
-    _reorder(document, [kind.section for kind in KINDS.values()])
+    _reorder(document, ["variables", *(kind.section for kind in KINDS.values()), "modules", "outputs"])
     for section, body in document.items():
         kind = SECTIONS.get(section)
         if kind is None or not isinstance(body, dict):

@@ -3,7 +3,9 @@ changes applied by restarting the network and re-plugging the running guests' in
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
 from typing import Any
 
 from lxml import etree
@@ -17,6 +19,7 @@ from vmform.schema.network import dhcp_host_element, dns_host_element
 from vmform.schema.types import Effect
 
 LIVE_FIELDS = {"autostart", "dhcp_hosts"}
+_UNNAMED_BRIDGES = threading.Lock()
 
 
 def _lookup(ctx: ApplyContext, change: Change) -> Any:
@@ -65,14 +68,17 @@ class NetworkProvider(Provider):
         assert change.after is not None
         root = render_network(change.name, change.after, ctx.project, change.address)
         validate("network", root, change.address)
-        net = ctx.connections.get().networkDefineXML(to_text(root))
-        try:
-            net.create()
-        except Exception as exc:
-            if not ctx.refused(exc):
+        # libvirt names a bridge (virbrN) at define time and can hand the same free name to two networks
+        # defined at once ("error creating bridge interface virbr2: File exists"): those go one at a time.
+        with contextlib.nullcontext() if change.after.get("bridge") else _UNNAMED_BRIDGES:
+            net = ctx.connections.get().networkDefineXML(to_text(root))
+            try:
+                net.create()
+            except Exception as exc:
+                if not ctx.refused(exc):
+                    raise
+                net.undefine()  # a network that cannot start (bridge name taken, ...) is not left behind half-made
                 raise
-            net.undefine()  # a network that cannot start (bridge name taken, ...) is not left behind half-made
-            raise
         net.setAutostart(1 if change.after.get("autostart", True) else 0)
 
     def update(self, ctx: ApplyContext, change: Change) -> None:

@@ -148,6 +148,19 @@ def manifest_schema() -> dict[str, Any]:
                 "value": {}, "description": {"type": "string"}, "sensitive": {"type": "boolean"}}},
             {"not": {"type": "object"}}]},
     }
+    sections["modules"] = {
+        "description": "modules: name -> {source, inputs, count | for_each, depends_on}: a directory of manifests "
+                       "used with inputs; its resources are addressed module.NAME.KIND.KEY",
+        "type": ["object", "null"],
+        "propertyNames": {"pattern": "^[A-Za-z][A-Za-z0-9_-]{0,63}$"},
+        "additionalProperties": {
+            "type": "object", "required": ["source"], "additionalProperties": False, "properties": {
+                "source": {"type": "string", "description": "the module's directory, relative to this file"},
+                "inputs": {"type": ["object", "null"], "description": "values of the module's variables"},
+                "count": {"type": ["integer", "string"]},
+                "for_each": {"type": ["object", "array", "string"]},
+                "depends_on": {"type": "array", "items": {"type": "string"}}}},
+    }
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": SCHEMA_ID,

@@ -228,7 +228,7 @@ def add_reservations(manifests: Any) -> Iterator[tuple[Any, tuple[str | int, ...
         for number, (nic, desired_nic) in enumerate(zip(written, bound, strict=False)):
             if not isinstance(nic, dict) or nic.get("ip") is None or nic.get("network") is None:
                 continue
-            network = manifests.get("network", nic["network"])
+            network = manifests.resolve("network", nic["network"], domain.module)
             if network is None:
                 continue
             where = ("interfaces", number, "ip")
