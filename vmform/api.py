@@ -333,6 +333,17 @@ def wait_for_addresses(workspace: Workspace, connections: ConnectionPool, timeou
     return guests.wait_for_addresses(connections.main, workspace.manifests, timeout, progress=progress)
 
 
+def awaited_agents(workspace: Workspace) -> list[str]:
+    """The domains apply --wait-agent waits for: declared running, with the guest agent channel."""
+    return guests.awaited_agents(workspace.manifests)
+
+
+def wait_for_agents(workspace: Workspace, connections: ConnectionPool, timeout: float,
+                    progress: Callable[[str], None] | None = None) -> list[str]:
+    """Wait (bounded, on libvirt's agent lifecycle events) until every awaited domain's guest agent connected."""
+    return guests.wait_for_agents(connections.main, workspace.manifests, timeout, progress=progress)
+
+
 def console_log_path(workspace: Workspace, connections: ConnectionPool, address: str) -> Path:
     """The local file a domain's serial console is logged to (console_log)."""
     return guests.console_log(connections.main, workspace.manifests, address)

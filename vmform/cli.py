@@ -312,12 +312,14 @@ def _report(out: Output, the_plan: Any, command: str, result: Any) -> None:
                    "vmform.toml; without it such a change fails and the domain keeps running).")
 @click.option("--wait-ip", is_flag=True,
               help="Afterwards, wait until every running domain on a DHCP network reports an IP address.")
+@click.option("--wait-agent", is_flag=True,
+              help="Afterwards, wait until the guest agent of every running domain with one has connected.")
 @click.option("--wait-timeout", type=click.FloatRange(1, 3600), default=300.0, show_default=True, metavar="SECONDS",
-              help="How long --wait-ip waits.")
+              help="How long --wait-ip and --wait-agent wait (each).")
 @click.pass_context
 def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, parallelism: int | None,
           targets: tuple[str, ...], restart: bool, lock_timeout: float, force_off: bool | None, wait_ip: bool,
-          wait_timeout: float) -> None:
+          wait_agent: bool, wait_timeout: float) -> None:
     """Plan, confirm, then make the host match the manifests.
 
     With PLAN_FILE (from vmform plan -out), apply exactly that plan without planning again or asking;
@@ -341,8 +343,7 @@ def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, paralle
                            force_off or None)
             else:
                 api.check_saved(workspace, connections, saved)  # "nothing to do" must still be true now
-            if wait_ip:
-                _wait_for_addresses(out, workspace, connections, wait_timeout)
+            _wait_after_apply(out, workspace, connections, wait_agent, wait_ip, wait_timeout)
             return
         the_plan = api.plan(workspace, connections, list(targets), restart=restart)
         _print_plan(out, the_plan, before_apply=True)
@@ -352,14 +353,31 @@ def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, paralle
                 sys.exit(1)
             _run_apply(ctx, workspace, connections, the_plan, parallelism, "apply", lock_timeout,
                        force_off=force_off or None)
-        if wait_ip:
-            _wait_for_addresses(out, workspace, connections, wait_timeout)
+        _wait_after_apply(out, workspace, connections, wait_agent, wait_ip, wait_timeout)
         if workspace.manifests.outputs and not out.quiet:
             values = api.project_outputs(workspace, connections)
             _print_outputs(out, {key: "(sensitive)" if workspace.manifests.outputs[key].sensitive else value
                                  for key, value in values.items()})
     finally:
         connections.close()
+
+
+def _wait_after_apply(out: Output, workspace: Any, connections: Any, agent: bool, ip: bool, timeout: float) -> None:
+    if agent:
+        _wait_for_agents(out, workspace, connections, timeout)
+    if ip:
+        _wait_for_addresses(out, workspace, connections, timeout)
+
+
+def _wait_for_agents(out: Output, workspace: Any, connections: Any, timeout: float) -> None:
+    from vmform import api
+
+    awaited = api.awaited_agents(workspace)
+    if not awaited:
+        out.line("No running domain with a guest agent channel: no agent to wait for.")
+        return
+    out.line(f"Waiting up to {timeout:.0f}s for the guest agents of {', '.join(awaited)}...")
+    api.wait_for_agents(workspace, connections, timeout, lambda address: out.line(f"{address}: guest agent connected"))
 
 
 def _wait_for_addresses(out: Output, workspace: Any, connections: Any, timeout: float) -> None:

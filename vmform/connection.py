@@ -27,6 +27,10 @@ def _libvirt() -> object:
     if not _handler_installed:
         # libvirt prints every error to stderr by default; vmform reports errors itself.
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        # Events (waiting for a shutdown, an agent, an address) need the loop registered before connections open.
+        from vmform.events import start_event_loop
+
+        start_event_loop()
         _handler_installed = True
     return libvirt
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from vmform.errors import PlanError, PlanErrors
@@ -159,7 +159,7 @@ def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], li
     """Field changes needed to turn live into desired, the fields that force a replace, and the fields
     whose new value waits for the running object's restart."""
     kind = resource.kind.name
-    desired = resource.desired
+    desired = resource.kind.settle(resource, live) if resource.kind.settle is not None else resource.desired
     changes: list[FieldChange] = []
     forcing: list[str] = []
     pending: list[str] = []
@@ -360,6 +360,9 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
                 continue
             changes[address] = Change(address, kind, resource.libvirt_name, Action.CREATE, after=resource.desired)
             continue
+        created = resource
+        if resource.kind.settle is not None:  # an existing object keeps the pinned defaults it was created with
+            resource = replace(resource, desired=resource.kind.settle(resource, current))
         try:
             field_changes, forcing, pending = compare(resource, current)
         except PlanError as exc:
@@ -434,8 +437,9 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
         if kind == "cloudinit" and forcing:
             reason = (f"{', '.join(forcing)} changed: a new seed, which takes effect on the guest's next boot "
                       f"(new instance-id {resource.desired['meta_data'].get('instance-id')})")
-        changes[address] = Change(
-            address, kind, resource.libvirt_name, action, before=current.values, after=resource.desired,
+        changes[address] = Change(  # a replacement is a new object: it gets this vmform's defaults
+            address, kind, resource.libvirt_name, action, before=current.values,
+            after=created.desired if forcing else resource.desired,
             fields=tuple(field_changes), reason=reason, live_name=current.name if renamed else None,
             identity=current.identity, restart=restart, replug=replug,
         )

@@ -25,6 +25,10 @@ def _rows(specs: tuple[FieldSpec, ...], prefix: str = "") -> list[str]:
     rows = []
     for spec in specs:
         default = "required" if spec.required else (display(spec, spec.default) if spec.default is not None else "libvirt's")
+        if spec.default_doc:
+            default = spec.default_doc
+        if spec.pinned:
+            default += " (kept per domain: see 'Defaults')"
         effect = spec.effect.value + (f" ({spec.effect_doc})" if spec.effect_doc else "")
         if not spec.compare:
             effect = "—"

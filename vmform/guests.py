@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from urllib.parse import urlparse
 
 from vmform.connection import libvirt_message
 from vmform.errors import HostError, VmformError
+from vmform.events import Watch, wait_for
 from vmform.live import parse_xml
 from vmform.ownership import read_owner
 
@@ -118,26 +118,89 @@ class WaitTimeout(VmformError):
     """Domains did not report an address in time."""
 
 
-def wait_for_addresses(conn: libvirt.virConnect, manifests: Manifests, timeout: float, interval: float = 1.0,
+# libvirt has no DHCP lease event (9.0 has network lifecycle events only): leases that no event announces are
+# read again at this interval; everything else (a domain starting, its guest agent connecting, a network
+# starting) wakes the wait through libvirt's event API at once.
+LEASE_RECHECK = 1.0
+
+
+def wait_for_addresses(conn: libvirt.virConnect, manifests: Manifests, timeout: float,
+                       interval: float = LEASE_RECHECK,
                        progress: Callable[[DomainOutput], None] | None = None) -> list[DomainOutput]:
-    """Poll (bounded) until every awaited domain reports an IP address; returns all domains' outputs."""
+    """Wait (bounded) until every awaited domain reports an IP address; returns all domains' outputs."""
+    import libvirt
+
     wanted = set(awaited_domains(manifests))
-    deadline = time.monotonic() + timeout
     reported: set[str] = set()
-    while True:
+    outputs: list[DomainOutput] = []
+
+    def done() -> bool:
+        nonlocal outputs
         outputs = domain_outputs(conn, manifests)
         for output in outputs:
             if output.address in wanted and output.addresses and output.address not in reported:
                 reported.add(output.address)
                 if progress is not None:
                     progress(output)
-        missing = sorted(wanted - reported)
-        if not missing:
+        return not wanted - reported
+
+    with Watch(conn).domain(libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE).domain(
+            libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE).network(libvirt.VIR_NETWORK_EVENT_ID_LIFECYCLE) as watch:
+        if wait_for(watch, done, timeout, recheck=interval):
             return outputs
-        if time.monotonic() >= deadline:
-            raise WaitTimeout(f"no IP address within {timeout:.0f}s for {', '.join(missing)} (DHCP leases and guest "
-                              "agent checked)")
-        time.sleep(interval)
+    missing = sorted(wanted - reported)
+    raise WaitTimeout(f"no IP address within {timeout:.0f}s for {', '.join(missing)} (DHCP leases and guest "
+                      "agent checked)")
+
+
+def awaited_agents(manifests: Manifests) -> list[str]:
+    """Domains whose guest agent apply --wait-agent waits for: declared running, with the agent channel."""
+    return [r.address for r in manifests.of_kind("domain")
+            if r.desired.get("state", "running") == "running" and r.desired.get("guest_agent")]
+
+
+def agent_connected(dom: libvirt.virDomain) -> bool:
+    """Whether the guest agent is connected (libvirt's live XML: the channel target's state)."""
+    from vmform.schema.domain import GUEST_AGENT_CHANNEL
+
+    if not dom.isActive():
+        return False
+    target = parse_xml(dom.XMLDesc(0)).find(f"devices/channel/target[@name='{GUEST_AGENT_CHANNEL}']")
+    return target is not None and target.get("state") == "connected"
+
+
+def wait_for_agents(conn: libvirt.virConnect, manifests: Manifests, timeout: float,
+                    progress: Callable[[str], None] | None = None) -> list[str]:
+    """Wait (bounded) until the guest agent of every awaited domain has connected: libvirt's AGENT_LIFECYCLE
+    event (state connected) wakes the wait; each domain is checked once after the callbacks are registered, so
+    an agent that connected before is found too. Returns the addresses waited for."""
+    import libvirt
+
+    wanted = awaited_agents(manifests)
+    connected: set[str] = set()
+
+    def done() -> bool:
+        try:
+            owned = _owned_domains(conn, manifests.project)
+            for address in wanted:
+                dom = owned.get(address)
+                if address not in connected and dom is not None and agent_connected(dom):
+                    connected.add(address)
+                    if progress is not None:
+                        progress(address)
+        except libvirt.libvirtError as exc:
+            raise HostError(f"cannot read the domains' guest agents: {libvirt_message(exc)}") from None
+        return connected >= set(wanted)
+
+    def agent_up(state: int, _reason: int) -> bool:
+        return state == libvirt.VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_CONNECTED
+
+    with Watch(conn).domain(libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, agent_up) as watch:
+        if wait_for(watch, done, timeout):
+            return wanted
+    missing = sorted(set(wanted) - connected)
+    raise WaitTimeout(f"no guest agent connected within {timeout:.0f}s for {', '.join(missing)} (is qemu-guest-agent "
+                      "installed and running in the guest?)")
 
 
 def console_log(conn: libvirt.virConnect, manifests: Manifests, address: str) -> Path:

@@ -11,8 +11,13 @@ import os
 import resource
 import shutil
 import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vmform.errors import VmformError
 
@@ -128,8 +133,77 @@ def _compression(path: Path) -> str | None:
     return None
 
 
+# A connection dropped mid-way is resumed (HTTP Range) at once, as long as each attempt brings more bytes.
+DOWNLOAD_ATTEMPTS = 5
+
+
+class _ProgressBars:
+    """Download progress bars on stderr when it is a terminal (nothing otherwise), one rich display shared by
+    the downloads running at once in apply's worker threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._progress: Any = None
+        self._active = 0
+
+    @contextmanager
+    def bar(self, description: str, total: int | None, completed: int) -> Iterator[Callable[[int], None]]:
+        if not sys.stderr.isatty():
+            yield lambda _count: None
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        with self._lock:
+            if self._progress is None:
+                self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                          TransferSpeedColumn(), TimeRemainingColumn(),
+                                          console=Console(file=sys.stderr))
+                self._progress.start()
+            progress = self._progress
+            self._active += 1
+            task = progress.add_task(description, total=total, completed=completed)
+        try:
+            yield lambda count: progress.advance(task, count)
+        finally:
+            with self._lock:
+                self._active -= 1
+                if self._active == 0:
+                    progress.stop()
+                    self._progress = None
+
+
+PROGRESS = _ProgressBars()
+
+
+def _expected_size(response: Any, offset: int) -> int | None:
+    """The whole file's size as the server states it (Content-Range's total, or Content-Length)."""
+    content_range = response.headers.get("Content-Range") or ""
+    if offset and "/" in content_range and content_range.rsplit("/", 1)[1].strip().isdigit():
+        return int(content_range.rsplit("/", 1)[1])
+    length = response.headers.get("Content-Length")
+    if length is not None and length.strip().isdigit():
+        return int(length) + offset
+    return None
+
+
+def _resumes_at(response: Any, offset: int) -> bool:
+    """Whether a 206 answer continues exactly where the partial file ends."""
+    content_range = response.headers.get("Content-Range") or ""
+    return response.status == 206 and content_range.replace("bytes ", "", 1).split("-", 1)[0].strip() == str(offset)
+
+
 def _download(url: str, directory: Path) -> Path:
-    """The file at url, in the cache; an interrupted download resumes where it stopped."""
+    """The file at url, in the cache; an interrupted download resumes where it stopped (HTTP Range), both
+    within one run (a dropped connection) and in the next one (the partial file is kept)."""
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -139,19 +213,43 @@ def _download(url: str, directory: Path) -> Path:
         return done
     done.parent.mkdir(parents=True, exist_ok=True)
     partial = done.with_suffix(".part")
-    offset = partial.stat().st_size if partial.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 - http(s) only (is_url)
-            resumed = offset and response.status == 206
-            with open(partial, "ab" if resumed else "wb") as handle:
-                shutil.copyfileobj(response, handle, CHUNK)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and offset:  # the partial file is already whole
-            partial.rename(done)
-            return done
-        raise ImageError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise ImageError(f"cannot download {url}: {getattr(exc, 'reason', exc)}") from None
-    partial.rename(done)
-    return done
+    shown = url.rsplit("/", 1)[-1] or url
+    problem: BaseException | None = None
+    for _attempt in range(DOWNLOAD_ATTEMPTS):
+        offset = partial.stat().st_size if partial.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 - http(s) only (is_url)
+                resumed = bool(offset) and _resumes_at(response, offset)
+                start = offset if resumed else 0
+                total = _expected_size(response, start)
+                with open(partial, "ab" if resumed else "wb") as handle, \
+                        PROGRESS.bar(f"downloading {shown}", total, start) as advance:
+                    for block in iter(lambda: response.read(CHUNK), b""):
+                        handle.write(block)
+                        advance(len(block))
+            size = partial.stat().st_size
+            if total is not None and size < total:
+                raise http.client.IncompleteRead(b"", total - size)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416 and offset:  # the partial file is already whole
+                partial.rename(done)
+                return done
+            raise ImageError(f"cannot download {url}: HTTP {exc.code} {exc.reason}{_kept(partial)}") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            problem = exc
+            if (partial.stat().st_size if partial.exists() else 0) <= offset:
+                break  # no progress this time: resuming again would not help now
+            continue
+        partial.rename(done)
+        return done
+    if isinstance(problem, http.client.HTTPException):
+        reason: Any = "the connection closed before the end of the file"
+    else:
+        reason = getattr(problem, "reason", None) or problem
+    raise ImageError(f"cannot download {url}: {reason}{_kept(partial)}")
+
+
+def _kept(partial: Path) -> str:
+    kept = partial.stat().st_size if partial.exists() else 0
+    return f" ({kept} bytes kept; the next run resumes there)" if kept else ""

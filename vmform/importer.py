@@ -53,6 +53,9 @@ _IGNORED_VALUES = {
     "devices/serial/target/model/@name=isa-serial", "devices/console/@type=pty", "devices/console/target/@type=serial",
     "devices/console/target/@port=0", "devices/console", "devices/console/target",
     "vcpu/@placement=static", "bridge/@stp=on", "bridge/@delay=0",
+    # The guest agent channel: libvirt binds the socket where it wants; firmware='bios' is no UEFI, as is nothing.
+    "devices/channel/@type=unix", "devices/channel/source/@mode=bind", "devices/channel/target/@type=virtio",
+    "devices/channel/target/@name=org.qemu.guest_agent.0", "os/@firmware=bios",
 }
 _IGNORED_LEAVES = {"address", "alias"}
 
@@ -165,8 +168,8 @@ def _domain_field(conn: libvirt.virConnect, dom: libvirt.virDomain, root: Elemen
         values[name] = [_disk_value(conn, disk, refs, obj) for disk in value or []]
     elif name == "interfaces":
         values[name] = [_interface_value(nic, refs, obj) for nic in value or []]
-    elif name == "rng":
-        values[name] = bool(value)
+    elif name in ("rng", "guest_agent"):
+        values[name] = bool(value)  # false: the domain has none, and the default must not add one
     elif name == "tpm":
         if value is not None or root.find("devices/tpm") is None:
             values[name] = value or "none"

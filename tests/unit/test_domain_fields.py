@@ -15,6 +15,7 @@ from vmform.live import _read_bound, parse_xml
 from vmform.model import Manifests
 from vmform.render.validate import schemas_available, validate
 from vmform.render.xml import render_domain, to_text, write_fields
+from vmform.schema.domain import machine_matches
 from vmform.schema.registry import KINDS
 
 PROJECT = "unit"
@@ -46,6 +47,9 @@ CASES: dict[str, str] = {
     "video_ramfb": "{graphics: vnc, video: ramfb}",
     "rng_on": "rng: true",
     "rng_off": "rng: false",
+    "guest_agent_on": "guest_agent: true",
+    "guest_agent_off": "guest_agent: false",
+    "defaults_off": "{rng: false, guest_agent: false, serial_console: false, firmware: bios}",
     "tpm_emulated": "tpm: emulated",
     "tpm_none": "tpm: none",
     "filesystems": (
@@ -156,6 +160,9 @@ def test_update_in_place_keeps_addresses_and_switches_fields(desired: Callable[[
     reprinted = _define_and_read(daemon, printed)
     read = _read(reprinted)
     for name, value in _bound(after).items():
+        if name == "machine":  # the default alias (pc) comes back as libvirt's versioned type
+            assert machine_matches(read[name], value), name
+            continue
         assert read[name] == value, name
     assert reprinted.find("memoryBacking/access").get("mode") == "shared"  # type: ignore[union-attr]
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 from lxml import etree
 
 from vmform.errors import VmformError
+from vmform.events import Watch, wait_for
 from vmform.live import parse_xml
 from vmform.plan import Change, FieldChange
 from vmform.providers.base import ApplyContext, Provider
@@ -39,13 +39,19 @@ def _top_field(path: str) -> str:
     return path.split("[", 1)[0].split(".", 1)[0]
 
 
-def wait_until_off(dom: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not dom.isActive():
-            return True
-        time.sleep(0.2)
-    return not dom.isActive()
+def wait_until_off(dom: Any, timeout: float, then: Any = None) -> bool:
+    """Wait (bounded) for the domain's STOPPED lifecycle event; ``then`` (e.g. the ACPI shutdown request) runs
+    after the callback is registered, so a guest that stops at once is not missed."""
+    import libvirt
+
+    with Watch(dom.connect(), dom).domain(
+        libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lambda event, _detail: event == libvirt.VIR_DOMAIN_EVENT_STOPPED
+    ) as watch:
+        if then is not None:
+            then()
+        # Checked each second too: a connection libvirtd dropped (a restart) delivers no event, and the wait
+        # must end with that error instead of sleeping out the timeout.
+        return wait_for(watch, lambda: not dom.isActive(), timeout, recheck=1.0)
 
 
 def record_balloon(dom: Any, target: int) -> None:
@@ -76,12 +82,15 @@ def stop(dom: Any, timeout: float, graceful: bool = True, force_off: bool = True
 
     if not dom.isActive():
         return
+
+    def request() -> None:
+        dom.shutdown()
+        if tell is not None:
+            tell(f"domain {dom.name()}: waiting up to {timeout:.0f}s for the guest to shut down")
+
     if graceful and timeout > 0:
         try:
-            dom.shutdown()
-            if tell is not None:
-                tell(f"domain {dom.name()}: waiting up to {timeout:.0f}s for the guest to shut down")
-            if wait_until_off(dom, timeout):
+            if wait_until_off(dom, timeout, then=request):
                 return
         except libvirt.libvirtError:
             if not dom.isActive():
@@ -189,13 +198,31 @@ class DomainProvider(Provider):
                 element = node
         if element is None:
             return
-        dom.detachDeviceFlags(etree.tostring(element, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        deadline = time.monotonic() + DETACH_TIMEOUT
-        while time.monotonic() < deadline:
+        alias = element.find("alias").get("name") if element.find("alias") is not None else None
+        failed: list[str] = []
+
+        def refused(device: str) -> bool:
+            if alias is None or device == alias:
+                failed.append(device)
+                return True
+            return False
+
+        def gone() -> bool:
             current = spec.binding.read(parse_xml(dom.XMLDesc(0)))
-            if all(entry.get(key) != item.get(key) for entry in current):
+            return all(entry.get(key) != item.get(key) for entry in current)
+
+        # Detach is asynchronous: DEVICE_REMOVED says the guest let go, DEVICE_REMOVAL_FAILED that it refused.
+        with Watch(dom.connect(), dom).domain(
+            libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, lambda removed: alias is None or removed == alias
+        ).domain(
+            libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, refused
+        ) as watch:
+            dom.detachDeviceFlags(etree.tostring(element, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            if wait_for(watch, lambda: bool(failed) or gone(), DETACH_TIMEOUT) and not failed:
                 return
-            time.sleep(0.2)
+        if failed:
+            raise RuntimeError(f"the guest refused to release {name[:-1]} {item.get(key)} (DEVICE_REMOVAL_FAILED); it "
+                               "is gone from the configuration and leaves at the next restart")
         raise RuntimeError(
             f"the guest did not release {name[:-1]} {item.get(key)} within {DETACH_TIMEOUT:.0f}s (guests without "
             "ACPI hotplug support never do); it is gone from the configuration and leaves at the next restart"

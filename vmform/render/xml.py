@@ -7,6 +7,7 @@ from typing import Any
 from lxml import etree
 
 from vmform.ownership import set_owner
+from vmform.schema.domain import write_defaults_record
 from vmform.schema.registry import KINDS
 from vmform.schema.xmlbind import Element, ensure
 
@@ -34,6 +35,7 @@ def render_domain(name: str, values: dict[str, Any], project: str, address: str)
     etree.SubElement(root, "on_reboot").text = "restart"
     etree.SubElement(root, "on_crash").text = "destroy"
     ensure(root, "devices")
+    write_defaults_record(root, values.get("arch"))
     write_fields("domain", root, values)
     return root
 

@@ -471,17 +471,24 @@ def _legacy_efi_loader(os_node: Element | None) -> Element | None:
     return None
 
 
+X86_ARCHES = (None, "x86_64", "i686")
+
+
 class Firmware(XmlBinding):
-    """``<os firmware='efi|bios'>`` (libvirt picks the firmware image); an explicit OVMF pflash loader reads
-    as efi too. A domain with neither reads as unset (libvirt's default: bios on x86)."""
+    """``<os firmware='efi'>``: libvirt's firmware auto-selection picks the UEFI image (never a distro OVMF path in
+    a manifest); an explicit OVMF pflash loader reads as efi too. bios is the absence of UEFI on x86 (SeaBIOS,
+    libvirt's default): written as no firmware attribute at all, because ``firmware='bios'`` needs a SeaBIOS
+    firmware descriptor that not every distribution ships (Debian 12 does not: such a domain fails to start).
+    A non-x86 domain without UEFI reads as unset."""
 
     def read(self, root: Element) -> Any:
         os_node = root.find("os")
-        if os_node is None:
-            return None
-        if os_node.get("firmware") in ("efi", "bios"):
+        if os_node is not None and os_node.get("firmware") in ("efi", "bios"):
             return os_node.get("firmware")
-        return "efi" if _legacy_efi_loader(os_node) is not None else None
+        if _legacy_efi_loader(os_node) is not None:
+            return "efi"
+        arch = os_node.find("type").get("arch") if os_node is not None and os_node.find("type") is not None else None
+        return "bios" if arch in X86_ARCHES else None
 
     def write(self, root: Element, value: Any) -> None:
         if value is None or self.read(root) == value:
@@ -491,7 +498,7 @@ class Firmware(XmlBinding):
             os_node.set("firmware", "efi")
             return
         # bios: drop any EFI loader, NVRAM and firmware feature requests.
-        os_node.set("firmware", "bios")
+        os_node.attrib.pop("firmware", None)
         for tag in ("loader", "nvram", "firmware"):
             for node in os_node.findall(tag):
                 os_node.remove(node)
@@ -621,6 +628,30 @@ class Rng(XmlBinding):
             rng = etree.Element("rng", model="virtio")
             etree.SubElement(rng, "backend", model="random").text = "/dev/urandom"
             _insert_device(devices, rng)
+        elif not value:
+            for node in nodes:
+                devices.remove(node)
+
+
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
+_AGENT_XPATH = f"devices/channel[target/@type='virtio'][target/@name='{GUEST_AGENT_CHANNEL}']"
+
+
+class GuestAgent(XmlBinding):
+    """The qemu guest agent's virtio-serial channel (``<channel type='unix'><target type='virtio'
+    name='org.qemu.guest_agent.0'/>``; libvirt picks the socket path and adds the virtio-serial controller).
+    No channel reads as unset (None); ``bind`` turns false into None, which removes it."""
+
+    def read(self, root: Element) -> Any:
+        return True if root.xpath(_AGENT_XPATH) else None
+
+    def write(self, root: Element, value: Any) -> None:
+        devices = ensure(root, "devices")
+        nodes = root.xpath(_AGENT_XPATH)
+        if value and not nodes:
+            channel = etree.Element("channel", type="unix")
+            etree.SubElement(channel, "target", type="virtio", name=GUEST_AGENT_CHANNEL)
+            _insert_device(devices, channel)
         elif not value:
             for node in nodes:
                 devices.remove(node)
@@ -860,11 +891,14 @@ FIELDS: tuple[FieldSpec, ...] = (
               default="kvm", binding=Attr(".", "type")),
     FieldSpec("arch", Enum(("x86_64", "i686", "aarch64", "ppc64le", "s390x", "riscv64")),
               "guest architecture (default: the host's)", xml="os/type/@arch", binding=Attr("os/type", "arch")),
-    FieldSpec("machine", Str(pattern=r"[A-Za-z0-9_.-]+"), "machine type, e.g. q35 or pc (default: libvirt's); an "
-              "alias matches the versioned type libvirt resolves it to (q35: pc-q35-7.2)",
-              xml="os/type/@machine", binding=Attr("os/type", "machine"), same=machine_matches),
-    FieldSpec("firmware", Enum(("bios", "efi")), "firmware, picked by libvirt's auto-selection (never a distro OVMF "
-              "path); an existing OVMF pflash loader reads as efi", xml="os/@firmware", binding=Firmware()),
+    FieldSpec("machine", Str(pattern=r"[A-Za-z0-9_.-]+"), "machine type, e.g. q35 or pc; an alias matches the "
+              "versioned type libvirt resolves it to (q35: pc-q35-7.2)",
+              xml="os/type/@machine", binding=Attr("os/type", "machine"), same=machine_matches, pinned=True,
+              default_doc="pc on x86 (arch unset, x86_64, i686), virt on aarch64 and riscv64, pseries on ppc64le, "
+              "s390-ccw-virtio on s390x"),
+    FieldSpec("firmware", Enum(("bios", "efi")), "efi: UEFI, the firmware image picked by libvirt's auto-selection "
+              "(<os firmware='efi'>, never a distro OVMF path); bios: no UEFI (SeaBIOS on x86). An existing OVMF "
+              "pflash loader reads as efi", xml="os/@firmware", binding=Firmware(), default="bios", pinned=True),
     FieldSpec("secure_boot", Bool(), "UEFI secure boot with the distribution's keys enrolled (needs firmware: efi; "
               "turns on SMM)", xml="os/firmware/feature[@name='secure-boot'], features/smm", binding=SecureBoot()),
     FieldSpec("cpu", CPU, "CPU model: host-passthrough | host-model | maximum, or {mode: custom, model: NAME}",
@@ -901,15 +935,20 @@ FIELDS: tuple[FieldSpec, ...] = (
               xml="devices/graphics/@type", default="none", binding=Graphics()),
     FieldSpec("video", Enum(VIDEO_MODELS), "video adapter (default: virtio when graphics is vnc or spice, else "
               "libvirt's)", xml="devices/video/model/@type", binding=Video()),
-    FieldSpec("serial_console", Bool(), "a serial port and console on a pty", xml="devices/serial, devices/console", default=True,
-              binding=SerialConsole()),
+    FieldSpec("serial_console", Bool(), "a serial port and console on a pty (cloud images hang at boot without "
+              "one); false: none", xml="devices/serial, devices/console", default=True, binding=SerialConsole(),
+              pinned=True),
     FieldSpec("console_log", ConsoleLogType(), "also write the serial console to a file on the host: true ("
               f"{CONSOLE_LOG_DIR}/<name>-console.log) or a path; vmform console prints it", xml="devices/serial/log/@file",
               binding=ConsoleLog()),
     FieldSpec("cloudinit", Ref("cloudinit"), "a cloud-init seed attached as a read-only cdrom after the disks (sata on q35 "
               "machines, else ide)", xml="devices/disk[@device='cdrom']", compare=False),
-    FieldSpec("rng", Bool(), "a virtio random number generator fed from the host's /dev/urandom",
-              xml="devices/rng", binding=Rng()),
+    FieldSpec("rng", Bool(), "a virtio random number generator fed from the host's /dev/urandom (guests get "
+              "entropy at boot); false: none", xml="devices/rng", binding=Rng(), default=True, pinned=True),
+    FieldSpec("guest_agent", Bool(), "the qemu guest agent's virtio-serial channel (org.qemu.guest_agent.0): "
+              "addresses from the agent, apply waiting for the guest, clean shutdowns; false: none",
+              xml=f"devices/channel[target/@name='{GUEST_AGENT_CHANNEL}']", binding=GuestAgent(), default=True,
+              pinned=True),
     FieldSpec("tpm", Enum(("none", "emulated")), "TPM: emulated is a TPM 2.0 (tpm-crb) backed by swtpm; a tpm-tis "
               "emulated TPM reads as emulated too", xml="devices/tpm", binding=Tpm()),
     FieldSpec("ignition", IgnitionText(), "an Ignition config (Fedora CoreOS, Flatcar) passed through QEMU's firmware "
@@ -932,7 +971,7 @@ def stable_mac(project: str, address: str, index: int) -> str:
     return "52:54:00:" + ":".join(f"{byte:02x}" for byte in digest[:3])
 
 
-def _seed_disk(values: dict[str, Any], index: Any, used: set[str]) -> dict[str, Any]:
+def _seed_disk(values: dict[str, Any], machine: str | None, index: Any, used: set[str]) -> dict[str, Any]:
     """The cdrom carrying the domain's cloud-init seed: SATA on q35 machines (which have no IDE), IDE on the others
     (i440fx, libvirt's default on x86, where guest kernels without AHCI, such as Debian's cloud kernel, still
     find it)."""
@@ -940,8 +979,7 @@ def _seed_disk(values: dict[str, Any], index: Any, used: set[str]) -> dict[str, 
 
     seed = index.get("cloudinit", values["cloudinit"])
     pool = index.get("pool", seed.values["pool"]) if seed is not None else None
-    machine = values.get("machine") or ""
-    bus = "sata" if "q35" in machine else "ide"
+    bus = "sata" if "q35" in (machine or "") else "ide"
     target = next(name for name in _device_names(_DEV_PREFIX[bus]) if name not in used)
     used.add(target)
     return {
@@ -963,6 +1001,8 @@ def bind(resource: Any, index: Any) -> dict[str, Any]:
             desired[spec.name] = values[spec.name]
     desired.setdefault("max_vcpus", desired["vcpus"])
     desired.setdefault("max_memory", desired["memory"])
+    if "machine" not in desired and default_machine(desired.get("arch")) is not None:
+        desired["machine"] = default_machine(desired.get("arch"))
     used: set[str] = set()
     for disk in desired["disks"]:
         if disk.get("target"):
@@ -999,7 +1039,7 @@ def bind(resource: Any, index: Any) -> dict[str, Any]:
                 item[key] = disk[key].lower() if key == "wwn" else disk[key]
         disks.append(item)
     if values.get("cloudinit") is not None:
-        disks.append(_seed_disk(values, index, used))
+        disks.append(_seed_disk(values, desired.get("machine"), index, used))
     desired["disks"] = disks
     if desired.get("console_log") is True:
         desired["console_log"] = console_log_path(resource.libvirt_name)
@@ -1021,11 +1061,99 @@ def bind(resource: Any, index: Any) -> dict[str, Any]:
     for name, key in (("filesystems", "target"), ("hostdevs", "pci")):
         if name in desired:
             desired[name] = _by_key(desired[name], key)
-    # "No RNG" and "no TPM" are the absence of the device, which reads as None.
-    if desired.get("rng") is False:
-        desired["rng"] = None
-    if desired.get("tpm") == "none":
-        desired["tpm"] = None
+    for name in ("rng", "guest_agent", "tpm"):
+        if name in desired:
+            desired[name] = _device_value(name, desired[name])
+    return desired
+
+
+def _device_value(name: str, value: Any) -> Any:
+    """"No RNG", "no guest agent" and "no TPM" are the absence of the device, which reads as None."""
+    if name in ("rng", "guest_agent") and value is False or name == "tpm" and value == "none":
+        return None
+    return value
+
+
+# ---------------------------------------------------------------------------------- defaults kept per domain
+
+# The machine type vmform gives a domain that does not state one, by architecture (None: arch unset, which is
+# the host's; vmform assumes x86 there). Recorded on the domain with the other pinned defaults.
+MACHINE_DEFAULTS: dict[str | None, str] = {
+    None: "pc", "x86_64": "pc", "i686": "pc", "aarch64": "virt", "riscv64": "virt", "ppc64le": "pseries",
+    "s390x": "s390-ccw-virtio",
+}
+DEFAULTS_NAMESPACE = "https://vmform.dev/xmlns/defaults/1"
+DEFAULTS_PREFIX = "vmform-defaults"
+# What a domain made before vmform recorded its defaults was given: the serial console only (the other pinned
+# fields were left to libvirt, so they stay unmanaged on such a domain unless its manifest states them).
+LEGACY_DEFAULTS: dict[str, Any] = {"serial_console": True}
+
+
+def default_machine(arch: str | None) -> str | None:
+    return MACHINE_DEFAULTS.get(arch)
+
+
+def pinned_fields() -> tuple[FieldSpec, ...]:
+    return tuple(spec for spec in FIELDS if spec.pinned)
+
+
+def creation_defaults(arch: str | None) -> dict[str, Any]:
+    """The defaults of this vmform for the pinned fields, in manifest terms, as recorded on a new domain."""
+    found: dict[str, Any] = {}
+    for spec in pinned_fields():
+        value = default_machine(arch) if spec.name == "machine" else spec.default
+        if value is not None:
+            found[spec.name] = value
+    return found
+
+
+def write_defaults_record(root: Element, arch: str | None) -> None:
+    """``<metadata><vmform-defaults:defaults machine='pc' firmware='efi' rng='yes' …/>``: the defaults this
+    domain was created with (written once, at create; updates never touch it)."""
+    metadata = root.find("metadata")
+    if metadata is None:
+        metadata = etree.SubElement(root, "metadata")
+    for old in metadata.findall(f"{{{DEFAULTS_NAMESPACE}}}defaults"):
+        metadata.remove(old)
+    record = etree.SubElement(metadata, f"{{{DEFAULTS_NAMESPACE}}}defaults", nsmap={DEFAULTS_PREFIX: DEFAULTS_NAMESPACE})
+    for name, value in creation_defaults(arch).items():
+        record.set(name, to_yes_no(value) if isinstance(value, bool) else str(value))
+
+
+def read_defaults_record(root: Element | None) -> dict[str, Any] | None:
+    """The pinned defaults recorded on a domain (manifest terms), or None when it has no record."""
+    node = root.find(f"metadata/{{{DEFAULTS_NAMESPACE}}}defaults") if root is not None else None
+    if node is None:
+        return None
+    found: dict[str, Any] = {}
+    for spec in pinned_fields():
+        text = node.get(spec.name)
+        if text is None:
+            continue
+        try:
+            found[spec.name] = spec.type.parse(text in ("yes", "true") if isinstance(spec.type, Bool) else text)
+        except FieldError:
+            continue  # a value this vmform does not know: left unmanaged, like a missing one
+    return found
+
+
+def settle_defaults(resource: Any, live: Any) -> dict[str, Any]:
+    """The desired values for an existing domain: a pinned field its manifest does not state takes the default
+    recorded on the domain when it was created (see ``FieldSpec.pinned``), not this vmform's default; a field the
+    record does not hold is left unmanaged. Everything else is ``resource.desired`` as it is."""
+    record = read_defaults_record(live.config_root)
+    if record is None:
+        record = LEGACY_DEFAULTS
+    desired = dict(resource.desired)
+    for spec in pinned_fields():
+        if spec.name not in desired or (*resource.path, spec.name) in resource.source.keys:
+            continue  # stated in the manifest, or yielded to the xml: section
+        if spec.name == "machine" and desired.get("arch") not in (None, live.values.get("arch")):
+            continue  # another architecture: the recorded machine type belongs to the old one
+        if spec.name in record:
+            desired[spec.name] = _device_value(spec.name, record[spec.name])
+        else:
+            del desired[spec.name]
     return desired
 
 
@@ -1085,4 +1213,5 @@ def check(values: dict[str, Any]) -> Iterator[tuple[tuple[str | int, ...], str]]
             macs[nic["mac"]] = number
 
 
-KIND = Kind("domain", "domains", FIELDS, "a virtual machine (libvirt domain)", bind=bind, check=check)
+KIND = Kind("domain", "domains", FIELDS, "a virtual machine (libvirt domain)", bind=bind, check=check,
+            settle=settle_defaults)

@@ -95,6 +95,8 @@ def _field_schema(spec: FieldSpec) -> dict[str, Any]:
     effect = spec.effect_doc or spec.effect.value
     if spec.compare:
         text += f" (a change takes effect: {effect})"
+    if spec.default_doc:
+        text += f" (default: {spec.default_doc})"
     schema["description"] = text
     if spec.default is not None:
         schema["default"] = spec.default

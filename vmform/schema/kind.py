@@ -84,6 +84,8 @@ class Kind:
     bind: Callable[[Any, Any], dict[str, Any]] = field(default=lambda resource, index: _own_fields(resource))
     # Extra checks across fields: yields (relative path, message).
     check: Callable[[dict[str, Any]], Iterator[tuple[tuple[str | int, ...], str]]] | None = None
+    # The desired values for an existing object (resource, its LiveObject): pinned defaults it was created with.
+    settle: Callable[[Any, Any], dict[str, Any]] | None = None
 
     @property
     def all_fields(self) -> tuple[FieldSpec, ...]:

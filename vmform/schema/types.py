@@ -288,6 +288,10 @@ class FieldSpec:
     # When libvirt rewrites a value into an equal one (a machine alias into its versioned name): (live, desired)
     same: Any = None
     sensitive: bool = False  # compared and shown by digest and size only (vmform.sensitive); show --sensitive prints it
+    # The default vmform applies is recorded on the object when it is created, and an existing object keeps the
+    # default it was created with: a newer vmform with another default never plans a change to it.
+    pinned: bool = False
+    default_doc: str = ""  # for docs, when the default is computed from other values (bind)
 
 
 @dataclass(frozen=True)
