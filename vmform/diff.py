@@ -443,11 +443,11 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
         if address not in manifests.resources or manifests.resources[address].kind.name != obj.kind:
             changes[address] = Change(address, obj.kind, obj.name, Action.DELETE, before=obj.values, identity=obj.identity)
 
+    allowed: dict[str, tuple[str, ...]] = {}
     for address in order:
-        allowed = manifests.resources[address].values.get("allow") or []
-        if allowed and (address in changes or not options.targets):
-            notes.append(f"{address} is allowed: {', '.join(allowed)} (XML outside libvirt's namespace reaches "
-                         "QEMU or dnsmasq as written)")
+        names = manifests.resources[address].values.get("allow") or []
+        if names and (address in changes or not options.targets):
+            allowed[address] = tuple(names)
     errors.extend(_refusals(manifests, changes, options))
     if errors:
         raise PlanErrors(errors)
@@ -478,7 +478,7 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
     )
     if options.targets:
         final = _limit_to_targets(final, set(options.targets))
-    return Plan(manifests.project, live.uri, final, tuple(notes))
+    return Plan(manifests.project, live.uri, final, tuple(notes), allowed)
 
 
 def _refusals(manifests: Manifests, changes: dict[str, Change], options: PlanOptions) -> list[PlanError]:

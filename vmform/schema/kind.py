@@ -35,9 +35,9 @@ OPT_IN_DOCS = {
                    "can make QEMU or dnsmasq do anything",
     "host_paths": "disks, filesystems, kernel/initrd and character-device files on host paths outside the pools "
                   "this project manages, and host block devices (/dev/…)",
-    "host_devices": "host device passthrough: hostdevs (PCI), <hostdev>, interface type hostdev, evdev input, "
-                    "TPM or smartcard passthrough, NVMe disks, a network's forward mode hostdev",
-    "custom_emulator": "an <emulator> (the program libvirt runs as the hypervisor) chosen by the manifest",
+    "host_devices": "host device passthrough: hostdevs (PCI), hostdev elements in xml:, interface type hostdev, "
+                    "evdev input, TPM or smartcard passthrough, NVMe disks, a network's forward mode hostdev",
+    "custom_emulator": "an emulator element in xml: or xslt: (the program libvirt runs as the hypervisor)",
 }
 OPT_INS = tuple(OPT_IN_DOCS)
 
