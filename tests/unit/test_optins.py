@@ -8,8 +8,8 @@ from pathlib import Path
 
 import jsonschema
 from rich.console import Console
-
 from test_planfile import SCHEMA, case_plan, roundtrip
+
 from vmform.plan import Plan
 from vmform.planview import plan_lines, plan_markdown
 from vmform.schema.kind import OPT_INS

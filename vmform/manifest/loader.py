@@ -25,8 +25,8 @@ from vmform.manifest.variables import (
 )
 from vmform.manifest.yamlsource import SourceMap, YamlDocument, load_yaml
 from vmform.model import MODULE_NAME, Manifests, ModuleInstance, OutputSpec, Resource, scoped_address
-from vmform.schema.extra_xml import YIELDS_WITH, foreign_paths, overlap, owned_paths, regions
 from vmform.schema import optins
+from vmform.schema.extra_xml import YIELDS_WITH, foreign_paths, overlap, owned_paths, regions
 from vmform.schema.kind import EXISTING_KEYS, Kind, field_references
 from vmform.schema.network import add_reservations
 from vmform.schema.registry import SECTIONS

@@ -126,13 +126,13 @@ def _domain(root: Element, scope: Scope) -> Iterator[Finding]:
         text = _hostdev_text(node)
         field: tuple[str | int, ...] = ("hostdevs", text[4:]) if text.startswith("PCI ") else ()
         yield Finding(HOST_DEVICES, f"hostdev {text}", field)
-    for node in root.findall("devices/interface[@type='hostdev']"):
+    for _node in root.findall("devices/interface[@type='hostdev']"):
         yield Finding(HOST_DEVICES, "interface type='hostdev'")
     for node in root.xpath("devices/input[@type='passthrough' or @type='evdev']"):
         yield Finding(HOST_DEVICES, f"input type='{node.get('type')}'")
-    for node in root.findall("devices/tpm/backend[@type='passthrough']"):
+    for _node in root.findall("devices/tpm/backend[@type='passthrough']"):
         yield Finding(HOST_DEVICES, "tpm backend type='passthrough'")
-    for node in root.findall("devices/smartcard[@mode='host']"):
+    for _node in root.findall("devices/smartcard[@mode='host']"):
         yield Finding(HOST_DEVICES, "smartcard mode='host'")
     for disk in root.findall("devices/disk"):
         yield from _disk(disk, scope)
