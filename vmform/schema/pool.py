@@ -27,7 +27,20 @@ FIELDS: tuple[FieldSpec, ...] = (
 )
 
 
+# libvirt's schema has no target directory for these: vmform, which manages a pool by its path, only uses them.
+NO_TARGET = ("rbd", "gluster", "iscsi-direct")
+# Every type but these is made from a source (a device, a host, a volume group, …) that libvirt requires.
+NO_SOURCE = ("dir", "mpath")
+
+
 def check(values: dict[str, Any]) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    kind = values.get("type", "dir")
+    if kind in NO_TARGET:
+        yield ("type",), (f"a {kind} pool has no target directory in libvirt, and vmform manages a pool by its path: "
+                          "declare it with existing: true to use it")
+    elif kind not in NO_SOURCE and not (values.get("xml") or {}).get("source"):
+        yield ("type",), (f"a {kind} pool needs its source (the device, host or name it is made from): write it under "
+                          "xml: source")
     path = values.get("path")
     if path is not None:
         if os.path.normpath(path) == "/" or ".." in path.split("/"):
