@@ -8,7 +8,7 @@ from typing import Any
 
 from vmform.schema.extra_xml import ExtraXml, ExtraXmlBinding
 from vmform.schema.kind import Kind
-from vmform.schema.types import Bool, Effect, Enum, FieldSpec, Str
+from vmform.schema.types import ABSOLUTE_DIR, Bool, Effect, Enum, FieldSpec, Str
 from vmform.schema.xmlbind import Attr, Text
 
 POOL_TYPES = ("dir", "fs", "netfs", "logical", "disk", "iscsi", "iscsi-direct", "scsi", "mpath", "rbd", "gluster",
@@ -19,7 +19,7 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("type", Enum(POOL_TYPES), "pool type; vmform builds only dir and netfs pools (the others must exist: "
               "their build would format disks)", effect=Effect.REPLACE, xml="pool/@type", default="dir",
               binding=Attr(".", "type")),
-    FieldSpec("path", Str(pattern=r"/[^\x00]*", hint="an absolute path"), "directory holding the volumes",
+    FieldSpec("path", Str(pattern=ABSOLUTE_DIR, hint="an absolute path"), "directory holding the volumes",
               effect=Effect.REPLACE, xml="target/path", required=True, binding=Text("target/path", os.path.normpath)),
     FieldSpec("autostart", Bool(), "start with the host", effect=Effect.LIVE, default=True),
     FieldSpec("xml", ExtraXml("pool"), "anything else of libvirt's storage pool XML (source, target permissions, …), "
