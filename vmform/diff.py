@@ -290,6 +290,9 @@ class PlanOptions:
     restart: bool = False  # apply --restart: restart-class changes may restart domains and networks
     targets: frozenset[str] = frozenset()
     protected: frozenset[str] = frozenset()  # prevent_destroy addresses (from the manifests, also for destroy)
+    # Where each protected address says prevent_destroy (destroy plans against no manifests: errors still point
+    # at the line).
+    protected_at: Any = None
 
 
 def _using_network(live: LiveState, network: str) -> tuple[str, ...]:
@@ -490,7 +493,8 @@ def _refusals(manifests: Manifests, changes: dict[str, Change], options: PlanOpt
         protected = address in options.protected or (resource is not None and resource.lifecycle.get("prevent_destroy"))
         if destroys and protected:
             what = "destroy" if change.action is Action.DELETE else f"replace ({change.reason})"
-            position = resource.position("lifecycle", "prevent_destroy") if resource is not None else None
+            position = (resource.position("lifecycle", "prevent_destroy") if resource is not None
+                        else (options.protected_at or {}).get(address))
             errors.append(PlanError(f"{address} has lifecycle.prevent_destroy set, and this plan would {what} it", position))
             continue
         if change.kind == "volume" and change.action.is_replace() and resource is not None:

@@ -172,9 +172,14 @@ def test_destroy_and_prune_touch_only_what_the_project_owns(project: Any, other:
         assert _snapshot(conn, names, volumes) == before
         assert "No changes." in project.run("plan", check=True).stdout
 
-        # Destroy: everything A owns goes; nothing else does.
-        destroyed = project.run("destroy", "--auto-approve", check=True)
-        assert "Destroy complete!" in destroyed.stdout
+        # Destroy: everything A owns goes but its pool, which still holds volumes A does not own (so destroy
+        # says it failed, naming them); nothing else is touched.
+        destroyed = project.run("destroy", "--auto-approve")
+        assert destroyed.code == 1, destroyed.stdout + destroyed.stderr
+        assert "Destroy incomplete: 3 done, 1 failed" in destroyed.stdout
+        assert (f"pool '{p}-pool' still holds volumes vmform does not own ({p}-extra-disk.orig, {p}-stray.qcow2); "
+                "it is left in place") in destroyed.stderr
+        assert "Traceback" not in destroyed.stderr
         assert _snapshot(conn, names, volumes) == before
         left = set(project.leftovers())
         assert f"domain {p}-vm" not in left and f"network {p}-net" not in left
@@ -209,7 +214,7 @@ def test_prevent_destroy_holds_under_auto_approve(project: Any, conn: Any) -> No
     refused = project.run("destroy", "--auto-approve")
     assert refused.code == 1
     assert "volume.disk has lifecycle.prevent_destroy set, and this plan would destroy it" in refused.stderr
-    assert "main.yaml:6:" in refused.stderr and "Traceback" not in refused.stderr
+    assert "main.yaml:7:" in refused.stderr and "Traceback" not in refused.stderr
     assert sorted(d.name() for d in conn.listAllDomains() if d.name().startswith(p)) == listed
     assert conn.storagePoolLookupByName(f"{p}-pool").storageVolLookupByName(f"{p}-disk")
 
