@@ -236,7 +236,8 @@ def _render(resource: Any, values: dict[str, Any]) -> Element | None:
 
 
 def check(resources: Iterable[Any]) -> Iterator[tuple[str, Position]]:
-    """(message, position) for every opt-in a resource needs and does not state."""
+    """(message, position) for every opt-in a resource needs and does not state. Only what the document vmform
+    would send holds is refused; each finding is reported where it first appears (curated fields, xml:, xslt:)."""
     resources = list(resources)
     scope = scope_of(resources)
     for resource in resources:
@@ -244,28 +245,32 @@ def check(resources: Iterable[Any]) -> Iterator[tuple[str, Position]]:
             continue
         allowed = set(resource.values.get("allow") or [])
         desired = resource.desired
+        final = _render(resource, desired)
+        if final is None:
+            continue
+        refused = Counter(f for f in findings(resource.kind.name, final, scope) if f.opt_in not in allowed)
+        if not refused:
+            continue  # the usual case: one rendering
         stages = [("curated", {k: v for k, v in desired.items() if k not in ("xml", "xslt")})]
         if desired.get("xml"):
             stages.append(("xml", {k: v for k, v in desired.items() if k != "xslt"}))
-        if desired.get("xslt"):
-            stages.append(("xslt", desired))
         seen: Counter[Finding] = Counter()
         for stage, values in stages:
             root = _render(resource, values)
-            if root is None:
-                continue
-            found = Counter(findings(resource.kind.name, root, scope))
-            for finding in found - seen:
-                if finding.opt_in in allowed:
-                    continue
-                if stage == "curated":
-                    position = _curated_position(resource, finding.field)
-                elif stage == "xml":
-                    position = _xml_position(resource, finding)
-                else:
-                    position = resource.position("xslt")
-                yield refused_message(finding, stage), position
+            found = Counter(findings(resource.kind.name, root, scope)) if root is not None else Counter()
+            for finding in (found - seen) & refused:
+                yield refused_message(finding, stage), _position(resource, finding, stage)
             seen |= found
+        for finding in refused - seen:
+            yield refused_message(finding, "xslt"), _position(resource, finding, "xslt")
+
+
+def _position(resource: Any, finding: Finding, stage: str) -> Position:
+    if stage == "curated":
+        return _curated_position(resource, finding.field)
+    if stage == "xml":
+        return _xml_position(resource, finding)
+    return resource.position("xslt")
 
 
 def needed(kind: str, root: Element, scope: Scope) -> list[str]:
