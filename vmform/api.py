@@ -128,7 +128,9 @@ def destroy_plan(workspace: Workspace, connections: ConnectionPool, targets: lis
 
     live = read_live(workspace, connections)
     nothing = Manifests(workspace.project.name)
-    full = make_plan(nothing, nx.DiGraph(), live, [], PlanOptions(protected=_protected(workspace)))
+    protected = _protected(workspace)
+    where = {a: workspace.manifests.resources[a].position("lifecycle", "prevent_destroy") for a in protected}
+    full = make_plan(nothing, nx.DiGraph(), live, [], PlanOptions(protected=protected, protected_at=where))
     if not targets:
         return full
     # Deleting a target first needs its users gone (a volume's domain): keep the targets and every delete
