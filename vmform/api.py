@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -13,6 +13,7 @@ from vmform import guests, planfile
 from vmform.apply import ApplyResult, ProgressCallback, execute
 from vmform.connection import ConnectionPool, host_identity
 from vmform.diff import PlanOptions, make_plan
+from vmform.errors import ConnectionLost
 from vmform.graph import build_graph, creation_order
 from vmform.guests import DomainOutput
 from vmform.hostplan import plan_hosts
@@ -144,7 +145,7 @@ def _skipped(the_plan: Plan, connections: HostConnections) -> Plan:
     if not connections.unreachable:
         return the_plan
     notes = [f"host {host} skipped: {why}" for host, why in sorted(connections.unreachable.items())]
-    return Plan(the_plan.project, the_plan.host_uri, the_plan.changes, (*notes, *the_plan.notes), the_plan.hosts)
+    return dataclasses.replace(the_plan, notes=(*notes, *the_plan.notes))
 
 
 def saved_plan(workspace: Workspace, connections: Connections, targets: list[str] | None = None,
@@ -184,13 +185,16 @@ def destroy_plan(workspace: Workspace, connections: Connections, targets: list[s
     import networkx as nx
 
     nothing = Manifests(workspace.project.name)
+    protected = _protected(workspace)
+    where = {a: workspace.manifests.resources[a].position("lifecycle", "prevent_destroy") for a in protected}
+    options = PlanOptions(protected=protected, protected_at=where)
     if isinstance(connections, HostConnections) and workspace.project.several_hosts:
         lives = read_hosts(workspace, connections)
-        full = _skipped(plan_hosts(nothing, nx.DiGraph(), [], lives, PlanOptions(protected=_protected(workspace)),
-                                   _uris(lives), workspace.project.default_host), connections)
+        full = _skipped(plan_hosts(nothing, nx.DiGraph(), [], lives, options, _uris(lives),
+                                   workspace.project.default_host), connections)
     else:
         live = read_live(workspace, connections)
-        full = make_plan(nothing, nx.DiGraph(), live, [], PlanOptions(protected=_protected(workspace)))
+        full = make_plan(nothing, nx.DiGraph(), live, [], options)
     if not targets:
         return full
     # Deleting a target first needs its users gone (a volume's domain): keep the targets and every delete
@@ -203,8 +207,7 @@ def destroy_plan(workspace: Workspace, connections: Connections, targets: list[s
         if address not in keep:
             keep.add(address)
             stack.extend(by_address[address].depends_on)
-    return Plan(full.project, full.host_uri, tuple(c for c in full.changes if c.address in keep), full.notes,
-                full.hosts)
+    return dataclasses.replace(full, changes=tuple(c for c in full.changes if c.address in keep))
 
 
 def _expand_targets(workspace: Workspace, targets: list[str] | None) -> list[str]:
@@ -224,11 +227,20 @@ def _expand_targets(workspace: Workspace, targets: list[str] | None) -> list[str
 
 def apply_plan(workspace: Workspace, connections: Connections, plan_to_apply: Plan, parallelism: int | None = None,
                progress: ProgressCallback | None = None, lock_timeout: float = 0.0, command: str = "apply",
-               stop: threading.Event | None = None) -> ApplyResult:
-    """Execute a plan under the project lock (on each host it changes; waiting up to ``lock_timeout`` seconds
-    for it)."""
-    with _locks(workspace, connections, plan_to_apply, command, lock_timeout):
-        return _execute(workspace, connections, plan_to_apply, parallelism, progress, stop)
+               stop: threading.Event | None = None, abandon: threading.Event | None = None,
+               notice: Callable[[str], None] | None = None, force_off: bool | None = None) -> ApplyResult:
+    """Execute a plan under the project lock of every host it changes (waiting up to ``lock_timeout`` seconds
+    for each; a lock left by a process that is provably gone is removed, and ``notice`` says so). ``force_off``
+    lets a domain that does not shut down within shutdown_timeout be powered off (None: the project's
+    force_off setting)."""
+    locks = _locks(workspace, connections, plan_to_apply, command, lock_timeout, notice, stop)
+    try:
+        result = _execute(workspace, connections, plan_to_apply, parallelism, progress, stop, abandon, force_off,
+                          notice)
+    finally:
+        _release(locks)
+    result.notes.extend(lock.left_behind for lock in locks if lock.left_behind)
+    return result
 
 
 def _plan_hosts(workspace: Workspace, plan_to_apply: Plan) -> list[str]:
@@ -237,18 +249,28 @@ def _plan_hosts(workspace: Workspace, plan_to_apply: Plan) -> list[str]:
     return sorted(hosts) or [workspace.project.default_host]
 
 
-def _locks(workspace: Workspace, connections: Connections, plan_to_apply: Plan, command: str,
-           lock_timeout: float) -> contextlib.ExitStack:
+def _pool(connections: Connections, host: str) -> ConnectionPool:
+    return connections.pool(host) if isinstance(connections, HostConnections) else connections
+
+
+def _locks(workspace: Workspace, connections: Connections, plan_to_apply: Plan, command: str, lock_timeout: float,
+           notice: Callable[[str], None] | None, stop: threading.Event | None) -> list[ProjectLock]:
     """The project lock on every host the plan touches, taken in name order (two applies never deadlock)."""
-    stack = contextlib.ExitStack()
+    taken: list[ProjectLock] = []
     try:
         for host in _plan_hosts(workspace, plan_to_apply):
-            pool = connections.pool(host) if isinstance(connections, HostConnections) else connections
-            stack.enter_context(ProjectLock(pool.main, workspace.project.name, command, lock_timeout))
+            lock = ProjectLock(_pool(connections, host), workspace.project.name, command, lock_timeout, notice, stop)
+            lock.acquire()
+            taken.append(lock)
     except BaseException:
-        stack.close()
+        _release(taken)
         raise
-    return stack
+    return taken
+
+
+def _release(locks: list[ProjectLock]) -> None:
+    for lock in reversed(locks):
+        lock.release()
 
 
 def check_saved(workspace: Workspace, connections: Connections, saved: SavedPlan) -> None:
@@ -272,28 +294,42 @@ def check_saved(workspace: Workspace, connections: Connections, saved: SavedPlan
 
 def apply_saved(workspace: Workspace, connections: Connections, saved: SavedPlan, parallelism: int | None = None,
                 progress: ProgressCallback | None = None, lock_timeout: float = 0.0,
-                stop: threading.Event | None = None) -> ApplyResult:
+                stop: threading.Event | None = None, abandon: threading.Event | None = None,
+                notice: Callable[[str], None] | None = None, force_off: bool | None = None) -> ApplyResult:
     """Execute exactly a saved plan: under the lock, after checking it still holds; never re-planned."""
     planfile.check_project(saved, workspace.project.name)
-    with _locks(workspace, connections, saved.plan, "apply (saved plan)", lock_timeout):
+    locks = _locks(workspace, connections, saved.plan, "apply (saved plan)", lock_timeout, notice, stop)
+    try:
         check_saved(workspace, connections, saved)
-        return _execute(workspace, connections, saved.plan, parallelism, progress, stop)
+        result = _execute(workspace, connections, saved.plan, parallelism, progress, stop, abandon, force_off,
+                          notice)
+    finally:
+        _release(locks)
+    result.notes.extend(lock.left_behind for lock in locks if lock.left_behind)
+    return result
 
 
 def _execute(workspace: Workspace, connections: Connections, plan_to_apply: Plan, parallelism: int | None,
-             progress: ProgressCallback | None, stop: threading.Event | None) -> ApplyResult:
+             progress: ProgressCallback | None, stop: threading.Event | None, abandon: threading.Event | None = None,
+             force_off: bool | None = None, notice: Callable[[str], None] | None = None) -> ApplyResult:
     project = workspace.project
     contexts: dict[str, ApplyContext] = {}
     limits: dict[str, int] = {}
     for host in _plan_hosts(workspace, plan_to_apply):
-        pool = connections.pool(host) if isinstance(connections, HostConnections) else connections
+        pool = _pool(connections, host)
         spec = project.hosts.get(host)
         contexts[host] = ApplyContext(pool, project.name, Ledger.load(pool.main, project.name), project.shutdown_timeout,
-                                      spec.migration_uri if spec is not None else None)
+                                      force_off=project.force_off if force_off is None else force_off, notice=notice,
+                                      migration_uri=spec.migration_uri if spec is not None else None)
         limits[host] = parallelism or (spec.parallelism if spec is not None else None) or project.parallelism
-    result = execute(plan_to_apply, contexts, sum(limits.values()), progress, stop, limits)
-    for host in contexts:
-        verify_applied(workspace, connections, plan_to_apply, result, host)
+    result = execute(plan_to_apply, contexts, sum(limits.values()), progress, stop, abandon, limits)
+    if result.lost_connection is None and not result.abandoned:
+        for host, ctx in contexts.items():
+            try:
+                ctx.connections.ensure()  # libvirtd may have restarted while the changes ran
+                verify_applied(workspace, connections, plan_to_apply, result, host)
+            except ConnectionLost as exc:
+                result.lost_connection = str(exc)
     return result
 
 

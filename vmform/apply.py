@@ -1,5 +1,10 @@
 """Executing a Plan: its changes in dependency order, independent ones in parallel on a bounded pool.
-A failure stops only what depends on it. Apply never re-decides what the plan decided."""
+A failure stops only what depends on it. Apply never re-decides what the plan decided.
+
+Faults: a change in flight when libvirtd drops the connection is *interrupted* (libvirt cannot say whether
+the daemon carried it out; the next plan reads what it did); later changes run on a new connection. When
+no new connection can be opened, nothing more starts. ``stop`` (first Ctrl-C) starts nothing more and lets
+the changes in flight finish; ``abandon`` (second Ctrl-C) stops waiting for them."""
 
 from __future__ import annotations
 
@@ -8,8 +13,8 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from vmform.connection import libvirt_message
-from vmform.errors import VmformError
+from vmform.connection import is_connection_lost, libvirt_message
+from vmform.errors import ConnectionLost, VmformError
 from vmform.plan import Action, Change, Plan
 from vmform.providers import provider_for
 from vmform.providers.base import ApplyContext
@@ -22,17 +27,49 @@ class ApplyResult:
     skipped: dict[str, str] = field(default_factory=dict)  # address -> the failure it waited for
     # address -> what the host holds that differs from the plan's "after", found by reading it back
     mismatched: dict[str, str] = field(default_factory=dict)
+    # address -> why its outcome is unknown: in flight when the connection dropped, or abandoned
+    interrupted: dict[str, str] = field(default_factory=dict)
+    lost_connection: str | None = None  # why libvirtd could not be reached again, when it could not
+    stopped: bool = False  # stop (Ctrl-C, SIGTERM) was asked for before every change had started
+    abandoned: bool = False  # changes were still in flight when apply stopped waiting for them
+    notes: list[str] = field(default_factory=list)  # said after the summary (a lock left behind, ...)
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.skipped and not self.mismatched
+        return not self.failed and not self.skipped and not self.mismatched and not self.interrupted
+
+    @property
+    def not_started(self) -> list[str]:
+        return [address for address, reason in self.skipped.items() if reason.startswith("not started")]
 
 
-# Events for progress displays: (address, "start" | "done" | "failed" | "skipped", detail)
+# Events for progress displays: (address, "start" | "done" | "failed" | "skipped" | "interrupted", detail)
 ProgressCallback = Callable[[Change, str, str], None]
 
 
+class _NotStarted(Exception):
+    """No connection to libvirtd to start a change on: nothing of it was done."""
+
+
+class _Interrupted(Exception):
+    """The connection dropped while the change was in flight: its outcome is unknown."""
+
+
 def _run(contexts: Mapping[str, ApplyContext], change: Change) -> None:
+    ctx = contexts[change.host]
+    try:
+        ctx.connections.ensure()  # libvirtd restarted since the last change: reconnect before starting
+    except ConnectionLost as exc:
+        raise _NotStarted(str(exc)) from None
+    try:
+        _call(contexts, change)
+    except Exception as exc:
+        if is_connection_lost(exc, ctx.connections.current()):
+            raise _Interrupted(_message(exc)) from None
+        raise
+
+
+def _call(contexts: Mapping[str, ApplyContext], change: Change) -> None:
     ctx = contexts[change.host]
     provider = provider_for(change.kind)
     if change.action is Action.MIGRATE:
@@ -61,7 +98,7 @@ def _message(exc: BaseException) -> str:
 
 def execute(plan: Plan, ctx: ApplyContext | Mapping[str, ApplyContext], parallelism: int,
             progress: ProgressCallback | None = None, stop: threading.Event | None = None,
-            host_parallelism: Mapping[str, int] | None = None) -> ApplyResult:
+            abandon: threading.Event | None = None, host_parallelism: Mapping[str, int] | None = None) -> ApplyResult:
     """Run the plan's changes; ``ctx`` is the one host's context, or each host's by name (several hosts work
     at once, each with at most its ``host_parallelism`` changes in flight)."""
     contexts = ctx if isinstance(ctx, Mapping) else {change.host: ctx for change in plan.changes}
@@ -89,9 +126,13 @@ def execute(plan: Plan, ctx: ApplyContext | Mapping[str, ApplyContext], parallel
                 progress(changes[dependent], "skipped", reason)
             stack.extend(dependents[dependent])
 
-    with ThreadPoolExecutor(max_workers=max(1, parallelism), thread_name_prefix="vmform-apply") as pool:
+    def stopping() -> bool:
+        return (stop is not None and stop.is_set()) or result.lost_connection is not None
+
+    pool = ThreadPoolExecutor(max_workers=max(1, parallelism), thread_name_prefix="vmform-apply")
+    try:
         while True:
-            if stop is None or not stop.is_set():
+            if not stopping():
                 for address in order:
                     if address in started or waiting[address] or len(running) >= parallelism:
                         continue
@@ -104,7 +145,17 @@ def execute(plan: Plan, ctx: ApplyContext | Mapping[str, ApplyContext], parallel
                     running[pool.submit(_run, contexts, changes[address])] = address
             if not running:
                 break
-            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            # Bounded waits, so a second Ctrl-C (abandon) is seen while a slow change runs.
+            finished, _ = wait(list(running), timeout=0.2, return_when=FIRST_COMPLETED)
+            if not finished and abandon is not None and abandon.is_set():
+                for address in running.values():
+                    result.interrupted[address] = ("abandoned while in flight (Ctrl-C): libvirtd completes or fails "
+                                                   "it on its own; the next plan shows which")
+                    if progress:
+                        progress(changes[address], "interrupted", result.interrupted[address])
+                result.abandoned = True
+                running.clear()
+                break
             for future in finished:
                 address = running.pop(future)
                 error = future.exception()
@@ -114,13 +165,28 @@ def execute(plan: Plan, ctx: ApplyContext | Mapping[str, ApplyContext], parallel
                         waiting[dependent].discard(address)
                     if progress:
                         progress(changes[address], "done", "")
+                elif isinstance(error, _NotStarted):
+                    result.lost_connection = result.lost_connection or str(error)
+                    started.discard(address)  # reported below with the others that never started
+                elif isinstance(error, _Interrupted):
+                    message = (f"the connection to libvirtd dropped while it was in flight ({error}); whether "
+                               "libvirtd carried it out is unknown until the next plan")
+                    result.interrupted[address] = message
+                    if progress:
+                        progress(changes[address], "interrupted", message)
+                    skip_dependents(address, f"{address} was interrupted")
                 else:
                     message = _message(error)
                     result.failed[address] = message
                     if progress:
                         progress(changes[address], "failed", message)
                     skip_dependents(address, f"{address} failed")
+    finally:
+        pool.shutdown(wait=not result.abandoned, cancel_futures=True)
+    reason = ("not started: libvirtd could not be reached" if result.lost_connection is not None
+              else "not started: apply was interrupted")
     for address in order:
         if address not in started:
-            result.skipped[address] = "interrupted"
+            result.skipped[address] = reason
+            result.stopped = result.stopped or (stop is not None and stop.is_set())
     return result

@@ -180,10 +180,18 @@ PAST = {"+": "created", "~": "updated", "-/+": "replaced", "+/-": "replaced", "-
 PRESENT = {"+": "creating", "~": "updating", "-/+": "replacing", "+/-": "replacing", "-": "destroying", ">": "migrating"}
 
 
+def _names(addresses: list[str], limit: int = 5) -> str:
+    shown = ", ".join(addresses[:limit])
+    return shown + (f" and {len(addresses) - limit} more" if len(addresses) > limit else "")
+
+
 def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: Any, parallelism: int | None,
-               command: str, lock_timeout: float = 0.0, saved: Any = None) -> None:
+               command: str, lock_timeout: float = 0.0, saved: Any = None, force_off: bool | None = None) -> None:
+    import signal
     import threading
     import time
+
+    from rich.markup import escape
 
     from vmform import api
 
@@ -201,24 +209,58 @@ def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: A
             took = time.monotonic() - started.get(change.address, time.monotonic())
             out.line(f"[green]{change.address}: {PAST[symbol]}[/green] [dim]({took:.1f}s)[/dim]")
         elif event == "failed":
-            out.line(f"[red]{change.address}: failed: {detail.replace('[', chr(92) + '[')}[/red]")
+            out.line(f"[red]{change.address}: failed: {escape(detail)}[/red]")
         elif event == "skipped":
-            out.line(f"[yellow]{change.address}: skipped ({detail})[/yellow]")
+            out.line(f"[yellow]{change.address}: skipped ({escape(detail)})[/yellow]")
+        elif event == "interrupted":
+            out.line(f"[red]{change.address}: interrupted: {escape(detail)}[/red]")
+        sys.stdout.flush()  # one line at a time, as it happens, also into a pipe (CI logs)
 
-    stop = threading.Event()
+    def notice(text: str) -> None:
+        click.echo(text, err=True)
+
+    # Ctrl-C (or SIGTERM) while the lock is held: the first starts nothing more and lets the changes in flight
+    # finish, then the lock is released and the summary says what was done; the second stops waiting for them.
+    stop, abandon = threading.Event(), threading.Event()
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            abandon.set()
+            return
+        stop.set()
+        try:
+            click.echo("Interrupted: finishing the changes in flight, starting no more (again to stop waiting).",
+                       err=True)
+        except OSError:  # stderr is gone (a killed pipeline): a handler must not raise into apply
+            pass
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, interrupt)
     try:
         if saved is not None:
-            result = api.apply_saved(workspace, connections, saved, parallelism, progress, lock_timeout, stop)
+            result = api.apply_saved(workspace, connections, saved, parallelism, progress, lock_timeout, stop, abandon,
+                                     notice, force_off)
         else:
-            result = api.apply_plan(workspace, connections, the_plan, parallelism, progress, lock_timeout, command, stop)
-    except KeyboardInterrupt:
-        stop.set()
-        raise
-    counts = {"done": len(result.done), "failed": len(result.failed), "skipped": len(result.skipped)}
+            result = api.apply_plan(workspace, connections, the_plan, parallelism, progress, lock_timeout, command,
+                                    stop, abandon, notice, force_off)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    _report(out, the_plan, command, result, connections)
+
+
+def _report(out: Output, the_plan: Any, command: str, result: Any, connections: Any = None) -> None:
+    """The final summary line, one line per error, the exit status; exits unless everything was done."""
+    import os
+
     verb = "Destroy" if command == "destroy" else "Apply"
+    for note in result.notes:
+        click.echo(f"Warning: {note}", err=True)
     unreachable = dict(getattr(connections, "unreachable", {}) or {})
     if result.ok and unreachable:
-        out.summary(f"[bold red]{verb} incomplete:[/bold red] {counts['done']} done; hosts not reached: "
+        out.summary(f"[bold red]{verb} incomplete:[/bold red] {len(result.done)} done; hosts not reached: "
                     f"{', '.join(sorted(unreachable))}.")
         _fail_if_unreachable(connections)
     if result.ok:
@@ -230,11 +272,36 @@ def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: A
             out.summary(f"[bold green]{verb} complete![/bold green] Resources: {summary['add']} added, "
                         f"{summary['change']} changed, {summary['destroy']} destroyed{moved}.")
         return
-    out.summary(f"[bold red]{verb} incomplete:[/bold red] {counts['done']} done, {counts['failed']} failed, {counts['skipped']} skipped.")
+    not_started = result.not_started
+    dependents = len(result.skipped) - len(not_started)
+    counts = f"{len(result.done)} done, {len(result.failed)} failed"
+    if result.interrupted:
+        counts += f", {len(result.interrupted)} interrupted"
+    counts += f", {dependents} skipped" if not (result.stopped or result.lost_connection) else \
+        f", {dependents} skipped, {len(not_started)} not started"
+    state = "interrupted" if result.stopped or result.abandoned else "incomplete"
+    out.summary(f"[bold red]{verb} {state}:[/bold red] {counts}.")
     for address, message in result.failed.items():
         click.echo(f"Error: {address}: {message}", err=True)
     for address, message in result.mismatched.items():
         click.echo(f"Error: {address}: read back after apply, it differs from the plan: {message}", err=True)
+    if result.lost_connection is not None:
+        parts = [f"{len(result.done)} done"]
+        if result.interrupted:
+            parts.append(f"interrupted (unknown until the next plan): {_names(list(result.interrupted))}")
+        if not_started:
+            parts.append(f"not started: {_names(not_started)}")
+        click.echo(f"Error: {result.lost_connection}; {'; '.join(parts)}. Run vmform {command} again once libvirtd "
+                   "is back.", err=True)
+    else:
+        for address, message in result.interrupted.items():
+            click.echo(f"Error: {address}: interrupted: {message}", err=True)
+    if result.stopped or result.abandoned:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if result.abandoned:
+            os._exit(130)  # the abandoned calls' threads are not waited for
+        sys.exit(130)
     sys.exit(1)
 
 
@@ -248,6 +315,9 @@ def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: A
               help="Restart domains and networks whose restart-class changes need it (clean shutdown first).")
 @click.option("--lock-timeout", type=click.FloatRange(0), default=0.0, show_default=True, metavar="SECONDS",
               help="Wait this long for the project lock held by another apply or destroy, then fail.")
+@click.option("--force-off", is_flag=True, default=None,
+              help="Power off a domain that has not shut down within shutdown_timeout (default: force_off in "
+                   "vmform.toml; without it such a change fails and the domain keeps running).")
 @click.option("--wait-ip", is_flag=True,
               help="Afterwards, wait until every running domain on a DHCP network reports an IP address.")
 @click.option("--wait-agent", is_flag=True,
@@ -258,8 +328,8 @@ def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: A
               help="With several hosts: plan (and apply) the reachable ones, and say which were skipped.")
 @click.pass_context
 def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, parallelism: int | None,
-          targets: tuple[str, ...], restart: bool, lock_timeout: float, wait_ip: bool, wait_agent: bool,
-          wait_timeout: float, skip_unreachable: bool) -> None:
+          targets: tuple[str, ...], restart: bool, lock_timeout: float, force_off: bool | None, wait_ip: bool,
+          wait_agent: bool, wait_timeout: float, skip_unreachable: bool) -> None:
     """Plan, confirm, then make the host match the manifests.
 
     With PLAN_FILE (from vmform plan -out), apply exactly that plan without planning again or asking;
@@ -279,7 +349,8 @@ def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, paralle
         if saved is not None:
             _print_plan(out, saved.plan, before_apply=True)
             if not saved.plan.empty:
-                _run_apply(ctx, workspace, connections, saved.plan, parallelism, "apply", lock_timeout, saved)
+                _run_apply(ctx, workspace, connections, saved.plan, parallelism, "apply", lock_timeout, saved,
+                           force_off or None)
             else:
                 api.check_saved(workspace, connections, saved)  # "nothing to do" must still be true now
             _wait_after_apply(out, workspace, connections, wait_agent, wait_ip, wait_timeout)
@@ -290,7 +361,8 @@ def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, paralle
             if not _confirm(out, "apply these changes", auto_approve):
                 out.line("Apply cancelled.")
                 sys.exit(1)
-            _run_apply(ctx, workspace, connections, the_plan, parallelism, "apply", lock_timeout)
+            _run_apply(ctx, workspace, connections, the_plan, parallelism, "apply", lock_timeout,
+                       force_off=force_off or None)
         else:
             _fail_if_unreachable(connections)
         _wait_after_apply(out, workspace, connections, wait_agent, wait_ip, wait_timeout)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmform.errors import PlanError, PlanErrors
 from vmform.live import LiveObject, LiveState
+from vmform.ownership import INCOMPLETE_UPLOAD
 from vmform.plan import Action, Change, FieldChange, Plan
 from vmform.schema import extra_xml, xslt
 from vmform.schema.cloudinit import volume_name as seed_volume_name
@@ -290,6 +291,9 @@ class PlanOptions:
     restart: bool = False  # apply --restart: restart-class changes may restart domains and networks
     targets: frozenset[str] = frozenset()
     protected: frozenset[str] = frozenset()  # prevent_destroy addresses (from the manifests, also for destroy)
+    # Where each protected address says prevent_destroy (destroy plans against no manifests: errors still point
+    # at the line).
+    protected_at: Any = None
 
 
 def _using_network(live: LiveState, network: str) -> tuple[str, ...]:
@@ -447,11 +451,11 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
         if address not in manifests.resources or manifests.resources[address].kind.name != obj.kind:
             changes[address] = Change(address, obj.kind, obj.name, Action.DELETE, before=obj.values, identity=obj.identity)
 
+    allowed: dict[str, tuple[str, ...]] = {}
     for address in order:
-        allowed = manifests.resources[address].values.get("allow") or []
-        if allowed and (address in changes or not options.targets):
-            notes.append(f"{address} is allowed: {', '.join(allowed)} (XML outside libvirt's namespace reaches "
-                         "QEMU or dnsmasq as written)")
+        names = manifests.resources[address].values.get("allow") or []
+        if names and (address in changes or not options.targets):
+            allowed[address] = tuple(names)
     errors.extend(_refusals(manifests, changes, options))
     if errors:
         raise PlanErrors(errors)
@@ -482,7 +486,7 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
     )
     if options.targets:
         final = _limit_to_targets(final, set(options.targets))
-    return Plan(manifests.project, live.uri, final, tuple(notes))
+    return Plan(manifests.project, live.uri, final, tuple(notes), allowed=allowed)
 
 
 def _refusals(manifests: Manifests, changes: dict[str, Change], options: PlanOptions) -> list[PlanError]:
@@ -494,11 +498,14 @@ def _refusals(manifests: Manifests, changes: dict[str, Change], options: PlanOpt
         protected = address in options.protected or (resource is not None and resource.lifecycle.get("prevent_destroy"))
         if destroys and protected:
             what = "destroy" if change.action is Action.DELETE else f"replace ({change.reason})"
-            position = resource.position("lifecycle", "prevent_destroy") if resource is not None else None
+            position = (resource.position("lifecycle", "prevent_destroy") if resource is not None
+                        else (options.protected_at or {}).get(address))
             errors.append(PlanError(f"{address} has lifecycle.prevent_destroy set, and this plan would {what} it", position))
             continue
         if change.kind == "volume" and change.action.is_replace() and resource is not None:
             holds_data = not resource.values.get("source") or _attached(manifests, resource)
+            if any(f.path == "source" and f.before == INCOMPLETE_UPLOAD for f in change.fields):
+                holds_data = False  # its upload was cut off: it never held more than part of its image
             if holds_data and not resource.lifecycle.get("allow_data_loss"):
                 errors.append(PlanError(
                     f"{address} must be replaced ({change.reason}), which discards the data it holds; "

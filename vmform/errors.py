@@ -61,6 +61,10 @@ class HostError(VmformError):
     """The libvirt host cannot be reached or refused a call."""
 
 
+class ConnectionLost(HostError):
+    """libvirtd dropped the connection (it restarted or stopped) and it could not be opened again."""
+
+
 class LockError(VmformError):
     """The project's lock is held by someone else."""
 

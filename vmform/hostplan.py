@@ -25,6 +25,7 @@ def plan_hosts(manifests: Manifests, graph: nx.DiGraph, order: list[str], lives:
     """The plan of every host in ``lives`` (the hosts left out, unreachable ones, are not planned)."""
     per_host: dict[str, list[Change]] = {}
     notes: list[str] = []
+    allowed: dict[str, tuple[str, ...]] = {}
     errors: list[PlanError] = []
     for host, live in lives.items():
         mine = manifests.on_host(host)
@@ -35,13 +36,15 @@ def plan_hosts(manifests: Manifests, graph: nx.DiGraph, order: list[str], lives:
             errors.extend(exc.errors)
             continue
         per_host[host] = [replace(change, host=host) for change in plan.changes]
+        allowed.update(plan.allowed)
         notes += [f"{host}: {note}" for note in plan.notes]
     if errors:
         raise PlanErrors(errors)
     changes = _join(per_host, manifests, lives, errors)
     if errors:
         raise PlanErrors(errors)
-    return Plan(manifests.project, uris.get(default_host, ""), tuple(changes), tuple(notes), dict(uris))
+    return Plan(manifests.project, uris.get(default_host, ""), tuple(changes), tuple(notes), hosts=dict(uris),
+                allowed=allowed)
 
 
 def _join(per_host: dict[str, list[Change]], manifests: Manifests, lives: dict[str, LiveState],

@@ -37,7 +37,7 @@ class HostConnections:
     def pool(self, host: str) -> ConnectionPool:
         if host not in self._pools:
             try:
-                self._pools[host] = ConnectionPool(self._uris[host])
+                self._pools[host] = ConnectionPool(self._uris[host], reconnect_timeout=self.project.reconnect_timeout)
             except HostError as exc:
                 if len(self._uris) == 1:
                     raise
@@ -71,6 +71,12 @@ class HostConnections:
 
     def get(self) -> libvirt.virConnect:
         return self.pool(self.project.default_host).get()
+
+    def ensure(self) -> libvirt.virConnect:
+        return self.pool(self.project.default_host).ensure()
+
+    def current(self) -> libvirt.virConnect | None:
+        return self.pool(self.project.default_host).current()
 
     @property
     def uri(self) -> str | None:

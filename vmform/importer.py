@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,12 +324,61 @@ def _rest(item: ImportedObject, root: Element) -> dict[str, Any]:
     foreign = [str(where[-1]) for where in generic.foreign_namespaces(data)]
     if foreign:
         # The object already does it: carry it, and say so where the manifest opts in.
-        item.values["allow"] = ["foreign_xml"]
+        _allow(item, ["foreign_xml"])
         note = (f"allow: [foreign_xml] written: the object uses XML outside libvirt's namespace "
                 f"({', '.join(foreign)}), carried under xml:")
         if note not in item.notes:
             item.notes.append(note)
     return data
+
+
+def _allow(item: ImportedObject, names: list[str]) -> None:
+    from vmform.schema.kind import OPT_INS
+
+    item.values["allow"] = sorted({*(item.values.get("allow") or []), *names}, key=OPT_INS.index)
+
+
+def _default_emulator(conn: libvirt.virConnect, root: Element) -> str | None:
+    """The emulator libvirt picks by itself for this domain's architecture and type (it writes it into every
+    domain it defines): the same path in an imported domain is no choice of its own."""
+    import libvirt
+
+    os_type = root.find("os/type")
+    try:
+        caps = etree.fromstring(conn.getDomainCapabilities(None, os_type.get("arch") if os_type is not None else None,
+                                                           None, root.get("type") or "kvm").encode(),
+                                etree.XMLParser(resolve_entities=False, no_network=True))
+    except (libvirt.libvirtError, etree.XMLSyntaxError):
+        return None
+    return caps.findtext("path")
+
+
+def _opt_ins(conn: libvirt.virConnect, workspace: Workspace, found: list[tuple[str, str, Any, Element]],
+             objects: list[ImportedObject]) -> None:
+    """What an imported object already does that a manifest must opt in to (host paths, host devices, a custom
+    emulator) is written as allow: with a note, so the manifest says it. libvirt's default emulator is dropped."""
+    from vmform.schema.optins import Scope, needed, scope_of
+
+    declared = scope_of(workspace.manifests.resources.values())
+    directories = set(declared.directories)
+    pools = set(declared.pools)
+    for kind, name, _obj, root in found:
+        if kind == "pool":
+            pools.add(name)
+            path = root.findtext("target/path")
+            if path and path.startswith("/") and os.path.normpath(path) != "/":
+                directories.add(os.path.normpath(path))
+    scope = Scope(tuple(sorted(directories)), frozenset(pools))
+    for (kind, _name, _obj, root), item in zip(found, objects, strict=True):
+        if kind == "domain":
+            emulator = root.find("devices/emulator")
+            if emulator is not None and (emulator.text or "").strip() == _default_emulator(conn, root):
+                emulator.getparent().remove(emulator)
+        names = needed(kind, root, scope)
+        if names:
+            _allow(item, names)
+            item.notes.append(f"allow: [{', '.join(names)}] written: the object already uses what vmform refuses "
+                              "without it (see docs/SECURITY.md)")
 
 
 def _yield_fields(item: ImportedObject, root: Element) -> bool:
@@ -539,6 +589,7 @@ def import_objects(workspace: Workspace, conn: libvirt.virConnect, addresses: li
     # Everything no curated field holds goes into the xml: section. Check the YAML loads with the declared
     # manifests and render it: a part of the document that still goes missing sits inside a curated field
     # that cannot say it (a disk's discard mode, ...): that field then yields its part to the xml: section.
+    _opt_ins(conn, workspace, found, objects)
     roots = {f"{kind}.{name}": root for kind, name, _, root in found}
     for item in objects:
         _carry_rest(item, roots[item.address])

@@ -11,7 +11,7 @@ from lxml import etree
 from vmform.connection import libvirt_message
 from vmform.errors import HostError
 from vmform.model import local_address
-from vmform.ownership import BALLOON_NAMESPACE, Ledger, read_owner
+from vmform.ownership import BALLOON_NAMESPACE, INCOMPLETE_UPLOAD, Ledger, read_owner
 from vmform.schema.registry import KINDS
 from vmform.schema.xmlbind import Element
 
@@ -210,9 +210,10 @@ def read_volumes(pool: libvirt.virStoragePool, ledger: Ledger,
             result.append(seed_object(obj, ledger.volumes[obj.address]))
             continue
         if obj.address is not None:
-            digest = ledger.volumes[obj.address].get("source_sha256")
+            entry = ledger.volumes[obj.address]
+            digest = entry.get("source_sha256")
             if digest:
-                obj.values["source_sha256"] = digest
+                obj.values["source_sha256"] = INCOMPLETE_UPLOAD if entry.get("incomplete") else digest
         result.append(obj)
     return result
 
@@ -222,7 +223,7 @@ def seed_object(volume: LiveObject, entry: dict[str, Any]) -> LiveObject:
     seed = entry.get("seed") or {}
     values = {
         "pool": volume.values["pool"],
-        "user_data": seed.get("user_data"),
+        "user_data": INCOMPLETE_UPLOAD if entry.get("incomplete") else seed.get("user_data"),
         "meta_data": seed.get("meta_data"),
         "network_config": seed.get("network_config"),
     }

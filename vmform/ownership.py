@@ -17,7 +17,9 @@ import socket
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lxml import etree
@@ -33,6 +35,10 @@ PREFIX = "vmform"
 # Live-only record of the balloon target vmform asked for and the size the guest reported then.
 BALLOON_NAMESPACE = "https://vmform.dev/xmlns/balloon/1"
 LEDGER_VERSION = 1
+# What the next plan reads as the content of a volume (or seed) whose upload did not finish: a ledger entry is
+# marked "incomplete" before the volume is created and unmarked once its image is all there, so an apply
+# killed or cut off during the upload leaves a volume the next plan replaces, never one it takes as done.
+INCOMPLETE_UPLOAD = "incomplete upload (interrupted)"
 
 
 def owner_element(project: str, address: str) -> etree._Element:
@@ -175,6 +181,46 @@ def _user_name() -> str:
         return os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid())
 
 
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When a process started (clock ticks since boot), or None when there is no such process: a pid and
+    its start time name one process, even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    try:
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _this_process() -> dict[str, Any]:
+    """Who takes a lock: enough to name it to people, and to prove later, on this machine, that it is gone."""
+    return {
+        "user": _user_name(),
+        "machine": socket.gethostname(),
+        "pid": os.getpid(),
+        "since": time.time(),
+        "boot_id": _boot_id(),
+        "pid_ns": _pid_namespace(),
+        "start_ticks": _start_ticks(os.getpid()),
+    }
+
+
 @dataclass(frozen=True)
 class LockInfo:
     lock_id: str
@@ -187,66 +233,126 @@ class LockInfo:
             f"(pid {self.holder.get('pid', '?')}, {self.holder.get('command', '?')}) since {since}; lock id {self.lock_id}"
         )
 
+    def holder_gone(self) -> str | None:
+        """Why the holder is provably gone, or None when it may be alive. Only a holder on this machine, in
+        this boot and this pid namespace can be proven gone: its pid no longer runs, or runs another process
+        (started at another time). A holder elsewhere (another machine, container or a qemu+ssh:// client)
+        is never judged: its lock is removed with force-unlock."""
+        holder = self.holder
+        pid = holder.get("pid")
+        if (not isinstance(pid, int) or holder.get("machine") != socket.gethostname()
+                or not holder.get("boot_id") or holder.get("boot_id") != _boot_id()
+                or holder.get("pid_ns") is None or holder.get("pid_ns") != _pid_namespace()):
+            return None
+        started = _start_ticks(pid)
+        if started is None:
+            return f"process {pid} is no longer running"
+        if holder.get("start_ticks") is not None and started != holder["start_ticks"]:
+            return f"process {pid} is no longer running (its pid belongs to another process now)"
+        return None
+
+
+LockNotice = Callable[[str], None]
+
 
 class ProjectLock:
-    """The host-side lock of one project; a context manager."""
+    """The host-side lock of one project; a context manager.
 
-    def __init__(self, conn: libvirt.virConnect, project: str, command: str, timeout: float = 0.0) -> None:
-        self.conn = conn
+    ``connections`` is a ConnectionPool (its ``main`` connection is reopened when libvirtd restarted) or a
+    plain libvirt connection. A lock whose holder is provably gone (killed on this machine) is removed on
+    the way, and ``notice`` is told; any other holder is waited for up to ``timeout`` seconds."""
+
+    def __init__(self, connections: Any, project: str, command: str, timeout: float = 0.0,
+                 notice: LockNotice | None = None, stop: threading.Event | None = None) -> None:
+        self.connections = connections
         self.project = project
         self.command = command
         self.timeout = timeout
-        self.secret: libvirt.virSecret | None = None
+        self.notice = notice
+        self.stop = stop
         self.lock_id: str | None = None
+        self.left_behind: str | None = None  # why the lock could not be released, if it could not
+
+    @property
+    def conn(self) -> libvirt.virConnect:
+        return getattr(self.connections, "main", self.connections)
 
     def acquire(self) -> None:
         import libvirt
 
         usage = _usage(self.project, "lock")
-        holder = {
-            "user": _user_name(),
-            "machine": socket.gethostname(),
-            "pid": os.getpid(),
-            "command": self.command,
-            "since": time.time(),
-        }
+        holder = {**_this_process(), "command": self.command}
         started = time.monotonic()
         deadline = started + self.timeout
+        told_waiting = False
+        reconnects = 0
         while True:
+            if self.stop is not None and self.stop.is_set():
+                raise KeyboardInterrupt  # Ctrl-C or SIGTERM while waiting: nothing taken, nothing done
             try:
-                secret = self.conn.secretDefineXML(_secret_xml(f"vmform lock of project {self.project}", usage))
+                secret = self.conn.secretDefineXML(_secret_xml(
+                    f"vmform lock of project {self.project}: {json.dumps(holder, sort_keys=True)}", usage))
             except libvirt.libvirtError as exc:
+                from vmform.connection import is_connection_lost
+
+                if is_connection_lost(exc) and reconnects < 5:
+                    reconnects += 1
+                    continue  # libvirtd restarted: ``conn`` opens a new connection (or says it cannot)
                 existing = current_lock(self.conn, self.project)
                 if existing is None:
                     if _lookup_secret(self.conn, usage) is None and time.monotonic() < deadline + 5:
                         time.sleep(0.05)
                         continue  # released between our define and our look: try again
                     raise HostError(f"cannot take the project lock: {libvirt_message(exc)}") from None
+                gone = existing.holder_gone()
+                if gone is not None:
+                    if _remove_if_current(self.conn, existing.lock_id) and self.notice is not None:
+                        self.notice(f"Removed a stale lock of project {self.project}: {existing.describe()}, but {gone}.")
+                    continue
                 if time.monotonic() >= deadline:
                     waited = f" (waited {time.monotonic() - started:.0f}s)" if self.timeout > 0 else ""
                     raise LockError(
                         f"project {self.project} is locked{waited}: {existing.describe()}. If that process is gone, "
                         f"remove the lock with: vmform force-unlock {existing.lock_id}"
                     ) from None
+                if not told_waiting and self.notice is not None:
+                    self.notice(f"Waiting up to {self.timeout:.0f}s for the lock of project {self.project}, "
+                                f"{existing.describe()}...")
+                    told_waiting = True
                 time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
                 continue
             try:
-                secret.setValue(json.dumps(holder).encode())
+                secret.setValue(json.dumps(holder).encode())  # also in the value, for older vmform versions
             except libvirt.libvirtError:
-                pass  # the lock is held either way; only the holder details are missing
-            self.secret = secret
+                pass  # the description already names the holder
             self.lock_id = secret.UUIDString()
             return
 
     def release(self) -> None:
+        """Remove the lock; through a new connection when libvirtd restarted meanwhile. When it cannot be
+        removed, ``left_behind`` says why and how to remove it."""
         import libvirt
 
-        if self.secret is not None:
+        if self.lock_id is None:
+            return
+        lock_id, self.lock_id = self.lock_id, None
+        try:
             try:
-                self.secret.undefine()
-            except libvirt.libvirtError:
-                pass
-            self.secret = None
+                self.conn.secretLookupByUUIDString(lock_id).undefine()
+            except libvirt.libvirtError as exc:
+                from vmform.connection import is_connection_lost
+
+                if not is_connection_lost(exc):
+                    raise
+                self.conn.secretLookupByUUIDString(lock_id).undefine()  # on a new connection (``conn`` reopens)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
+                return  # removed already (force-unlock)
+            self.left_behind = (f"could not release the lock of project {self.project} ({libvirt_message(exc)}); "
+                                f"the next apply on this machine removes it, or: vmform force-unlock {lock_id}")
+        except HostError as exc:  # no connection to libvirtd any more
+            self.left_behind = (f"could not release the lock of project {self.project} ({exc}); the next apply on "
+                                f"this machine removes it, or: vmform force-unlock {lock_id}")
 
     def __enter__(self) -> ProjectLock:
         self.acquire()
@@ -256,17 +362,39 @@ class ProjectLock:
         self.release()
 
 
+def _remove_if_current(conn: libvirt.virConnect, lock_id: str) -> bool:
+    """Undefine the lock secret ``lock_id`` (a lock taken since has another id and stays)."""
+    import libvirt
+
+    try:
+        conn.secretLookupByUUIDString(lock_id).undefine()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
+            return False
+        raise HostError(f"cannot remove the stale lock {lock_id}: {libvirt_message(exc)}") from None
+    return True
+
+
 def current_lock(conn: libvirt.virConnect, project: str) -> LockInfo | None:
     import libvirt
 
     secret = _lookup_secret(conn, _usage(project, "lock"))
     if secret is None:
         return None
+    holder: dict[str, Any] = {}
     try:
-        holder = json.loads(secret.value())
-    except (libvirt.libvirtError, ValueError):
+        description = etree.fromstring(secret.XMLDesc(0).encode(), etree.XMLParser(resolve_entities=False,
+                                       no_network=True)).findtext("description") or ""
+        if "{" in description:
+            holder = json.loads(description[description.index("{"):])
+    except (libvirt.libvirtError, ValueError, etree.XMLSyntaxError):
         holder = {}
-    return LockInfo(secret.UUIDString(), holder)
+    if not holder:  # a lock taken by an older vmform: the holder is in the value
+        try:
+            holder = json.loads(secret.value())
+        except (libvirt.libvirtError, ValueError):
+            holder = {}
+    return LockInfo(secret.UUIDString(), holder if isinstance(holder, dict) else {})
 
 
 def force_unlock(conn: libvirt.virConnect, project: str, lock_id: str) -> LockInfo:

@@ -86,6 +86,8 @@ class Plan:
     changes: tuple[Change, ...]
     notes: tuple[str, ...] = ()  # things the user should know that are not changes (pending restarts, ...)
     hosts: dict[str, str] = field(default_factory=dict)  # host name -> URI, for a project with [hosts]
+    # The opt-ins (allow:) of the resources the plan covers, by address: shown in bold, never silently.
+    allowed: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         add = sum(1 for c in self.changes if c.action is Action.CREATE or c.action.is_replace())
@@ -126,6 +128,7 @@ class Plan:
             "summary": self.counts(),
             "changes": [change_json(c) for c in self.changes],
             "notes": list(self.notes),
+            "allowed": {address: list(names) for address, names in self.allowed.items()},
         }
 
     @classmethod
@@ -141,6 +144,7 @@ class Plan:
             changes=tuple(_change_from_json(c) for c in data["changes"]),
             notes=tuple(data.get("notes", ())),
             hosts=dict(data.get("hosts") or {}),
+            allowed={str(address): tuple(names) for address, names in (data.get("allowed") or {}).items()},
         )
 
 

@@ -35,7 +35,25 @@ def summary_line(plan: Plan) -> str:
     return f"Plan: {counts['add']} to add, {counts['change']} to change, {counts['destroy']} to destroy{moves}."
 
 
-def _change_lines(change: Change) -> list[str]:
+def _allowed(plan: Plan) -> list[tuple[str, str]]:
+    """(headline, explanation) per resource that opts in to what vmform refuses by default (allow:)."""
+    from vmform.schema.kind import OPT_IN_DOCS
+
+    return [(f"{address} is allowed: {', '.join(names)}",
+             "; ".join(f"{name}: {OPT_IN_DOCS.get(name, name)}" for name in names))
+            for address, names in plan.allowed.items()]
+
+
+def allowed_lines(plan: Plan) -> list[str]:
+    """One bold line per opted-in resource, in rich markup."""
+    return [f"[bold]{_escape(head)}[/bold] ({_escape(what)})" for head, what in _allowed(plan)]
+
+
+def _allowed_markdown(plan: Plan) -> list[str]:
+    return [f"- **{head}** ({_cell(what)})" for head, what in _allowed(plan)]
+
+
+def _change_lines(change: Change, allowed: tuple[str, ...] = ()) -> list[str]:
     style = STYLE[change.action]
     symbol = change.action.value
     headline = HEADLINE[change.action]
@@ -45,6 +63,8 @@ def _change_lines(change: Change) -> list[str]:
         headline += ", and [bold]restarted[/bold]" if change.kind == "domain" else ", and [bold]restarted[/bold]"
         if change.replug:
             headline += f" (re-plugging the interfaces of {', '.join(change.replug)})"
+    if allowed:
+        headline += f" [bold](allowed: {_escape(', '.join(allowed))})[/bold]"
     lines = [f"  [bold]# {change.address}[/bold] {headline}"]
     kind = KINDS.get(change.kind)
     if change.action is Action.DELETE:
@@ -80,7 +100,8 @@ def _change_lines(change: Change) -> list[str]:
 def plan_lines(plan: Plan) -> list[str]:
     """Rich-markup lines; the console strips the markup when colour is off."""
     if plan.empty:
-        return ["[green]No changes.[/green] The host matches the manifests.", *(_escape(n) for n in plan.notes)]
+        return ["[green]No changes.[/green] The host matches the manifests.", *allowed_lines(plan),
+                *(_escape(n) for n in plan.notes)]
     if plan.hosts:
         lines = [f"vmform will perform the following actions on the hosts of project {_escape(plan.project)}:", ""]
         for host, uri in plan.hosts.items():
@@ -89,13 +110,14 @@ def plan_lines(plan: Plan) -> list[str]:
                 continue
             lines += [f"[bold underline]host {_escape(host)}[/bold underline] ({_escape(uri)})", ""]
             for change in mine:
-                lines.extend(_change_lines(change))
+                lines.extend(_change_lines(change, plan.allowed.get(change.address, ())))
                 lines.append("")
     else:
         lines = [f"vmform will perform the following actions on {_escape(plan.host_uri)}:", ""]
         for change in plan.changes:
-            lines.extend(_change_lines(change))
+            lines.extend(_change_lines(change, plan.allowed.get(change.address, ())))
             lines.append("")
+    lines.extend(allowed_lines(plan))
     restarting = [c.address for c in plan.changes if c.restart]
     if restarting:
         lines.append(f"[bold yellow]Restarted by this apply:[/bold yellow] {', '.join(restarting)}")
@@ -136,6 +158,7 @@ def plan_markdown(plan: Plan) -> str:
     title = f"### vmform plan for `{plan.project}` on {where}"
     if plan.empty:
         lines = [title, "", "**No changes.** The host matches the manifests."]
+        lines += _allowed_markdown(plan)
         lines += [f"- {note}" for note in plan.notes]
         return "\n".join(lines) + "\n"
     lines = [title, "", f"**{summary_line(plan)}**", "", "| | resource | action | effect | why |", "|---|---|---|---|---|"]
@@ -147,6 +170,8 @@ def plan_markdown(plan: Plan) -> str:
             effects.append("waits for a restart")
         why = change.reason if change.action.is_replace() or change.action is Action.MIGRATE \
             else ", ".join(f.path for f in change.fields)
+        if change.address in plan.allowed:
+            why = f"**allowed: {', '.join(plan.allowed[change.address])}** " + why
         resource = f"`{change.address}`" + (f" on {change.host}" if plan.hosts else "")
         lines.append(f"| `{change.action.value}` | {resource} | {ACTION_WORDS[change.action]} | "
                      f"{_cell(', '.join(effects))} | {_cell(why)} |")
@@ -154,7 +179,8 @@ def plan_markdown(plan: Plan) -> str:
     for change in plan.changes:
         lines.append(f"<details><summary><code>{change.address}</code> {ACTION_WORDS[change.action]}</summary>")
         lines += ["", "```diff", *(_plain(line)[2:].rstrip() for line in _change_lines(change)), "```", "", "</details>"]
-    if plan.notes:
+    if plan.notes or plan.allowed:
         lines.append("")
+        lines += _allowed_markdown(plan)
         lines += [f"- {note}" for note in plan.notes]
     return "\n".join(lines) + "\n"

@@ -15,7 +15,7 @@ from vmform.schema.types import did_you_mean
 
 PROJECT_FILE = "vmform.toml"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-_KEYS = {"name", "uri", "manifests", "parallelism", "shutdown_timeout", "default_host"}
+_KEYS = {"name", "uri", "manifests", "parallelism", "shutdown_timeout", "force_off", "reconnect_timeout", "default_host"}
 _HOST_KEYS = {"uri", "parallelism", "migration_uri"}
 HOST_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}")
 DEFAULT_HOST = "default"  # the one host of a project without [hosts]: project.uri
@@ -40,6 +40,10 @@ class Project:
     parallelism: int = 8
     shutdown_timeout: int = 60
     settings: dict[str, Any] = field(default_factory=dict)
+    # Power a domain off when it has not shut down within shutdown_timeout (else that change fails).
+    force_off: bool = False
+    # How long a command waits for libvirtd to accept a new connection after it dropped one (a restart).
+    reconnect_timeout: float = 30.0
     hosts: dict[str, Host] = field(default_factory=dict)  # by name; one named "default" without [hosts]
     default_host: str = DEFAULT_HOST
 
@@ -116,9 +120,15 @@ def load_project(start: Path | str | None = None) -> Project:
     timeout = section.get("shutdown_timeout", 60)
     if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
         raise ProjectError(f"{shown}: project.shutdown_timeout must be a number of seconds")
+    force_off = section.get("force_off", False)
+    if not isinstance(force_off, bool):
+        raise ProjectError(f"{shown}: project.force_off must be true or false")
+    reconnect = section.get("reconnect_timeout", 30)
+    if isinstance(reconnect, bool) or not isinstance(reconnect, int | float) or reconnect < 0:
+        raise ProjectError(f"{shown}: project.reconnect_timeout must be a number of seconds")
     hosts, default_host = _hosts(settings, uri, shown)
-    return Project(root, name, hosts[default_host].uri, tuple(patterns), parallelism, timeout, settings, hosts,
-                   default_host)
+    return Project(root, name, hosts[default_host].uri, tuple(patterns), parallelism, timeout, settings, force_off,
+                   float(reconnect), hosts, default_host)
 
 
 def _hosts(settings: dict[str, Any], uri: str | None, shown: str) -> tuple[dict[str, Host], str]:

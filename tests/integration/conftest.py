@@ -57,11 +57,32 @@ def _libvirt() -> Any:
     return libvirt
 
 
+class _Connection:
+    """The session's libvirt connection, opened again when libvirtd dropped it (test_faults.py restarts the
+    daemon): every attribute is the current connection's."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._conn = _libvirt().open(uri)
+
+    def _current(self) -> Any:
+        if not self._conn.isAlive():
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001 - a dead connection
+                pass
+            self._conn = _libvirt().open(self.uri)
+        return self._conn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._current(), name)
+
+
 @pytest.fixture(scope="session")
 def conn() -> Iterator[Any]:
     libvirt = _libvirt()
     try:
-        connection = libvirt.open(URI)
+        connection = _Connection(URI)
     except libvirt.libvirtError as exc:  # pragma: no cover - the suite needs the daemon
         pytest.fail(f"the integration tests need libvirtd at {URI}: {exc}")
     yield connection
@@ -91,8 +112,10 @@ class TestProject:
         # A /24 of its own (10.200-249.x.0), so tests running side by side never fight over a subnet.
         number = int(prefix.split("-")[1], 16)
         self.subnet = _free_subnet(number)
+        # Test domains mostly have no OS and never answer an ACPI shutdown: they may be powered off after 5 s.
         (root / "vmform.toml").write_text(
             f'[project]\nname = "{prefix}"\nuri = "{URI}"\nmanifests = ["*.yaml"]\nparallelism = 4\nshutdown_timeout = 5\n'
+            'force_off = true\n'
         )
 
     def write(self, text: str, name: str = "main.yaml") -> None:

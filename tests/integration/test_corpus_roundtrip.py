@@ -236,7 +236,7 @@ def _import_part(project: Any, part: list[Case], by_address: dict[str, Case], ou
 
 def _carried(note: str) -> bool:
     """Import notes that lose nothing: a curated field yielding to the xml: section, a written opt-in."""
-    return "written in the xml: section" in note or "allow: [foreign_xml] written" in note
+    return "written in the xml: section" in note or re.search(r"allow: \[[a-z_, ]+\] written", note) is not None
 
 
 def _read_import(stdout: str, by_address: dict[str, Case]) -> None:

@@ -4,7 +4,8 @@ called by both github-actions.yml and gitlab-ci.yml), on a copy of the project w
 Covers: check offline, plan with a markdown comment and a saved plan, apply of exactly that plan, the
 nightly drift check, refusal of a stale plan (host changed, manifests changed), of a plan for another
 project or host or format, and the project lock between two applies: the second waits --lock-timeout,
-then fails naming the holder; a lock left by a killed process is removed with force-unlock.
+then fails naming the holder; a lock whose holder may run is removed with force-unlock, and one left by a
+process killed on this machine is removed by the next apply or destroy.
 """
 
 from __future__ import annotations
@@ -196,7 +197,8 @@ def test_second_apply_waits_for_the_lock_then_fails_naming_the_holder(project: A
         assert first.poll() is None, "the first apply should still hold the lock"
         assert second.returncode == 1
         assert 2 <= waited < 10
-        message = second.stderr.strip()
+        waiting_line, message = second.stderr.strip().splitlines()
+        assert waiting_line.startswith(f"Waiting up to 2s for the lock of project {p}, held by "), waiting_line
         assert message.startswith(f"Error: project {p} is locked (waited 2s): held by {getpass.getuser()} on "
                                   f"{socket.gethostname()} (pid {first.pid}, apply (saved plan)) since 20"), message
         assert "If that process is gone, remove the lock with: vmform force-unlock " in message
@@ -212,7 +214,7 @@ def test_second_apply_waits_for_the_lock_then_fails_naming_the_holder(project: A
     assert first.returncode == 0, out + err
     assert not conn.lookupByName(f"{p}-vm").isActive()
 
-    # A holder killed with the lock held: the lock stays until force-unlock removes it.
+    # A holder that may still be running keeps its lock until force-unlock removes it (by its id).
     manifest.write_text(manifest.read_text().replace("state: stopped", "state: running"))
     assert _ci(project, script, "plan").returncode == 0
     with lock_holder(project, 120) as (holder, lock_id):
@@ -224,17 +226,17 @@ def test_second_apply_waits_for_the_lock_then_fails_naming_the_holder(project: A
         waiting.send_signal(signal.SIGTERM)
         _out, err = waiting.communicate(timeout=30)
         assert waiting.returncode == 130 and "Interrupted." in err
+        started = time.monotonic()
+        blocked = _ci(project, script, "apply")
+        assert blocked.returncode == 1 and time.monotonic() - started < 10
+        assert f"(pid {holder.pid}, apply)" in blocked.stderr and f"lock id {lock_id}" in blocked.stderr
+        wrong = project.run("force-unlock", "00000000-0000-0000-0000-000000000000")
+        assert wrong.code == 1 and "does not match the current lock" in wrong.stderr
+        unlocked = project.run("force-unlock", lock_id, check=True)
+        assert f"Removed the lock of project {p}" in unlocked.stdout
+        assert project.run("force-unlock", lock_id).stderr.strip() == f"Error: project {p} is not locked"
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    started = time.monotonic()
-    blocked = _ci(project, script, "apply")
-    assert blocked.returncode == 1 and time.monotonic() - started < 10
-    assert f"(pid {holder.pid}, apply)" in blocked.stderr and f"lock id {lock_id}" in blocked.stderr
-    wrong = project.run("force-unlock", "00000000-0000-0000-0000-000000000000")
-    assert wrong.code == 1 and "does not match the current lock" in wrong.stderr
-    unlocked = project.run("force-unlock", lock_id, check=True)
-    assert f"Removed the lock of project {p}" in unlocked.stdout
-    assert project.run("force-unlock", lock_id).stderr.strip() == f"Error: project {p} is not locked"
 
     # A holder that finishes within the timeout: the second apply waits, then runs.
     with lock_holder(project, 2):
@@ -243,7 +245,13 @@ def test_second_apply_waits_for_the_lock_then_fails_naming_the_holder(project: A
         assert applied.returncode == 0, applied.stderr
         assert time.monotonic() - started >= 1
     assert conn.lookupByName(f"{p}-vm").isActive()
-    project.run("destroy", "--auto-approve", check=True)
+    # A holder killed with the lock held (on this machine): the next apply or destroy removes its lock and says so.
+    with lock_holder(project, 120) as (holder, lock_id):
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    destroyed = project.run("destroy", "--auto-approve", check=True)
+    assert f"Removed a stale lock of project {p}: held by " in destroyed.stderr
+    assert f"lock id {lock_id}, but process {holder.pid} is no longer running" in destroyed.stderr
     assert project.leftovers() == []
 
 

@@ -133,6 +133,7 @@ def test_two_guests_read_their_seeds_and_ping_each_other(project: Any, conn: Any
       {names[key]}:
         type: qemu
         memory: 192MiB
+        allow: [host_paths]  # the test kernel and initrd live in a cache directory, outside the pool
         kernel: {guest.kernel}
         initrd: {guest.initrd}
         cmdline: "console=ttyS0 quiet vmf.ip={ips[key]}/24 vmf.peer={ips[peer[key]]}"

@@ -244,6 +244,7 @@ domains:
     cmdline: console=ttyS0 quiet
     console_log: true
     disks: [{{volume: data}}]
+    allow: [host_paths]     # the test kernel and initrd live outside the pools
 """
 
     two_hosts.write(manifest("b"))

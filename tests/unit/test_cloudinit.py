@@ -33,6 +33,7 @@ cloudinit:
 domains:
   web:
     type: qemu
+    allow: [host_paths]
     kernel: /srv/boot/vmlinuz
     initrd: /srv/boot/initrd.gz
     cmdline: console=ttyS0

@@ -74,7 +74,8 @@ def desired(load_files: Callable[..., Manifests]) -> Callable[[str], dict[str, A
 
 def _settings(snippet: str) -> str:
     body = snippet.strip()
-    return body if body.startswith("{") else "{" + body + "}"
+    body = body[1:-1] if body.startswith("{") else body
+    return "{allow: [host_paths, host_devices], " + body + "}"  # path disks, shares and hostdevs need them
 
 
 def _bound(values: dict[str, Any]) -> dict[str, Any]:

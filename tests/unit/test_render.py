@@ -218,13 +218,15 @@ def test_hostile_names_in_rendered_documents(value: str) -> None:
 
 @pytest.mark.parametrize("value", HOSTILE)
 def test_hostile_pool_path_round_trips(tmp_path: Path, value: str) -> None:
-    manifests = load(tmp_path, yaml.safe_dump({"pools": {"images": {"path": "/srv/x" + value}}}, allow_unicode=True))
+    text = yaml.safe_dump({"pools": {"images": {"path": "/srv/x" + value}}}, allow_unicode=True)
+    if "\n" in value or "\r" in value:
+        # libvirt's path types refuse line breaks: refused at the manifest's line, before anything is rendered
+        with pytest.raises(ManifestErrors, match="an absolute path"):
+            load(tmp_path, text)
+        return
+    manifests = load(tmp_path, text)
     root = render(manifests, "pool.images")
-    try:
-        validate("pool", root, "pool.images")
-    except InvalidXMLError:
-        # libvirt's absFilePath refuses whitespace control characters: a clean vmform error, not an injection
-        assert any(c in value for c in "\t\n")
+    validate("pool", root, "pool.images")
     parsed = parse_xml(to_text(root))
     assert element_tags(parsed) == ["name", "path", "pool", "target"]
     assert _read_bound("pool", parsed)["path"] == manifests.resources["pool.images"].desired["path"]

@@ -26,6 +26,7 @@ from vmform.manifest.variables import (
 from vmform.manifest.yamlsource import SourceMap, YamlDocument, load_yaml
 from vmform.model import MODULE_NAME, Manifests, ModuleInstance, OutputSpec, Resource, scoped_address
 from vmform.project import host_names
+from vmform.schema import optins
 from vmform.schema.extra_xml import YIELDS_WITH, foreign_paths, overlap, owned_paths, regions
 from vmform.schema.kind import EXISTING_KEYS, Kind, field_references
 from vmform.schema.network import add_reservations
@@ -113,6 +114,8 @@ def load_manifests(project_name: str, files: Iterable[Path], root: Path | None =
         collector.add(message, domain.position(*relative))
     for resource in manifests.resources.values():
         _check_stylesheet(resource, collector)
+    for message, position in optins.check(manifests.resources.values()):
+        collector.add(message, position)
     if collector.errors:
         raise ManifestErrors(collector.errors)
     return manifests

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,8 @@ class ApplyContext:
     ledger: Ledger
     shutdown_timeout: float = 60.0
     migration_uri: str | None = None  # where a domain migrating to this host is sent ([hosts] migration_uri)
+    force_off: bool = False  # power off a domain that did not shut down within shutdown_timeout
+    notice: Callable[[str], None] | None = None  # one line for the user while a change waits (shutdown, ...)
     # libvirt fails concurrent jobs on one pool ("pool has asynchronous jobs running"): one at a time per pool.
     pool_locks: defaultdict[str, threading.Lock] = field(default_factory=lambda: defaultdict(threading.Lock))
     ledger_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -29,6 +32,17 @@ class ApplyContext:
     _ledger_asked: int = 0
     _ledger_covered: int = 0
     _ledger_saving: bool = False
+
+    def tell(self, text: str) -> None:
+        if self.notice is not None:
+            self.notice(text)
+
+    def refused(self, exc: BaseException) -> bool:
+        """Whether libvirt refused a call (so nothing was made), rather than the connection dropping while
+        it was in flight (libvirtd may have carried it out). Only a refusal may undo a ledger entry."""
+        from vmform.connection import is_connection_lost
+
+        return not is_connection_lost(exc, self.connections.current())
 
     def save_ledger(self) -> None:
         """Write the ledger to the host; returns once a save that began after the caller's change finished.

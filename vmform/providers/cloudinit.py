@@ -41,18 +41,25 @@ class CloudInitProvider(Provider):
         volume = volume_name(change.name)
         pool = ctx.connections.get().storagePoolLookupByName(after["pool"])
         # Recorded before it exists, so an interrupted apply never leaves an unowned seed behind.
-        ctx.ledger.record("volume", change.address, ledger_entry(after["pool"], volume, after))
+        # Marked incomplete until the ISO is all uploaded (an interrupted upload is replaced by the next apply).
+        ctx.ledger.record("volume", change.address, {**ledger_entry(after["pool"], volume, after), "incomplete": True})
         ctx.save_ledger()
         with ctx.pool_locks[after["pool"]]:
             try:
                 vol = pool.createXML(to_text(root), 0)
-            except libvirt.libvirtError:
+            except libvirt.libvirtError as exc:
+                if not ctx.refused(exc):
+                    raise  # the volume may exist now: it stays recorded as owned
                 ctx.ledger.forget("volume", change.address, pool=after["pool"], name=volume)
                 ctx.save_ledger()
                 raise
             try:
                 upload(ctx.connections.get(), vol, io.BytesIO(image), len(image))
-            except Exception:
+                ctx.ledger.record("volume", change.address, ledger_entry(after["pool"], volume, after))
+                ctx.save_ledger()
+            except Exception as exc:
+                if not ctx.refused(exc):
+                    raise  # the half-made volume stays owned; the next plan shows it
                 vol.delete(0)
                 ctx.ledger.forget("volume", change.address, pool=after["pool"], name=volume)
                 ctx.save_ledger()

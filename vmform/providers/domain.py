@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from lxml import etree
 
+from vmform.errors import VmformError
 from vmform.events import Watch, wait_for
 from vmform.live import parse_xml
 from vmform.plan import Change, FieldChange
@@ -47,7 +49,9 @@ def wait_until_off(dom: Any, timeout: float, then: Any = None) -> bool:
     ) as watch:
         if then is not None:
             then()
-        return wait_for(watch, lambda: not dom.isActive(), timeout)
+        # Checked each second too: a connection libvirtd dropped (a restart) delivers no event, and the wait
+        # must end with that error instead of sleeping out the timeout.
+        return wait_for(watch, lambda: not dom.isActive(), timeout, recheck=1.0)
 
 
 def record_balloon(dom: Any, target: int) -> None:
@@ -70,18 +74,34 @@ def start(dom: Any, memory: int | None) -> None:
         record_balloon(dom, memory)
 
 
-def stop(dom: Any, timeout: float, graceful: bool = True) -> None:
-    """ACPI shutdown with a bounded wait, then power off."""
+def stop(dom: Any, timeout: float, graceful: bool = True, force_off: bool = True,
+         tell: Callable[[str], None] | None = None) -> None:
+    """ACPI shutdown with a bounded wait; then power off, only when ``force_off`` allows it. Otherwise a guest
+    still running after ``timeout`` seconds is left running and the change fails, saying how to allow it."""
     import libvirt
 
     if not dom.isActive():
         return
+
+    def request() -> None:
+        dom.shutdown()
+        if tell is not None:
+            tell(f"domain {dom.name()}: waiting up to {timeout:.0f}s for the guest to shut down")
+
     if graceful and timeout > 0:
         try:
-            if wait_until_off(dom, timeout, then=dom.shutdown):
+            if wait_until_off(dom, timeout, then=request):
                 return
         except libvirt.libvirtError:
-            pass
+            if not dom.isActive():
+                return
+            if not force_off:
+                raise
+    if not force_off:
+        raise VmformError(
+            f"the guest did not shut down within {timeout:.0f}s (shutdown_timeout) "
+            "and is left running; vmform powers a domain off only when allowed: apply --force-off, or "
+            "force_off = true in vmform.toml")
     try:
         dom.destroy()
     except libvirt.libvirtError:
@@ -129,7 +149,7 @@ class DomainProvider(Provider):
         if "state" in touched:
             self._set_state(ctx, dom, after["state"], after.get("memory"))
         elif change.restart and dom.isActive():
-            stop(dom, ctx.shutdown_timeout)
+            stop(dom, ctx.shutdown_timeout, force_off=ctx.force_off, tell=ctx.tell)
             start(dom, after.get("memory"))
 
     def _apply_live(self, dom: Any, change: FieldChange, after: dict[str, Any]) -> None:
@@ -225,7 +245,7 @@ class DomainProvider(Provider):
             if dom.state()[0] != libvirt.VIR_DOMAIN_PAUSED:
                 dom.suspend()
         else:
-            stop(dom, ctx.shutdown_timeout)
+            stop(dom, ctx.shutdown_timeout, force_off=ctx.force_off, tell=ctx.tell)
 
     def delete(self, ctx: ApplyContext, change: Change) -> None:
         import libvirt

@@ -74,7 +74,9 @@ class NetworkProvider(Provider):
             net = ctx.connections.get().networkDefineXML(to_text(root))
             try:
                 net.create()
-            except Exception:
+            except Exception as exc:
+                if not ctx.refused(exc):
+                    raise
                 net.undefine()  # a network that cannot start (bridge name taken, ...) is not left behind half-made
                 raise
         net.setAutostart(1 if change.after.get("autostart", True) else 0)

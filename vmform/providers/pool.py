@@ -35,15 +35,18 @@ class PoolProvider(Provider):
         conn = ctx.connections.get()
         try:
             pool = conn.storagePoolDefineXML(to_text(root))
-        except libvirt.libvirtError:
-            ctx.ledger.forget("pool", change.address, uuid=pool_uuid)
-            ctx.save_ledger()
+        except libvirt.libvirtError as exc:
+            if ctx.refused(exc):  # after a dropped connection the pool may exist: it stays recorded
+                ctx.ledger.forget("pool", change.address, uuid=pool_uuid)
+                ctx.save_ledger()
             raise
         try:
             if change.after.get("type", "dir") in BUILT_TYPES:
                 pool.build(0)
             pool.create(0)
-        except libvirt.libvirtError:
+        except libvirt.libvirtError as exc:
+            if not ctx.refused(exc):
+                raise
             pool.undefine()
             ctx.ledger.forget("pool", change.address, uuid=pool_uuid)
             ctx.save_ledger()

@@ -70,14 +70,17 @@ class VolumeProvider(Provider):
         entry: dict[str, Any] = {"pool": after["pool"], "name": change.name}
         if after.get("source_sha256"):
             entry["source_sha256"] = after["source_sha256"]
-        # Recorded before it exists, so an interrupted apply never leaves an unowned volume behind.
-        ctx.ledger.record("volume", change.address, entry)
+        # Recorded before it exists, so an interrupted apply never leaves an unowned volume behind; marked
+        # incomplete until its image is all uploaded, so an interrupted upload is replaced by the next apply.
+        ctx.ledger.record("volume", change.address, {**entry, "incomplete": True} if image is not None else entry)
         ctx.save_ledger()
         with ctx.pool_locks[after["pool"]]:
             try:
                 flags = libvirt.VIR_STORAGE_VOL_CREATE_PREALLOC_METADATA if after.get("preallocation") == "metadata" else 0
                 vol = pool.createXML(to_text(root), flags)
-            except libvirt.libvirtError:
+            except libvirt.libvirtError as exc:
+                if not ctx.refused(exc):
+                    raise  # the volume may exist now: it stays recorded as owned
                 ctx.ledger.forget("volume", change.address, pool=after["pool"], name=change.name)
                 ctx.save_ledger()
                 raise
@@ -86,7 +89,11 @@ class VolumeProvider(Provider):
                     self._upload(ctx, vol, str(local))
                     if after.get("size") and after["size"] > image.virtual_size:
                         vol.resize(after["size"], 0)
-            except Exception:
+                    ctx.ledger.record("volume", change.address, entry)  # complete now
+                    ctx.save_ledger()
+            except Exception as exc:
+                if not ctx.refused(exc):
+                    raise  # the half-made volume stays owned; the next plan shows it
                 vol.delete(0)
                 ctx.ledger.forget("volume", change.address, pool=after["pool"], name=change.name)
                 ctx.save_ledger()

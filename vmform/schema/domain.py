@@ -14,6 +14,8 @@ from lxml import etree
 from vmform.schema.extra_xml import ExtraXml, ExtraXmlBinding
 from vmform.schema.kind import Kind
 from vmform.schema.types import (
+    ABSOLUTE_DIR,
+    ABSOLUTE_FILE,
     Bool,
     Effect,
     Enum,
@@ -41,7 +43,7 @@ DISK_CACHES = ("none", "writeback", "writethrough", "directsync", "unsafe", "def
 VIDEO_MODELS = ("none", "virtio", "qxl", "vga", "cirrus", "bochs", "ramfb")
 CPU_MODES = ("host-passthrough", "host-model", "maximum", "custom")
 FS_DRIVERS = ("virtiofs", "9p")
-PCI_ADDRESS = r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]"
+PCI_ADDRESS = r"[0-9a-f]{4}:[0-9a-f]{2}:[01][0-9a-f]\.[0-7]"  # a PCI slot is 0-1f (libvirt: pciSlot)
 NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139", "vmxnet3")
 BOOT_DEVICES = ("hd", "cdrom", "network", "fd")
 _DEV_PREFIX = {"virtio": "vd", "sata": "sd", "scsi": "sd", "usb": "sd", "ide": "hd"}
@@ -444,7 +446,7 @@ class ConsoleLogType(ValueType):
     def parse(self, raw: Any) -> Any:
         if isinstance(raw, bool):
             return raw
-        return Str(pattern=r"/[^\x00]*", hint="an absolute path on the host, or true/false").parse(raw)
+        return Str(pattern=ABSOLUTE_FILE, hint="an absolute path on the host, or true/false").parse(raw)
 
     def describe(self) -> str:
         return "boolean or absolute path"
@@ -810,7 +812,7 @@ class DiskObj(Obj):
 DISK = DiskObj(
     (
         FieldSpec("volume", Ref("volume"), "the volume attached as this disk (or give 'path')"),
-        FieldSpec("path", Str(pattern=r"/[^\x00]*", hint="an absolute path"),
+        FieldSpec("path", Str(pattern=ABSOLUTE_FILE, hint="an absolute path"),
                   "a host file (or a /dev/… block device) attached as this disk, instead of a volume"),
         FieldSpec("format", Enum(DISK_FORMATS), "image format of a 'path' disk (required: vmform never lets qemu probe "
                   "it); a volume's format is the volume's"),
@@ -840,7 +842,7 @@ CPU = Obj(
 
 FILESYSTEM = Obj(
     (
-        FieldSpec("source", Str(pattern=r"/[^\x00]*", hint="an absolute path"), "host directory shared", required=True),
+        FieldSpec("source", Str(pattern=ABSOLUTE_DIR, hint="an absolute path"), "host directory shared", required=True),
         FieldSpec("target", Str(pattern=r"[A-Za-z0-9_.-]{1,36}", hint="letters, digits, _.-"),
                   "mount tag the guest mounts", required=True),
         FieldSpec("driver", Enum(FS_DRIVERS), "virtiofs (needs shared memory, written for you) or 9p",
@@ -913,10 +915,10 @@ FIELDS: tuple[FieldSpec, ...] = (
               xml="memory/text(), memory/@unit", binding=SizeText("memory")),
     FieldSpec("boot", ListOf(Enum(BOOT_DEVICES), max_items=4), "boot device order", xml="os/boot/@dev", default=["hd"],
               binding=BootDevices()),
-    FieldSpec("kernel", Str(pattern=r"/[^\x00]*", hint="an absolute path on the host"),
+    FieldSpec("kernel", Str(pattern=ABSOLUTE_FILE, hint="an absolute path on the host"),
               "direct kernel boot: the kernel image, a path on the host that QEMU can read", xml="os/kernel",
               binding=Text("os/kernel")),
-    FieldSpec("initrd", Str(pattern=r"/[^\x00]*", hint="an absolute path on the host"),
+    FieldSpec("initrd", Str(pattern=ABSOLUTE_FILE, hint="an absolute path on the host"),
               "direct kernel boot: the initrd, a path on the host (needs kernel)", xml="os/initrd",
               binding=Text("os/initrd")),
     FieldSpec("cmdline", Str(), "direct kernel boot: the kernel command line (needs kernel)", xml="os/cmdline",

@@ -45,7 +45,10 @@ def type_schema(value_type: ValueType) -> dict[str, Any]:
             return {"anyOf": [{"type": "string", "description": f"short for {{{value_type.shorthand}: …}}"}, schema]}
         return schema
     if isinstance(value_type, ListOf):
-        return {"type": "array", "items": type_schema(value_type.item), "maxItems": value_type.max_items}
+        schema = {"type": "array", "items": type_schema(value_type.item), "maxItems": value_type.max_items}
+        if value_type.min_items:
+            schema["minItems"] = value_type.min_items
+        return schema
     if isinstance(value_type, Enum):
         return {"enum": list(value_type.choices)}
     if isinstance(value_type, Bool):

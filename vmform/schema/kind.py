@@ -29,8 +29,17 @@ EXISTING_KEYS = {
     "volume": ("name", "existing", "depends_on", "pool", "format", "host"),
 }
 
-# Opt-ins a resource can state with allow: (plans list them).
-OPT_INS = ("foreign_xml",)
+# Opt-ins a resource can state with allow: (plans list them in bold), and what each lets it do.
+OPT_IN_DOCS = {
+    "foreign_xml": "XML outside libvirt's namespace in xml: or xslt:, e.g. qemu:commandline or dnsmasq:options; it "
+                   "can make QEMU or dnsmasq do anything",
+    "host_paths": "disks, filesystems, kernel/initrd and character-device files on host paths outside the pools "
+                  "this project manages, and host block devices (/dev/…)",
+    "host_devices": "host device passthrough: hostdevs (PCI), hostdev elements in xml:, interface type hostdev, "
+                    "evdev input, TPM or smartcard passthrough, NVMe disks, a network's forward mode hostdev",
+    "custom_emulator": "an emulator element in xml: or xslt: (the program libvirt runs as the hypervisor)",
+}
+OPT_INS = tuple(OPT_IN_DOCS)
 
 # Keys every resource accepts besides its kind's fields.
 LIFECYCLE = Obj((
@@ -56,9 +65,9 @@ META_FIELDS: tuple[FieldSpec, ...] = (
               "missing. Networks, pools and volumes (with pool and format)", default=False, compare=False),
     FieldSpec("lifecycle", LIFECYCLE, "how vmform may change this resource", compare=False),
     FieldSpec("allow", ListOf(Enum(OPT_INS)),
-              "what this resource may do that vmform refuses by default, each named explicitly: foreign_xml (XML "
-              "outside libvirt's namespace in xml: or xslt:, e.g. qemu:commandline or dnsmasq:options — it can "
-              "make QEMU or dnsmasq do anything)", default=[], compare=False),
+              "what this resource may do that vmform refuses by default, each named explicitly (every plan shows "
+              "it in bold): " + "; ".join(f"{name} ({doc})" for name, doc in OPT_IN_DOCS.items()), default=[],
+              compare=False),
     FieldSpec("count", Repetition("a whole number (or an expression giving one)"),
               "make N instances: kind.NAME[0] … kind.NAME[N-1], libvirt names NAME-0 …; index in expressions",
               compare=False),

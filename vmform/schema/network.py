@@ -181,7 +181,7 @@ def dns_host_element(host: dict[str, Any]) -> Element:
 
 DNS_HOST = Obj((
     FieldSpec("ip", IPv4Address(), "the address", required=True),
-    FieldSpec("hostnames", ListOf(Str(pattern=HOSTNAME, hint="a host name such as web or web.lab.test")),
+    FieldSpec("hostnames", ListOf(Str(pattern=HOSTNAME, hint="a host name such as web or web.lab.test"), min_items=1),
               "names that resolve to it", required=True),
 ))
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from vmform.schema.extra_xml import ExtraXml, ExtraXmlBinding
 from vmform.schema.kind import Kind
-from vmform.schema.types import Bool, Effect, Enum, FieldSpec, Str
+from vmform.schema.types import ABSOLUTE_DIR, Bool, Effect, Enum, FieldSpec, Str
 from vmform.schema.xmlbind import Attr, Text
 
 POOL_TYPES = ("dir", "fs", "netfs", "logical", "disk", "iscsi", "iscsi-direct", "scsi", "mpath", "rbd", "gluster",
@@ -19,7 +19,7 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("type", Enum(POOL_TYPES), "pool type; vmform builds only dir and netfs pools (the others must exist: "
               "their build would format disks)", effect=Effect.REPLACE, xml="pool/@type", default="dir",
               binding=Attr(".", "type")),
-    FieldSpec("path", Str(pattern=r"/[^\x00]*", hint="an absolute path"), "directory holding the volumes",
+    FieldSpec("path", Str(pattern=ABSOLUTE_DIR, hint="an absolute path"), "directory holding the volumes",
               effect=Effect.REPLACE, xml="target/path", required=True, binding=Text("target/path", os.path.normpath)),
     FieldSpec("autostart", Bool(), "start with the host", effect=Effect.LIVE, default=True),
     FieldSpec("xml", ExtraXml("pool"), "anything else of libvirt's storage pool XML (source, target permissions, …), "
@@ -27,7 +27,20 @@ FIELDS: tuple[FieldSpec, ...] = (
 )
 
 
+# libvirt's schema has no target directory for these: vmform, which manages a pool by its path, only uses them.
+NO_TARGET = ("rbd", "gluster", "iscsi-direct")
+# Every type but these is made from a source (a device, a host, a volume group, …) that libvirt requires.
+NO_SOURCE = ("dir", "mpath")
+
+
 def check(values: dict[str, Any]) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    kind = values.get("type", "dir")
+    if kind in NO_TARGET:
+        yield ("type",), (f"a {kind} pool has no target directory in libvirt, and vmform manages a pool by its path: "
+                          "declare it with existing: true to use it")
+    elif kind not in NO_SOURCE and not (values.get("xml") or {}).get("source"):
+        yield ("type",), (f"a {kind} pool needs its source (the device, host or name it is made from): write it under "
+                          "xml: source")
     path = values.get("path")
     if path is not None:
         if os.path.normpath(path) == "/" or ".." in path.split("/"):

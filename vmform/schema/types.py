@@ -62,6 +62,13 @@ class ValueType:
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
+# Absolute host paths as libvirt's schemas take them (basictypes.rng): a file is "/" and at least one more
+# character (absFilePath), a directory may be "/" (absDirPath); neither holds a line break (XSD's "." does not
+# match one) nor NUL.
+ABSOLUTE_FILE = r"/[^\x00\n\r]+"
+ABSOLUTE_DIR = r"/[^\x00\n\r]*"
+
+
 @dataclass(frozen=True)
 class Str(ValueType):
     pattern: str | None = None
@@ -239,10 +246,13 @@ class Ref(ValueType):
 class ListOf(ValueType):
     item: ValueType
     max_items: int = 256
+    min_items: int = 0
 
     def parse(self, raw: Any) -> list[Any]:
         if not isinstance(raw, list):
             raise FieldError(f"expected a list, got {_type_name(raw)}")
+        if len(raw) < self.min_items:
+            raise FieldError(f"needs at least {self.min_items} {'entry' if self.min_items == 1 else 'entries'}")
         if len(raw) > self.max_items:
             raise FieldError(f"too many entries ({len(raw)}, at most {self.max_items})")
         values: list[Any] = []

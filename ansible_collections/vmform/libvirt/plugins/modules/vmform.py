@@ -330,8 +330,11 @@ def _incomplete(command, applied):
     problems = [f"{address}: {message}" for address, message in applied.failed.items()]
     problems += [f"{address}: read back after apply, it differs from the plan: {message}"
                  for address, message in applied.mismatched.items()]
+    problems += [f"{address}: interrupted: {message}" for address, message in applied.interrupted.items()]
+    if applied.lost_connection:
+        problems.append(applied.lost_connection)
     return (f"{verb} incomplete: {len(applied.done)} done, {len(applied.failed)} failed, "
-            f"{len(applied.skipped)} skipped: {'; '.join(problems)}")
+            f"{len(applied.interrupted)} interrupted, {len(applied.skipped)} skipped: {'; '.join(problems)}")
 
 
 def run(module):
@@ -367,7 +370,7 @@ def run(module):
                                          params["lock_timeout"], command, stop)
                 result["changed"] = bool(applied.done)
                 result["apply"] = dict(done=applied.done, failed=applied.failed, skipped=applied.skipped,
-                                       mismatched=applied.mismatched)
+                                       mismatched=applied.mismatched, interrupted=applied.interrupted)
                 if not applied.ok:
                     module.fail_json(msg=_incomplete(command, applied), **result)
         result["outputs"] = [output.to_json() for output in api.domain_outputs(workspace, connections)]
