@@ -85,9 +85,9 @@ class Plan:
     host_uri: str  # the default host's URI
     changes: tuple[Change, ...]
     notes: tuple[str, ...] = ()  # things the user should know that are not changes (pending restarts, ...)
-    hosts: dict[str, str] = field(default_factory=dict)  # host name -> URI, for a project with [hosts]
     # The opt-ins (allow:) of the resources the plan covers, by address: shown in bold, never silently.
     allowed: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    hosts: dict[str, str] = field(default_factory=dict)  # host name -> URI, for a project with [hosts]
 
     def counts(self) -> dict[str, int]:
         add = sum(1 for c in self.changes if c.action is Action.CREATE or c.action.is_replace())
