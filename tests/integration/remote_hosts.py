@@ -221,10 +221,7 @@ class RemoteHost:
     def via_ssh(self) -> RemoteHost:
         """The same daemon, with ``uri`` the qemu+ssh:// one (sshd started on first use)."""
         self.farm.ensure_sshd(self)
-        view = RemoteHost.__new__(RemoteHost)
-        view.__dict__.update(self.__dict__)
-        view.transport = "ssh"
-        return view
+        return _TransportView(self, "ssh")
 
     def host_path(self, path: str | Path) -> Path:
         """Where this process sees a file that the daemon (and its QEMUs) see at ``path``: ``pool_root``,
@@ -252,7 +249,8 @@ class RemoteHost:
         states = [f"{name}: " + ("not started" if proc is None else "running" if proc.poll() is None
                                  else f"exited with {proc.returncode}")
                   for name, proc in (("libvirtd", self.libvirtd), ("virtlogd", self.virtlogd), ("sshd", self.sshd))]
-        parts = ["; ".join(states),f"--- {self.state / 'libvirtd.stderr'}", _tail(self.state / "libvirtd.stderr", lines),
+        parts = ["; ".join(states),
+                 f"--- {self.state / 'libvirtd.stderr'}", _tail(self.state / "libvirtd.stderr", lines),
                  f"--- {self.state / 'log/libvirtd.log'}", _tail(self.state / "log" / "libvirtd.log", lines),
                  f"--- {self.state / 'virtlogd.stderr'}", _tail(self.state / "virtlogd.stderr", 10)]
         if self.sshd is not None:
@@ -567,6 +565,21 @@ class RemoteHost:
             _kill_pid(pid, "")
         _stop(self.holder, 2)  # the last process of the namespace: its mounts go with it
         shutil.rmtree(self.state, ignore_errors=True)
+
+
+class _TransportView(RemoteHost):
+    """The same fake host through another transport: ``transport`` is its own, every other attribute (daemons,
+    ports, cached connections) is read from and written to the host itself, so both always agree."""
+
+    def __init__(self, host: RemoteHost, transport: str) -> None:  # RemoteHost.__init__ deliberately not called
+        self.__dict__["_host"] = host
+        self.__dict__["transport"] = transport
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_host"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.__dict__["_host"], name, value)
 
 
 class FakeHosts:
