@@ -201,8 +201,14 @@ class RemoteHost:
         return self.tcp_uri
 
     def open(self) -> Any:
-        """A new libvirt connection over this object's transport; the caller closes it."""
-        return _libvirt().open(self.uri)
+        """A new libvirt connection over this object's transport; the caller closes it. When it fails, the
+        libvirtError carries the daemons' log tail as a note."""
+        libvirt = _libvirt()
+        try:
+            return libvirt.open(self.uri)
+        except libvirt.libvirtError as exc:
+            exc.add_note(f"fake host {self.name}:\n{self.log_tail(15)}")
+            raise
 
     def conn(self) -> Any:
         """A connection over this object's transport, kept for the session (reopened if it died); do not close
@@ -215,10 +221,7 @@ class RemoteHost:
     def via_ssh(self) -> RemoteHost:
         """The same daemon, with ``uri`` the qemu+ssh:// one (sshd started on first use)."""
         self.farm.ensure_sshd(self)
-        view = RemoteHost.__new__(RemoteHost)
-        view.__dict__.update(self.__dict__)
-        view.transport = "ssh"
-        return view
+        return _TransportView(self, "ssh")
 
     def host_path(self, path: str | Path) -> Path:
         """Where this process sees a file that the daemon (and its QEMUs) see at ``path``: ``pool_root``,
@@ -246,7 +249,8 @@ class RemoteHost:
         states = [f"{name}: " + ("not started" if proc is None else "running" if proc.poll() is None
                                  else f"exited with {proc.returncode}")
                   for name, proc in (("libvirtd", self.libvirtd), ("virtlogd", self.virtlogd), ("sshd", self.sshd))]
-        parts = ["; ".join(states),f"--- {self.state / 'libvirtd.stderr'}", _tail(self.state / "libvirtd.stderr", lines),
+        parts = ["; ".join(states),
+                 f"--- {self.state / 'libvirtd.stderr'}", _tail(self.state / "libvirtd.stderr", lines),
                  f"--- {self.state / 'log/libvirtd.log'}", _tail(self.state / "log" / "libvirtd.log", lines),
                  f"--- {self.state / 'virtlogd.stderr'}", _tail(self.state / "virtlogd.stderr", 10)]
         if self.sshd is not None:
@@ -373,29 +377,55 @@ class RemoteHost:
         self._start_holder()
         self.virtlogd = self._in_namespace([self._program("virtlogd")], "virtlogd.stderr")
         self._wait_for("virtlogd", lambda: (self.run_dir / "libvirt" / "virtlogd-sock").exists(), self.virtlogd)
-        libvirt = _libvirt()
-        last_error = ""
         for _attempt in range(3):  # the free port may be taken between the probe and libvirtd's bind
             self.port = free_port()
             self._write_libvirtd_conf()
-            self.libvirtd = self._in_namespace([self._program("libvirtd"), "--listen"], "libvirtd.stderr")
-
-            def answers() -> bool:
-                nonlocal last_error
-                try:
-                    libvirt.open(self.tcp_uri).close()
-                    return True
-                except libvirt.libvirtError as exc:
-                    last_error = str(exc)
-                    return False
-
             try:
-                self._wait_for(f"libvirtd on {self.tcp_uri} ({last_error})", answers, self.libvirtd)
+                self.start_libvirtd()
                 return
             except RuntimeError:
+                assert self.libvirtd is not None
                 if self.libvirtd.poll() is None or "in use" not in _tail(self.state / "log" / "libvirtd.log"):
                     raise
         raise RuntimeError(f"fake host {self.name}: libvirtd found no free port\n{self.log_tail()}")
+
+    def start_libvirtd(self) -> None:
+        """Start libvirtd (again: after ``stop_libvirtd`` it keeps its port, UUID and objects; domains that kept
+        running are found again) and wait until it answers."""
+        libvirt = _libvirt()
+        self.libvirtd = self._in_namespace([self._program("libvirtd"), "--listen"], "libvirtd.stderr")
+        last_error = ""
+
+        def answers() -> bool:
+            nonlocal last_error
+            try:
+                libvirt.open(self.tcp_uri).close()
+                return True
+            except libvirt.libvirtError as exc:
+                last_error = str(exc)
+                return False
+
+        try:
+            self._wait_for(f"libvirtd on {self.tcp_uri}", answers, self.libvirtd)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\nlast connection error: {last_error}") from None
+
+    def stop_libvirtd(self) -> None:
+        """Stop only libvirtd (SIGTERM, then SIGKILL): the host is unreachable, its domains keep running."""
+        for cached in self._conns.values():
+            with contextlib.suppress(Exception):
+                cached.close()
+        self._conns.clear()
+        _stop(self.libvirtd)
+
+    @contextlib.contextmanager
+    def unreachable(self) -> Iterator[None]:
+        """The host's libvirtd is stopped for the body and started again afterwards, whatever happens."""
+        self.stop_libvirtd()
+        try:
+            yield
+        finally:
+            self.start_libvirtd()
 
     def start_sshd(self) -> None:
         ssh = self.state / "ssh"
@@ -535,6 +565,21 @@ class RemoteHost:
             _kill_pid(pid, "")
         _stop(self.holder, 2)  # the last process of the namespace: its mounts go with it
         shutil.rmtree(self.state, ignore_errors=True)
+
+
+class _TransportView(RemoteHost):
+    """The same fake host through another transport: ``transport`` is its own, every other attribute (daemons,
+    ports, cached connections) is read from and written to the host itself, so both always agree."""
+
+    def __init__(self, host: RemoteHost, transport: str) -> None:  # RemoteHost.__init__ deliberately not called
+        self.__dict__["_host"] = host
+        self.__dict__["transport"] = transport
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_host"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.__dict__["_host"], name, value)
 
 
 class FakeHosts:

@@ -78,9 +78,11 @@ def prefix(remote_host_b: RemoteHost, remote_host_c: RemoteHost) -> Iterator[str
         conn = host.conn()
         for dom in conn.listAllDomains():
             if dom.name().startswith(name):
+                persistent = dom.isPersistent()
                 if dom.isActive():
                     dom.destroy()
-                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+                if persistent:
+                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
         for net in conn.listAllNetworks():
             if net.name().startswith(name):
                 if net.isActive():
@@ -239,3 +241,13 @@ def test_tunnelled_migration_cannot_copy_disks_and_leaves_the_domain_running(
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING and dom.isPersistent()
     assert not [d for d in c.listAllDomains() if d.name().startswith(prefix)]
     assert cpu_time_grows(dom)
+
+
+def test_a_fake_host_can_be_unreachable_for_a_while(remote_host_b: RemoteHost, prefix: str) -> None:
+    """``unreachable()`` stops b's libvirtd (connections fail, its domains keep running) and starts it again."""
+    remote_host_b.conn().createXML(domain_xml(f"{prefix}-survivor"), 0)
+    with remote_host_b.unreachable(), pytest.raises(libvirt.libvirtError, match="Connection refused"):
+        libvirt.open(remote_host_b.uri)
+    dom = remote_host_b.conn().lookupByName(f"{prefix}-survivor")
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    assert host_uuid(remote_host_b.conn()) == remote_host_b.host_uuid
