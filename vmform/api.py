@@ -449,16 +449,8 @@ def awaited_domains(workspace: Workspace) -> list[str]:
 def wait_for_addresses(workspace: Workspace, connections: Connections, timeout: float,
                        progress: Callable[[DomainOutput], None] | None = None) -> list[DomainOutput]:
     """Wait (bounded) until every declared running domain on a DHCP network reports an address."""
-    if not isinstance(connections, HostConnections) or not workspace.project.several_hosts:
-        return guests.wait_for_addresses(connections.main, workspace.manifests, timeout, progress=progress)
-    import time
-
-    deadline = time.monotonic() + timeout
-    found: list[DomainOutput] = []
-    for host in connections.reachable():
-        found += guests.wait_for_addresses(connections.pool(host).main, workspace.manifests.on_host(host),
-                                           max(0.0, deadline - time.monotonic()), progress=progress)
-    return found
+    return _wait_per_host(workspace, connections, timeout,
+                          lambda conn, manifests, left: guests.wait_for_addresses(conn, manifests, left, progress=progress))
 
 
 def awaited_agents(workspace: Workspace) -> list[str]:
@@ -469,15 +461,22 @@ def awaited_agents(workspace: Workspace) -> list[str]:
 def wait_for_agents(workspace: Workspace, connections: Connections, timeout: float,
                     progress: Callable[[str], None] | None = None) -> list[str]:
     """Wait (bounded, on libvirt's agent lifecycle events) until every awaited domain's guest agent connected."""
+    return _wait_per_host(workspace, connections, timeout,
+                          lambda conn, manifests, left: guests.wait_for_agents(conn, manifests, left, progress=progress))
+
+
+def _wait_per_host(workspace: Workspace, connections: Connections, timeout: float,
+                   wait: Callable[[Any, Manifests, float], list[Any]]) -> list[Any]:
+    """One wait per host, in turn, all within one deadline."""
     if not isinstance(connections, HostConnections) or not workspace.project.several_hosts:
-        return guests.wait_for_agents(connections.main, workspace.manifests, timeout, progress=progress)
+        return wait(connections.main, workspace.manifests, timeout)
     import time
 
     deadline = time.monotonic() + timeout
-    found: list[str] = []
+    found: list[Any] = []
     for host in connections.reachable():
-        found += guests.wait_for_agents(connections.pool(host).main, workspace.manifests.on_host(host),
-                                        max(0.0, deadline - time.monotonic()), progress=progress)
+        found += wait(connections.pool(host).main, workspace.manifests.on_host(host),
+                      max(0.0, deadline - time.monotonic()))
     return found
 
 

@@ -140,10 +140,11 @@ class TestProject:
     def apply(self) -> Result:
         return self.run("apply", "--auto-approve", check=True)
 
-    def cleanup(self) -> None:
-        """Remove every libvirt object carrying this test's prefix (and only those)."""
+    def cleanup(self, on: Any = None) -> None:
+        """Remove every libvirt object carrying this test's prefix (and only those), on the host daemon or on
+        the connection ``on`` (a fake remote host)."""
         libvirt = _libvirt()
-        conn = self.conn
+        conn = on or self.conn
         for dom in conn.listAllDomains():
             if dom.name().startswith(self.prefix):
                 if dom.isActive():
@@ -169,11 +170,12 @@ class TestProject:
             if (secret.usageID() or "").startswith(f"vmform/{self.prefix}/"):
                 secret.undefine()
 
-    def leftovers(self) -> list[str]:
-        found = [f"domain {d.name()}" for d in self.conn.listAllDomains() if d.name().startswith(self.prefix)]
-        found += [f"network {n.name()}" for n in self.conn.listAllNetworks() if n.name().startswith(self.prefix)]
-        found += [f"pool {p.name()}" for p in self.conn.listAllStoragePools() if p.name().startswith(self.prefix)]
-        found += [f"secret {s.usageID()}" for s in self.conn.listAllSecrets() if (s.usageID() or "").startswith(f"vmform/{self.prefix}/")]
+    def leftovers(self, on: Any = None) -> list[str]:
+        conn = on or self.conn
+        found = [f"domain {d.name()}" for d in conn.listAllDomains() if d.name().startswith(self.prefix)]
+        found += [f"network {n.name()}" for n in conn.listAllNetworks() if n.name().startswith(self.prefix)]
+        found += [f"pool {p.name()}" for p in conn.listAllStoragePools() if p.name().startswith(self.prefix)]
+        found += [f"secret {s.usageID()}" for s in conn.listAllSecrets() if (s.usageID() or "").startswith(f"vmform/{self.prefix}/")]
         return found
 
 

@@ -38,39 +38,11 @@ class HostsProject:
         return sorted(d.name() for d in conn.listAllDomains() if d.name().startswith(self.prefix))
 
     def cleanup(self) -> None:
-        import libvirt
-
         for host in self.hosts.values():
-            conn = host.conn()
-            for dom in conn.listAllDomains():
-                if dom.name().startswith(self.prefix):
-                    if dom.isActive():
-                        dom.destroy()
-                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-            for pool in conn.listAllStoragePools():
-                if pool.name().startswith(self.prefix):
-                    if pool.isActive():
-                        for vol in pool.listAllVolumes():
-                            vol.delete(0)
-                        pool.destroy()
-                    pool.undefine()
-            for net in conn.listAllNetworks():
-                if net.name().startswith(self.prefix):
-                    if net.isActive():
-                        net.destroy()
-                    net.undefine()
-            for secret in conn.listAllSecrets():
-                if (secret.usageID() or "").startswith(f"vmform/{self.prefix}/"):
-                    secret.undefine()
+            self.project.cleanup(host.conn())
 
     def leftovers(self) -> list[str]:
-        found = []
-        for name, host in self.hosts.items():
-            conn = host.conn()
-            found += [f"{name}: domain {d.name()}" for d in conn.listAllDomains() if d.name().startswith(self.prefix)]
-            found += [f"{name}: network {n.name()}" for n in conn.listAllNetworks() if n.name().startswith(self.prefix)]
-            found += [f"{name}: pool {p.name()}" for p in conn.listAllStoragePools() if p.name().startswith(self.prefix)]
-        return found
+        return [f"{name}: {found}" for name, host in self.hosts.items() for found in self.project.leftovers(host.conn())]
 
 
 @pytest.fixture
