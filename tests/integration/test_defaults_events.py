@@ -159,6 +159,7 @@ def test_waits_use_events(project: Any, conn: Any, monkeypatch: pytest.MonkeyPat
         cmdline: "console=ttyS0 quiet"
         console_log: true
         interfaces: [lan]
+        allow: [host_paths]     # the test kernel and initrd live outside the pools
     """)
     project.apply()
     monkeypatch.setattr(guests, "Watch", _Recording)
