@@ -64,6 +64,22 @@ def start_apply(project: Any, *args: str) -> subprocess.Popen[str]:
     )
 
 
+def start_shutdown_wait(project: Any) -> subprocess.Popen[str]:
+    """An apply in the middle of one long change: it stops a running guest without an OS (which ignores ACPI),
+    with a 300 s shutdown timeout and no force-off."""
+    p = project.prefix
+    toml = project.root / "vmform.toml"
+    toml.write_text(toml.read_text().replace("shutdown_timeout = 5\nforce_off = true\n", "shutdown_timeout = 300\n"))
+    text = f"""
+domains:
+  {p}-vm: {{type: qemu, memory: 64MiB, state: STATE}}
+"""
+    project.write(text.replace("STATE", "running"))
+    project.apply()
+    project.write(text.replace("STATE", "stopped"))
+    return start_apply(project)
+
+
 def read_created(process: subprocess.Popen[str], count: int) -> list[str]:
     """Read apply's stdout line by line until ``count`` "created" lines; the addresses created."""
     assert process.stdout is not None
@@ -365,19 +381,7 @@ def test_libvirtd_restart_during_a_change_in_flight_reports_it_interrupted(proje
     """A change in flight when libvirtd restarts (apply waits for a guest that ignores ACPI to shut down): apply
     reports it interrupted in one line, releases the lock through a new connection; a re-run completes."""
     p = project.prefix
-    toml = project.root / "vmform.toml"
-    toml.write_text(toml.read_text().replace("shutdown_timeout = 5\nforce_off = true\n", "shutdown_timeout = 300\n"))
-    text = f"""
-domains:
-  {p}-vm: {{type: qemu, memory: 64MiB, state: STATE}}
-"""
-    project.write(text.replace("STATE", "running"))
-    project.apply()
-    project.write(text.replace("STATE", "stopped"))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vmform", "-C", str(project.root), "apply", "--auto-approve"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-        env={**os.environ, "NO_COLOR": "1"})
+    process = start_shutdown_wait(project)
     try:
         assert process.stderr is not None
         line = process.stderr.readline()
@@ -397,6 +401,7 @@ domains:
     assert lock_secret(conn, p) is None, "the lock is released through a new connection"
     assert conn.lookupByName(f"{p}-vm").isActive()
     assert planned(project) == {f"domain.{p}-vm": "update"}
+    toml = project.root / "vmform.toml"
     toml.write_text(toml.read_text().replace("shutdown_timeout = 300\n", "shutdown_timeout = 1\n"))
     project.run("apply", "--auto-approve", "--force-off", check=True)
     assert not conn.lookupByName(f"{p}-vm").isActive()
@@ -549,19 +554,7 @@ def test_a_second_ctrl_c_stops_waiting_for_the_change_in_flight(project: Any, co
     """The first Ctrl-C lets a change in flight finish; the second abandons it: reported interrupted, lock
     released, exit 130, no traceback."""
     p = project.prefix
-    toml = project.root / "vmform.toml"
-    toml.write_text(toml.read_text().replace("shutdown_timeout = 5\nforce_off = true\n", "shutdown_timeout = 300\n"))
-    text = f"""
-domains:
-  {p}-vm: {{type: qemu, memory: 64MiB, state: STATE}}
-"""
-    project.write(text.replace("STATE", "running"))
-    project.apply()
-    project.write(text.replace("STATE", "stopped"))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vmform", "-C", str(project.root), "apply", "--auto-approve"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-        env={**os.environ, "NO_COLOR": "1"})
+    process = start_shutdown_wait(project)
     try:
         assert process.stderr is not None
         assert process.stderr.readline() == f"domain {p}-vm: waiting up to 300s for the guest to shut down\n"
