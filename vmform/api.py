@@ -130,10 +130,23 @@ def _plan_with_live(workspace: Workspace, connections: Connections, targets: lis
         lives = read_hosts(workspace, connections)
         the_plan = plan_hosts(workspace.manifests, workspace.graph, workspace.order, lives, options,
                               _uris(lives), workspace.project.default_host)
-        return _skipped(the_plan, connections), lives
+        return _with_widening(workspace, _skipped(the_plan, connections)), lives
     live = read_live(workspace, connections)
     plan_made = make_plan(workspace.manifests, workspace.graph, live, workspace.order, options)
-    return plan_made, {workspace.project.default_host: live}
+    return _with_widening(workspace, plan_made), {workspace.project.default_host: live}
+
+
+# The key of Plan.allowed under which vmform.toml's widenings are listed (shown in bold like any opt-in).
+PROJECT_ALLOWED = "vmform.toml"
+
+
+def _with_widening(workspace: Workspace, the_plan: Plan) -> Plan:
+    """A project that widens what vmform allows by default (pool_roots) says so in every plan."""
+    roots = workspace.project.pool_roots
+    if not roots:
+        return the_plan
+    allowed = {PROJECT_ALLOWED: tuple(f"pool_roots {root}" for root in roots), **the_plan.allowed}
+    return dataclasses.replace(the_plan, allowed=allowed)
 
 
 def _uris(lives: dict[str, LiveState]) -> dict[str, str]:

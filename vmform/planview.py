@@ -39,9 +39,16 @@ def _allowed(plan: Plan) -> list[tuple[str, str]]:
     """(headline, explanation) per resource that opts in to what vmform refuses by default (allow:)."""
     from vmform.schema.kind import OPT_IN_DOCS
 
-    return [(f"{address} is allowed: {', '.join(names)}",
-             "; ".join(f"{name}: {OPT_IN_DOCS.get(name, name)}" for name in names))
-            for address, names in plan.allowed.items()]
+    lines = []
+    for address, names in plan.allowed.items():
+        roots = [name.split(" ", 1)[1] for name in names if name.startswith("pool_roots ")]
+        if roots:  # vmform.toml's widening of the pool roots (api.PROJECT_ALLOWED)
+            lines.append((f"{address} widens the pool roots: {', '.join(roots)}",
+                          "pools may be made there without allow: [host_paths]"))
+            continue
+        lines.append((f"{address} is allowed: {', '.join(names)}",
+                      "; ".join(f"{name}: {OPT_IN_DOCS.get(name, name)}" for name in names)))
+    return lines
 
 
 def allowed_lines(plan: Plan) -> list[str]:

@@ -15,7 +15,8 @@ from vmform.schema.types import did_you_mean
 
 PROJECT_FILE = "vmform.toml"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-_KEYS = {"name", "uri", "manifests", "parallelism", "shutdown_timeout", "force_off", "reconnect_timeout", "default_host"}
+_KEYS = {"name", "uri", "manifests", "parallelism", "shutdown_timeout", "force_off", "reconnect_timeout", "default_host",
+         "pool_roots"}
 _HOST_KEYS = {"uri", "parallelism", "migration_uri"}
 HOST_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}")
 DEFAULT_HOST = "default"  # the one host of a project without [hosts]: project.uri
@@ -46,6 +47,9 @@ class Project:
     reconnect_timeout: float = 30.0
     hosts: dict[str, Host] = field(default_factory=dict)  # by name; one named "default" without [hosts]
     default_host: str = DEFAULT_HOST
+    # Directories beyond the default pool roots where pools may be made without allow: [host_paths] (every plan
+    # shows them in bold).
+    pool_roots: tuple[str, ...] = ()
 
     @property
     def several_hosts(self) -> bool:
@@ -128,7 +132,26 @@ def load_project(start: Path | str | None = None) -> Project:
         raise ProjectError(f"{shown}: project.reconnect_timeout must be a number of seconds")
     hosts, default_host = _hosts(settings, uri, shown)
     return Project(root, name, hosts[default_host].uri, tuple(patterns), parallelism, timeout, settings, force_off,
-                   float(reconnect), hosts, default_host)
+                   float(reconnect), hosts, default_host, extra_pool_roots(settings, shown))
+
+
+def extra_pool_roots(settings: dict[str, Any], shown: str = PROJECT_FILE) -> tuple[str, ...]:
+    """[project] pool_roots: absolute directories, none of them a system directory (or one holding one)."""
+    from vmform.schema.optins import system_directory
+
+    raw = (settings.get("project") or {}).get("pool_roots", [])
+    if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+        raise ProjectError(f"{shown}: project.pool_roots must be a list of absolute directories")
+    roots = []
+    for item in raw:
+        normal = os.path.normpath(item)
+        if not item.startswith("/") or "\x00" in item or ".." in item.split("/"):
+            raise ProjectError(f"{shown}: project.pool_roots: {item!r} is not an absolute directory")
+        why = system_directory(normal)
+        if why:
+            raise ProjectError(f"{shown}: project.pool_roots: {item!r} {why}")
+        roots.append(normal)
+    return tuple(roots)
 
 
 def _hosts(settings: dict[str, Any], uri: str | None, shown: str) -> tuple[dict[str, Host], str]:

@@ -115,7 +115,7 @@ class TestProject:
         # Test domains mostly have no OS and never answer an ACPI shutdown: they may be powered off after 5 s.
         (root / "vmform.toml").write_text(
             f'[project]\nname = "{prefix}"\nuri = "{URI}"\nmanifests = ["*.yaml"]\nparallelism = 4\nshutdown_timeout = 5\n'
-            'force_off = true\n'
+            'force_off = true\npool_roots = ["' + str(POOL_ROOT) + '"]\n'
         )
 
     def write(self, text: str, name: str = "main.yaml") -> None:

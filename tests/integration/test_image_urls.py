@@ -42,7 +42,7 @@ def test_url_images_with_checksums_and_compression(project: Any, conn: Any, serv
     image = tmp_path / "base.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "48M"], check=True)
     (www / "base.qcow2.xz").write_bytes(lzma.compress(image.read_bytes()))
-    local_gz = tmp_path / "local.qcow2.gz"
+    local_gz = project.root / "local.qcow2.gz"  # a local source must be inside the project
     local_gz.write_bytes(gzip.compress(image.read_bytes()))
     p = project.prefix
 

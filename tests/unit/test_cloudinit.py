@@ -23,7 +23,7 @@ from vmform.sensitive import fingerprint, masked
 SECRET = "hunter2-do-not-print"
 MANIFEST = f"""
 pools:
-  lab: {{path: /srv/lab}}
+  lab: {{path: /var/lib/vmform/lab}}
 cloudinit:
   seed:
     pool: lab
@@ -34,8 +34,8 @@ domains:
   web:
     type: qemu
     allow: [host_paths]
-    kernel: /srv/boot/vmlinuz
-    initrd: /srv/boot/initrd.gz
+    kernel: /var/lib/vmform/boot/vmlinuz
+    initrd: /var/lib/vmform/boot/initrd.gz
     cmdline: console=ttyS0
     console_log: true
     cloudinit: seed
@@ -74,7 +74,7 @@ def test_instance_id_follows_the_content(load_files: Callable[..., Manifests]) -
 def test_user_data_from_a_file_relative_to_the_manifest(tmp_path: Path) -> None:
     manifest = tmp_path / "sub" / "m.yaml"
     manifest.parent.mkdir()
-    manifest.write_text("pools: {lab: {path: /srv/lab}}\ncloudinit:\n  seed: {pool: lab, user_data: {file: ud.cfg}}\n")
+    manifest.write_text("pools: {lab: {path: /var/lib/vmform/lab}}\ncloudinit:\n  seed: {pool: lab, user_data: {file: ud.cfg}}\n")
     (tmp_path / "sub" / "ud.cfg").write_text("#cloud-config\nruncmd: [true]\n")
     manifests = load_manifests("unit", [manifest], root=tmp_path)
     assert manifests.resources["cloudinit.seed"].desired["user_data"] == "#cloud-config\nruncmd: [true]\n"
@@ -84,8 +84,8 @@ def test_domain_with_kernel_boot_seed_and_console_log_renders_valid_xml(load_fil
     resource = load_files({"m.yaml": MANIFEST}).resources["domain.web"]
     root = render_domain(resource.libvirt_name, resource.desired, "unit", resource.address)
     validate("domain", root, resource.address)
-    assert root.findtext("os/kernel") == "/srv/boot/vmlinuz"
-    assert root.findtext("os/initrd") == "/srv/boot/initrd.gz"
+    assert root.findtext("os/kernel") == "/var/lib/vmform/boot/vmlinuz"
+    assert root.findtext("os/initrd") == "/var/lib/vmform/boot/initrd.gz"
     assert root.findtext("os/cmdline") == "console=ttyS0"
     cdrom = root.find("devices/disk[@device='cdrom']")
     assert cdrom.find("source").get("volume") == "seed.iso" and cdrom.find("readonly") is not None
@@ -113,7 +113,7 @@ def test_user_data_is_masked_in_a_replace_plan(load_files: Callable[..., Manifes
     seed = load_files({"m.yaml": MANIFEST}).resources["cloudinit.seed"]
     old = {"user_data": fingerprint("#cloud-config\nold: true\n"), "meta_data": {"instance-id": "i-old"},
            "network_config": None}
-    volume = LiveObject("volume", "seed.iso", {"pool": "lab"}, {"pool": "lab", "path": "/srv/lab/seed.iso"},
+    volume = LiveObject("volume", "seed.iso", {"pool": "lab"}, {"pool": "lab", "path": "/var/lib/vmform/lab/seed.iso"},
                         address=seed.address, active=True)
     live = seed_object(volume, {"seed": old})
     fields, forcing, _ = compare(seed, live)

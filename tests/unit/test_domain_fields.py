@@ -31,13 +31,13 @@ CASES: dict[str, str] = {
     "cpu_host_model": "cpu: {mode: host-model}",
     "cpu_maximum": "cpu: maximum",
     "cpu_custom": "cpu: {mode: custom, model: Skylake-Client}",
-    "disk_path_file": "disks: [{path: /var/lib/vmform-test/a.qcow2, format: qcow2, cache: none, serial: disk-a1}]",
+    "disk_path_file": "disks: [{path: /var/lib/vmform/t-a.qcow2, format: qcow2, cache: none, serial: disk-a1}]",
     "disk_path_block": "disks: [{path: /dev/vmform-test-nonexistent, format: raw, bus: scsi}]",
     "disk_cdrom_empty": "disks: [{device: cdrom}]",
-    "disk_cdrom_iso": "disks: [{device: cdrom, path: /var/lib/vmform-test/seed.iso, format: raw, bus: ide}]",
+    "disk_cdrom_iso": "disks: [{device: cdrom, path: /var/lib/vmform/t-seed.iso, format: raw, bus: ide}]",
     "disk_mixed": (
-        "disks: [{path: /var/lib/vmform-test/a.raw, format: raw, bus: sata, cache: writeback},"
-        " {device: cdrom}, {path: /var/lib/vmform-test/b.qcow2, format: qcow2, readonly: true}]"
+        "disks: [{path: /var/lib/vmform/t-a.raw, format: raw, bus: sata, cache: writeback},"
+        " {device: cdrom}, {path: /var/lib/vmform/t-b.qcow2, format: qcow2, readonly: true}]"
     ),
     "video_virtio": "{graphics: vnc}",
     "video_qxl": "{graphics: spice, video: qxl}",
@@ -53,7 +53,7 @@ CASES: dict[str, str] = {
     "tpm_emulated": "tpm: emulated",
     "tpm_none": "tpm: none",
     "filesystems": (
-        "filesystems: [{source: /var/lib/vmform-test/share, target: share},"
+        "filesystems: [{source: /var/lib/vmform/t-share, target: share},"
         " {source: /srv, target: srv, driver: 9p}]"
     ),
     "hostdevs": "hostdevs: [\"0000:00:1f.3\", {pci: \"0000:00:1d.0\"}]",
@@ -147,12 +147,12 @@ def test_libvirt_prints_back_equal(case: str, desired: Callable[[str], dict[str,
 
 def test_update_in_place_keeps_addresses_and_switches_fields(desired: Callable[[str], dict[str, Any]],
                                                               daemon: Any) -> None:
-    before = desired("{graphics: vnc, video: qxl, disks: [{path: /var/lib/vmform-test/a.raw, format: raw}], "
+    before = desired("{graphics: vnc, video: qxl, disks: [{path: /var/lib/vmform/t-a.raw, format: raw}], "
                      "filesystems: [{source: /srv, target: srv, driver: 9p}], tpm: emulated, rng: true}")
     printed = _define_and_read(daemon, render_domain("x", before, PROJECT, "domain.other"))
     disk_address = printed.find("devices/disk/address")
     assert disk_address is not None
-    after = desired("{graphics: vnc, video: virtio, disks: [{path: /var/lib/vmform-test/b.qcow2, format: qcow2, "
+    after = desired("{graphics: vnc, video: virtio, disks: [{path: /var/lib/vmform/t-b.qcow2, format: qcow2, "
                     "cache: none}], filesystems: [{source: /srv, target: srv}], tpm: none, rng: false, "
                     "cpu: {mode: custom, model: qemu64}}")
     write_fields("domain", printed, after)

@@ -22,8 +22,8 @@ CORPUS = Path(__file__).resolve().parent.parent / "corpus"
 FOLDERS = {"domains": "domain", "virt-install": "domain", "doc-domains": "domain", "networks": "network", "pools": "pool"}
 RNG_FILES = {"domain": "domain.rng", "network": "network.rng", "pool": "storagepool.rng"}
 FILES = sorted((kind, path) for folder, kind in FOLDERS.items() for path in (CORPUS / folder).glob("*.xml"))
-PLACEHOLDERS = {"NAME_PLACEHOLDER": "vmftest-000000-case", "DISKDIR_PLACEHOLDER": "/var/lib/vmform-test/vmftest-000000",
-                "NETWORK_PLACEHOLDER": "vmftest-000000-net", "POOLDIR_PLACEHOLDER": "/var/lib/vmform-test/pool",
+PLACEHOLDERS = {"NAME_PLACEHOLDER": "vmftest-000000-case", "DISKDIR_PLACEHOLDER": "/var/lib/vmform/t-vmftest-000000",
+                "NETWORK_PLACEHOLDER": "vmftest-000000-net", "POOLDIR_PLACEHOLDER": "/var/lib/vmform/t-pool",
                 "BRIDGE_PLACEHOLDER": "vmft00000000"}
 _rng: dict[str, Any] = {}
 

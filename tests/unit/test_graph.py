@@ -18,7 +18,7 @@ STACK = """\
 networks:
   lan: {}
 pools:
-  lab: {path: /srv/lab}
+  lab: {path: /var/lib/vmform/lab}
 volumes:
   base: {pool: lab, size: 10GiB}
   web-root: {pool: lab, backing: base}
@@ -91,7 +91,7 @@ def test_bridge_interface_is_not_a_reference(load_files: Load) -> None:
 
 
 def test_renamed_resources_still_order_by_address(load_files: Load) -> None:
-    text = "pools:\n  lab: {path: /srv/lab, name: aaa}\nvolumes:\n  v: {pool: lab, size: 1GiB, name: zzz}\n"
+    text = "pools:\n  lab: {path: /var/lib/vmform/lab, name: aaa}\nvolumes:\n  v: {pool: lab, size: 1GiB, name: zzz}\n"
     assert order(load_files, text) == ["pool.lab", "volume.v"]
 
 
@@ -146,7 +146,7 @@ def test_self_dependency_is_a_cycle(load_files: Load) -> None:
 
 def test_three_step_cycle_across_kinds_and_files(load_files: Load) -> None:
     files = {
-        "storage.yaml": "pools:\n  lab: {path: /srv/lab}\nvolumes:\n  disk: {pool: lab, size: 1GiB, depends_on: [domain.web]}\n",
+        "storage.yaml": "pools:\n  lab: {path: /var/lib/vmform/lab}\nvolumes:\n  disk: {pool: lab, size: 1GiB, depends_on: [domain.web]}\n",
         "net.yaml": "networks:\n  lan: {depends_on: [volume.disk]}\n",
         "vms.yaml": "domains:\n  web:\n    interfaces: [lan]\n",
     }
@@ -158,7 +158,7 @@ def test_three_step_cycle_across_kinds_and_files(load_files: Load) -> None:
 
 
 def test_backing_cycle(load_files: Load) -> None:
-    text = "pools:\n  lab: {path: /srv/lab}\nvolumes:\n  a: {pool: lab, backing: b}\n  b: {pool: lab, backing: a}\n"
+    text = "pools:\n  lab: {path: /var/lib/vmform/lab}\nvolumes:\n  a: {pool: lab, backing: b}\n  b: {pool: lab, backing: a}\n"
     error = cycle_error(load_files, {"backing.yaml": text})
     assert error.message in rotations("volume.a", "volume.b")
     assert error.position is not None and error.position.line in (4, 5)
@@ -168,7 +168,7 @@ def test_cycle_position_points_at_the_closing_reference(load_files: Load) -> Non
     # Only one edge of this cycle is written on a line of its own: the error must be placed on an edge
     # of the cycle, never on an unrelated resource.
     text = (
-        "pools:\n  lab: {path: /srv/lab}\n"
+        "pools:\n  lab: {path: /var/lib/vmform/lab}\n"
         "volumes:\n  v: {pool: lab, depends_on: [domain.d]}\n"
         "domains:\n  d:\n    disks: [v]\n  other:\n    depends_on: [domain.d]\n"
     )

@@ -235,12 +235,12 @@ def test_empty_file_loads_with_no_resources(load_files: Callable[..., Manifests]
 
 
 def test_empty_file_next_to_a_real_one(load_files: Callable[..., Manifests]) -> None:
-    manifests = load_files({"a.yaml": "", "b.yaml": "pools:\n  lab: {path: /srv/lab}\n"})
+    manifests = load_files({"a.yaml": "", "b.yaml": "pools:\n  lab: {path: /var/lib/vmform/lab}\n"})
     assert list(manifests.resources) == ["pool.lab"]
 
 
 def test_non_utf8_bytes(load_errors: Callable[..., ManifestErrors]) -> None:
-    errors = load_errors({"latin1.yaml": b"pools:\n  lab: {path: /srv/caf\xe9}\n"}).errors
+    errors = load_errors({"latin1.yaml": b"pools:\n  lab: {path: /var/lib/vmform/caf\xe9}\n"}).errors
     assert len(errors) == 1
     assert "not valid UTF-8" in errors[0].message
     assert errors[0].position is not None and errors[0].position.file.endswith("latin1.yaml")
@@ -262,7 +262,7 @@ def test_non_utf8_file_does_not_hide_errors_of_other_files(
 
 
 def test_utf8_bom_is_accepted(load_files: Callable[..., Manifests]) -> None:
-    manifests = load_files({"bom.yaml": b"\xef\xbb\xbfpools:\n  lab: {path: /srv/lab}\n"})
+    manifests = load_files({"bom.yaml": b"\xef\xbb\xbfpools:\n  lab: {path: /var/lib/vmform/lab}\n"})
     assert list(manifests.resources) == ["pool.lab"]
 
 
@@ -287,8 +287,8 @@ def test_alias_bomb_fails_cleanly_and_fast(load_errors: Callable[..., ManifestEr
 def test_duplicate_resource_across_files(load_errors: Callable[..., ManifestErrors]) -> None:
     errors = load_errors(
         {
-            "a.yaml": "pools:\n  lab: {path: /srv/a}\n",
-            "b.yaml": "pools:\n  other: {path: /srv/o}\n  lab: {path: /srv/b}\n",
+            "a.yaml": "pools:\n  lab: {path: /var/lib/vmform/a}\n",
+            "b.yaml": "pools:\n  other: {path: /var/lib/vmform/o}\n  lab: {path: /var/lib/vmform/b}\n",
         }
     ).errors
     assert len(errors) == 1
@@ -302,7 +302,7 @@ def test_duplicate_resource_across_files(load_errors: Callable[..., ManifestErro
 def test_references_across_files(load_files: Callable[..., Manifests]) -> None:
     manifests = load_files(
         {
-            "storage.yaml": "pools:\n  lab: {path: /srv/lab, name: vmf-lab}\nvolumes:\n  root: {pool: lab, size: 1GiB}\n",
+            "storage.yaml": "pools:\n  lab: {path: /var/lib/vmform/lab, name: vmf-lab}\nvolumes:\n  root: {pool: lab, size: 1GiB}\n",
             "vms.yaml": "domains:\n  web: {disks: [root]}\n",
         }
     )
@@ -409,7 +409,7 @@ def test_regression_default_lists_are_shared_between_resources(load_files: Calla
 def test_regression_control_character_is_a_manifest_error(load_errors: Callable[..., ManifestErrors]) -> None:
     """LIBRARY BUG: a non-printable character makes yaml.SafeLoader(text) raise ReaderError in
     load_yaml *before* its try block, so the raw yaml.reader.ReaderError escapes load_manifests."""
-    errors = load_errors({"ctl.yaml": b'pools:\n  lab: {path: "/srv/\x01"}\n'}).errors
+    errors = load_errors({"ctl.yaml": b'pools:\n  lab: {path: "/var/lib/vmform/\x01"}\n'}).errors
     assert len(errors) == 1
     assert errors[0].position is not None and errors[0].position.file.endswith("ctl.yaml")
 
@@ -434,7 +434,7 @@ def test_regression_more_than_26_disks_without_targets(load_files: Callable[...,
     raises StopIteration out of load_manifests (the target pattern itself allows vdaa)."""
     volumes = "".join(f"  v{n}: {{pool: lab, size: 1GiB}}\n" for n in range(27))
     disks = ", ".join(f"v{n}" for n in range(27))
-    text = f"pools:\n  lab: {{path: /srv/lab}}\nvolumes:\n{volumes}domains:\n  big:\n    disks: [{disks}]\n"
+    text = f"pools:\n  lab: {{path: /var/lib/vmform/lab}}\nvolumes:\n{volumes}domains:\n  big:\n    disks: [{disks}]\n"
     try:
         manifests = load_files({"big.yaml": text})
     except ManifestErrors as exc:  # refusing cleanly is acceptable too

@@ -57,7 +57,7 @@ def errors(tmp_path: Path, main: str, modules: dict[str, str] | None = None) -> 
 VM = VM_MODULE.replace("variables:\n", "variables:\n  pool: {type: string, default: images}\n")
 BASE = """
 pools:
-  images: {type: dir, path: /var/lib/images}
+  images: {type: dir, path: /var/lib/vmform/images}
 networks:
   lab: {ipv4: 10.9.0.1/24}
 """
@@ -105,7 +105,7 @@ domains:
     assert manifests.resources['module.worker["a"].domain.vm'].libvirt_name == "w-a"
     assert manifests.resources['module.worker["c"].volume.root'].libvirt_name == "worker-c-root"
     probe = manifests.resources["domain.probe"]
-    assert probe.desired["description"] == "w-a /var/lib/images/worker-c-root 2"
+    assert probe.desired["description"] == "w-a /var/lib/vmform/images/worker-c-root 2"
     # Reading a module's output is an edge from what the output read.
     graph = build_graph(manifests)
     assert graph.has_edge('module.worker["a"].domain.vm', "domain.probe")
@@ -141,7 +141,7 @@ outputs:
 """
     manifests = project(tmp_path, """
 pools:
-  images: {type: dir, path: /var/lib/images}
+  images: {type: dir, path: /var/lib/vmform/images}
 modules:
   lab: {source: ../modules/net, inputs: {name: lab8}}
   web: {source: ../modules/vm, inputs: {name: web, network: "{{ module.lab.network }}"}}
@@ -252,7 +252,7 @@ def test_shipped_modules_load(tmp_path: Path) -> None:
     modules = (REPO / "modules").as_posix()
     manifests = project(tmp_path, f"""
 pools:
-  images: {{type: dir, path: /var/lib/images}}
+  images: {{type: dir, path: /var/lib/vmform/images}}
 volumes:
   base: {{pool: images, format: qcow2, size: 1GiB}}
 modules:

@@ -47,11 +47,11 @@ def test_no_changes_still_names_the_opt_ins() -> None:
 
 
 def test_plan_schema_knows_every_opt_in() -> None:
-    assert SCHEMA["properties"]["allowed"]["additionalProperties"]["items"]["enum"] == list(OPT_INS)
+    assert SCHEMA["properties"]["allowed"]["additionalProperties"]["items"]["anyOf"][0]["enum"] == list(OPT_INS)
 
 
 def test_scope_is_lexical_and_strict() -> None:
-    scope = Scope(("/srv/lab",), frozenset())
-    assert scope.inside("/srv/lab/a.qcow2") and scope.inside("/srv/lab/x/../b.raw")
-    for path in ("/srv/lab", "/srv/lab/../etc/shadow", "/srv/labx/a", "srv/lab/a", "/srv", "/"):
+    scope = Scope(("/var/lib/vmform/lab",), frozenset())
+    assert scope.inside("/var/lib/vmform/lab/a.qcow2") and scope.inside("/var/lib/vmform/lab/x/../b.raw")
+    for path in ("/var/lib/vmform/lab", "/var/lib/vmform/lab/../etc/shadow", "/var/lib/vmform/labx/a", "srv/lab/a", "/srv", "/"):
         assert not scope.inside(path), path

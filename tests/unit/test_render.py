@@ -196,13 +196,13 @@ def test_hostile_names_in_rendered_documents(value: str) -> None:
     benign = {
         "domain": render_domain("web", {"description": "x"}, PROJECT, "domain.web"),
         "network": render_network("lan", {"mode": "isolated"}, PROJECT, "network.lan"),
-        "pool": render_pool("images", {"type": "dir", "path": "/srv/images"}),
+        "pool": render_pool("images", {"type": "dir", "path": "/var/lib/vmform/images"}),
         "volume": render_volume("vol", {"format": "qcow2"}, 1024**3),
     }
     hostile = {
         "domain": render_domain(value, {"description": value}, value, value),
         "network": render_network(value, {"mode": "isolated"}, value, value),
-        "pool": render_pool(value, {"type": "dir", "path": "/srv/" + value}),
+        "pool": render_pool(value, {"type": "dir", "path": "/var/lib/vmform/" + value}),
         "volume": render_volume(value, {"format": "qcow2"}, 1024**3),
     }
     for kind, root in hostile.items():
@@ -211,14 +211,14 @@ def test_hostile_names_in_rendered_documents(value: str) -> None:
         assert parsed.findtext("name") == value
     pool = parse_xml(to_text(hostile["pool"]))
     # the binding normalises the path (os.path.normpath) and strips it (see the whitespace xfail below)
-    assert _read_bound("pool", pool)["path"] == os.path.normpath("/srv/" + value.strip())
+    assert _read_bound("pool", pool)["path"] == os.path.normpath("/var/lib/vmform/" + value.strip())
     owner = parse_xml(to_text(hostile["domain"])).find("metadata/{https://vmform.dev/xmlns/owner/1}owner")
     assert owner is not None and owner.get("project") == value and owner.get("address") == value
 
 
 @pytest.mark.parametrize("value", HOSTILE)
 def test_hostile_pool_path_round_trips(tmp_path: Path, value: str) -> None:
-    text = yaml.safe_dump({"pools": {"images": {"path": "/srv/x" + value}}}, allow_unicode=True)
+    text = yaml.safe_dump({"pools": {"images": {"path": "/var/lib/vmform/x" + value}}}, allow_unicode=True)
     if "\n" in value or "\r" in value:
         # libvirt's path types refuse line breaks: refused at the manifest's line, before anything is rendered
         with pytest.raises(ManifestErrors, match="an absolute path"):
@@ -235,7 +235,7 @@ def test_hostile_pool_path_round_trips(tmp_path: Path, value: str) -> None:
 @pytest.mark.parametrize("value", HOSTILE)
 @pytest.mark.parametrize("section", ["domains", "networks", "pools"])
 def test_hostile_resource_names_are_refused_by_the_loader(tmp_path: Path, section: str, value: str) -> None:
-    body: dict[str, Any] = {"path": "/srv/images"} if section == "pools" else {}
+    body: dict[str, Any] = {"path": "/var/lib/vmform/images"} if section == "pools" else {}
     with pytest.raises(ManifestErrors):
         load(tmp_path, yaml.safe_dump({section: {"ok": {**body, "name": value}}}, allow_unicode=True))
     with pytest.raises(ManifestErrors):

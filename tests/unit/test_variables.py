@@ -156,10 +156,10 @@ def test_expressions_read_other_resources_in_dependency_order(tmp_path: Path) ->
     text = ("domains:\n  vm:\n    description: \"on {{ volume.base.path }} ({{ network.lan.ipv4 }})\"\n"
             "    name: \"{{ volume.base.name }}-vm\"\n"
             "volumes:\n  base: {name: golden, pool: p, size: 16MiB}\n"
-            "pools:\n  p: {path: /srv/p}\nnetworks:\n  lan: {ipv4: 10.77.0.1/24}\n")
+            "pools:\n  p: {path: /var/lib/vmform/p}\nnetworks:\n  lan: {ipv4: 10.77.0.1/24}\n")
     manifests = load(tmp_path, text)
     vm = manifests.resources["domain.vm"]
-    assert vm.desired["description"] == "on /srv/p/golden (10.77.0.1/24)"
+    assert vm.desired["description"] == "on /var/lib/vmform/p/golden (10.77.0.1/24)"
     assert vm.libvirt_name == "golden-vm"
     assert {address for address, _ in vm.references} == {"volume.base", "pool.p", "network.lan"}
     from vmform.graph import build_graph
@@ -170,7 +170,7 @@ def test_expressions_read_other_resources_in_dependency_order(tmp_path: Path) ->
 
 def test_expression_cycles_and_unknown_resources_are_errors(tmp_path: Path) -> None:
     cycle = ("volumes:\n  a: {pool: p, size: 16MiB, name: \"{{ volume.b.name }}\"}\n"
-             "  b: {pool: p, size: 16MiB, name: \"{{ volume.a.name }}x\"}\npools:\n  p: {path: /srv/p}\n")
+             "  b: {pool: p, size: 16MiB, name: \"{{ volume.a.name }}x\"}\npools:\n  p: {path: /var/lib/vmform/p}\n")
     found = errors(tmp_path, cycle)
     assert any("volume.a's values refer to volume.b, whose values refer back to it" in e for e in found), found
     unknown = "domains:\n  vm: {description: \"{{ network.nope.ipv4 }}\"}\n"

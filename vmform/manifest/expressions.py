@@ -8,31 +8,102 @@ strings. Operators that could build huge values are bounded.
 
 from __future__ import annotations
 
+import contextvars
 import functools
-from collections.abc import Iterable, Mapping
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from itertools import chain, islice
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, Undefined, UndefinedError
+from jinja2 import StrictUndefined, TemplateError, Undefined, UndefinedError, nodes
 from jinja2.nativetypes import NativeCodeGenerator, NativeTemplate
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-MAX_RESULT = 1_000_000  # characters or items an operator may build
+MAX_RESULT = 1_000_000  # characters or items any value an expression builds may have
+MAX_ITERATIONS = 100_000  # loop iterations of one expression, all its loops together
+MAX_DEPTH = 50  # nested calls (macros calling themselves)
+MAX_SECONDS = 2.0  # wall time of one expression
 
 
 class ExpressionError(ValueError):
     pass
 
 
+class LimitExceeded(SecurityError):
+    """An expression hit one of the limits above; the message names the limit."""
+
+
+@dataclass
+class _Budget:
+    deadline: float
+    iterations: int = 0
+    depth: int = 0
+    seen: set[int] = field(default_factory=set)
+
+    def tick(self) -> None:
+        self.iterations += 1
+        if self.iterations > MAX_ITERATIONS:
+            raise LimitExceeded(f"more than {MAX_ITERATIONS} loop iterations")
+        if self.iterations % 1024 == 0:
+            self.check_time()
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise LimitExceeded(f"ran longer than {MAX_SECONDS:g}s")
+
+
+_budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("vmform_expression_budget", default=None)
+
+
+def _current_budget() -> _Budget:
+    budget = _budget.get()
+    if budget is None:  # a template rendered outside evaluate() (tests): limits still hold
+        budget = _Budget(time.monotonic() + MAX_SECONDS)
+        _budget.set(budget)
+    return budget
+
+
+def _bounded_length(value: Any, what: str) -> Any:
+    if isinstance(value, str | list | tuple | dict | set | bytes) and len(value) > MAX_RESULT:
+        raise LimitExceeded(f"{what} would be larger than {MAX_RESULT} characters or items")
+    return value
+
+
 def _concat(values: Iterable[Any]) -> Any:
     """One expression keeps its value and type; several parts make text. Unlike Jinja's native_concat, text
-    is never parsed again: a variable holding "123" or "[1]" stays a string."""
+    is never parsed again: a variable holding "123" or "[1]" stays a string. The text is bounded while it is
+    built, so a loop printing large parts stops at the limit, not at the end of memory."""
     head = list(islice(values, 2))
     if not head:
         return ""
     if len(head) == 1:
         return head[0]
-    return "".join(str(part) for part in chain(head, values))
+    parts, size = [], 0
+    for part in chain(head, values):
+        text = str(part)
+        size += len(text)
+        if size > MAX_RESULT:
+            raise LimitExceeded(f"the text would be larger than {MAX_RESULT} characters")
+        parts.append(text)
+    return "".join(parts)
+
+
+def _join(parts: Iterable[Any]) -> str:
+    """``a ~ b``: bounded like any text an expression builds (doubling a string in a loop stops at the limit)."""
+    texts = [str(part) for part in parts]
+    if sum(len(text) for text in texts) > MAX_RESULT:
+        raise LimitExceeded(f"the text would be larger than {MAX_RESULT} characters")
+    return "".join(texts)
+
+
+def _counted(iterable: Any) -> Iterator[Any]:
+    """What every ``{% for %}`` iterates: each iteration counts against the expression's budget."""
+    budget = _current_budget()
+    for item in iterable:
+        budget.tick()
+        yield item
 
 
 class _CodeGenerator(NativeCodeGenerator):
@@ -41,6 +112,69 @@ class _CodeGenerator(NativeCodeGenerator):
         if len(items) == 1:  # a lone constant ({{ 3 }}, {{ [1] }}) keeps its type, as any lone expression
             return repr(items[0])
         return repr("".join(str(item) for item in items))
+
+    def visit_For(self, node: nodes.For, frame: Any) -> None:  # noqa: N802 - Jinja's visitor naming
+        node.iter = nodes.Call(nodes.EnvironmentAttribute("vmform_counted"), [node.iter], [], None, None)
+        super().visit_For(node, frame)
+
+    def visit_Concat(self, node: nodes.Concat, frame: Any) -> None:  # noqa: N802 - Jinja's visitor naming
+        self.write("environment.vmform_join((")
+        for argument in node.nodes:
+            self.visit(argument, frame)
+            self.write(", ")
+        self.write("))")
+
+
+# Widths and precisions in printf-style and str.format specs: '%0999999999d', '{:>999999999}'.
+_PRINTF_WIDTH = re.compile(r"%[-+ #0]*(\d+|\*)?(?:\.(\d+|\*))?")
+_FORMAT_WIDTH = re.compile(r"[:<>^=+\- #0,_]\s*(\d{7,})|\.(\d{7,})")
+# Methods and filters whose integer arguments are the size of what they build.
+_WIDTH_ARGUMENTS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs", "indent", "wordwrap", "truncate"})
+
+
+def _check_format_widths(template: Any, printf: bool) -> None:
+    if not isinstance(template, str):
+        return
+    numbers = ([n for match in _PRINTF_WIDTH.finditer(template) for n in match.groups() if n and n != "*"] if printf
+               else [n for match in _FORMAT_WIDTH.finditer(template) for n in match.groups() if n])
+    for number in numbers:
+        if int(number) > MAX_RESULT:
+            raise LimitExceeded(f"a format width of {number} would build a value larger than {MAX_RESULT} characters")
+
+
+def _check_arguments(name: str, target: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    """Refuse a call that would build a huge value, before it runs."""
+    numbers = [value for value in (*args, *kwargs.values()) if isinstance(value, int) and not isinstance(value, bool)]
+    if name in _WIDTH_ARGUMENTS and any(abs(number) > MAX_RESULT for number in numbers):
+        raise LimitExceeded(f"{name}() with a width over {MAX_RESULT} would build a value too large")
+    if name in ("format", "format_map"):
+        _check_format_widths(target, printf=False)
+    if name == "replace" and isinstance(target, str) and len(args) >= 2 and isinstance(args[1], str):
+        old, new = str(args[0]), args[1]
+        count = target.count(old) if old else len(target) + 1
+        if len(target) + count * max(0, len(new) - len(old)) > MAX_RESULT:
+            raise LimitExceeded(f"replace() would build a value larger than {MAX_RESULT} characters")
+    if name == "join":
+        items = args[0] if isinstance(target, str) and args else target
+        separator = target if isinstance(target, str) else next((a for a in args if isinstance(a, str)), "")
+        if isinstance(items, list | tuple):
+            total = sum(len(str(item)) for item in items) + len(separator) * max(0, len(items) - 1)
+            if total > MAX_RESULT:
+                raise LimitExceeded(f"join() would build a value larger than {MAX_RESULT} characters")
+
+
+def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """A filter that refuses huge arguments before it runs and huge results after (Jinja calls filters
+    directly, not through ``Environment.call``)."""
+
+    @functools.wraps(function)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        values = [a for a in args if not hasattr(a, "environment") and type(a).__name__ != "EvalContext"]
+        target = values[0] if values else None
+        _check_arguments(name, target, tuple(values[1:]), kwargs)
+        return _bounded_length(function(*args, **kwargs), f"the {name} filter's result")
+
+    return bounded
 
 
 class _Template(NativeTemplate):
@@ -51,16 +185,45 @@ class _Environment(ImmutableSandboxedEnvironment):
     code_generator_class = _CodeGenerator
     template_class = _Template
     concat = staticmethod(_concat)  # type: ignore[assignment]
-    intercepted_binops = frozenset({"*", "**"})
+    # Intercepted operators are also never folded at compile time, where no limit could apply.
+    intercepted_binops = frozenset({"*", "**", "%", "+"})
+    vmform_counted = staticmethod(_counted)
+    vmform_join = staticmethod(_join)
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.filters = {name: _bounded_filter(name, function) for name, function in self.filters.items()}
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "**" and isinstance(right, int) and abs(right) > 256:
-            raise SecurityError("exponent too large")
+            raise LimitExceeded("an exponent over 256")
         if operator == "*":
             for sequence, times in ((left, right), (right, left)):
                 if isinstance(sequence, str | list | tuple) and isinstance(times, int) and len(sequence) * times > MAX_RESULT:
-                    raise SecurityError("the result would be too large")
-        return super().call_binop(context, operator, left, right)
+                    raise LimitExceeded(f"the result would be larger than {MAX_RESULT} characters or items")
+        if operator == "%":
+            _check_format_widths(left, printf=True)
+            stars = isinstance(left, str) and "*" in left and isinstance(right, tuple)
+            if stars and any(isinstance(v, int) and abs(v) > MAX_RESULT for v in right):  # '%*d' % (10**9, 1)
+                raise LimitExceeded(f"a format width over {MAX_RESULT} would build a value too large")
+        sequences = isinstance(left, str | list | tuple) and isinstance(right, str | list | tuple)
+        if operator == "+" and sequences and len(left) + len(right) > MAX_RESULT:
+            raise LimitExceeded(f"the result would be larger than {MAX_RESULT} characters or items")
+        return _bounded_length(super().call_binop(context, operator, left, right), "the result")
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - Jinja's signature
+        budget = _current_budget()
+        budget.check_time()
+        method = getattr(__obj, "__wrapped__", __obj)
+        _check_arguments(getattr(method, "__name__", ""), getattr(method, "__self__", None), args, kwargs)
+        if budget.depth >= MAX_DEPTH:
+            raise LimitExceeded(f"calls nested deeper than {MAX_DEPTH} (a macro calling itself?)")
+        budget.depth += 1
+        try:
+            result = super().call(__context, __obj, *args, **kwargs)
+        finally:
+            budget.depth -= 1
+        return _bounded_length(result, "the call's result")
 
 
 _Template.environment_class = _Environment
@@ -75,21 +238,40 @@ def has_expression(value: Any) -> bool:
     return isinstance(value, str) and ("{{" in value or "{%" in value)
 
 
+@functools.lru_cache(maxsize=4096)
+def _compiled(text: str) -> _Template:
+    """One compilation per distinct text: 500 ``count:`` instances of one manifest share their templates."""
+    return _environment().from_string(text)  # type: ignore[return-value]
+
+
 def evaluate(text: str, context: Mapping[str, Any]) -> Any:
     """The value of one manifest string; raises ExpressionError with a message for the user."""
+    token = _budget.set(_Budget(time.monotonic() + MAX_SECONDS))
     try:
-        template = _environment().from_string(text)
+        template = _compiled(text)
         result = template.render(dict(context))
+    except LimitExceeded as exc:
+        raise ExpressionError(f"expression stopped at a limit ({exc}): {_shown(text)}") from None
+    except RecursionError:
+        raise ExpressionError(f"expression stopped at a limit (calls nested too deep): {_shown(text)}") from None
+    except MemoryError:
+        raise ExpressionError(f"expression stopped at a limit (out of memory): {_shown(text)}") from None
     except SecurityError as exc:
         raise ExpressionError(f"expression refused by the sandbox ({exc}): {text!r}") from None
     except TemplateError as exc:
         raise ExpressionError(f"expression error ({_message(exc.message or type(exc).__name__)}): {text!r}") from None
     except (ArithmeticError, TypeError, ValueError, KeyError, IndexError) as exc:
         raise ExpressionError(f"expression error ({exc}): {text!r}") from None
+    finally:
+        _budget.reset(token)
     _check_defined(result, text)
     if isinstance(result, str) and len(result) > MAX_RESULT:
         raise ExpressionError(f"expression result is too large: {text!r}")
     return result
+
+
+def _shown(text: str) -> str:
+    return repr(text) if len(text) <= 200 else repr(text[:200]) + "…"
 
 
 def _message(text: str) -> str:

@@ -25,7 +25,7 @@ from vmform.manifest.variables import (
 )
 from vmform.manifest.yamlsource import SourceMap, YamlDocument, load_yaml
 from vmform.model import MODULE_NAME, Manifests, ModuleInstance, OutputSpec, Resource, scoped_address
-from vmform.project import host_names
+from vmform.project import extra_pool_roots, host_names
 from vmform.schema import optins
 from vmform.schema.extra_xml import YIELDS_WITH, foreign_paths, overlap, owned_paths, regions
 from vmform.schema.kind import EXISTING_KEYS, Kind, field_references
@@ -114,7 +114,8 @@ def load_manifests(project_name: str, files: Iterable[Path], root: Path | None =
         collector.add(message, domain.position(*relative))
     for resource in manifests.resources.values():
         _check_stylesheet(resource, collector)
-    for message, position in optins.check(manifests.resources.values()):
+    roots = (*optins.DEFAULT_POOL_ROOTS, *extra_pool_roots(dict(settings or {})))
+    for message, position in optins.check(manifests.resources.values(), roots):
         collector.add(message, position)
     if collector.errors:
         raise ManifestErrors(collector.errors)
@@ -569,7 +570,7 @@ def _load_evaluated(kind: Kind, key: str, raw: Any, default_name: str | None, ex
     if raw is None and scope.module:
         raw = {}
     if not isinstance(raw, dict):
-        _load_resource(kind, key, raw, file, source, manifests, collector, path, scope.module)
+        _load_resource(kind, key, raw, file, source, manifests, collector, path, scope.module, scope.root)
         return
     evaluated: dict[str, Any] = {}
     failed = False
@@ -599,7 +600,7 @@ def _load_evaluated(kind: Kind, key: str, raw: Any, default_name: str | None, ex
             evaluated["name"] = "-".join((*scope.names, default_name or key))
         elif default_name is not None and not scope.names:
             evaluated["name"] = default_name
-    _load_resource(kind, key, evaluated, file, source, manifests, collector, path, scope.module)
+    _load_resource(kind, key, evaluated, file, source, manifests, collector, path, scope.module, scope.root)
     loaded = manifests.resources.get(address)
     if loaded is not None:
         loaded.references = references
@@ -607,7 +608,7 @@ def _load_evaluated(kind: Kind, key: str, raw: Any, default_name: str | None, ex
 
 def _load_resource(
     kind: Kind, key: str, raw: Any, file: Path, source: SourceMap, manifests: Manifests, collector: _Collector,
-    path: tuple[str | int, ...], module: tuple[str, ...] = (),
+    path: tuple[str | int, ...], module: tuple[str, ...] = (), root: Path | None = None,
 ) -> None:
     address = scoped_address(module, f"{kind.name}.{key}")
     if raw is None:
@@ -658,6 +659,12 @@ def _load_resource(
         sheet_path = Path(stylesheet[len("file:"):])
         if not sheet_path.is_absolute():
             sheet_path = (file.parent / sheet_path).resolve()
+        outside = _outside_project(sheet_path, file, root, values)
+        if outside:
+            collector.add(f"the stylesheet {stylesheet[len('file:'):]!r} {outside}", source.value((*path, "xslt")))
+            values["xslt"] = None
+            stylesheet = None
+    if isinstance(stylesheet, str) and stylesheet.startswith("file:"):
         try:
             values["xslt"] = sheet_path.read_text(encoding="utf-8")
             Stylesheet().parse(values["xslt"])
@@ -670,19 +677,22 @@ def _load_resource(
         image = Path(values["source"])
         if not image.is_absolute():
             image = (file.parent / image).resolve()
+        outside = _outside_project(image, file, root, values)
         try:
-            found = image.is_file()
+            found = None if outside else image.is_file()
         except OSError as exc:  # a name too long for the filesystem, …
             collector.add(f"source image {values['source'][:80]!r}: {exc.strerror}", source.value((*path, "source")))
             found = None
-        if found is False:
+        if outside:
+            collector.add(f"source image {values['source'][:200]!r} {outside}", source.value((*path, "source")))
+        elif found is False:
             collector.add(f"source image {values['source']} not found (looked at {image})", source.value((*path, "source")))
         elif found and values.get("sha256") and file_digest(image) != values["sha256"].lower():
             collector.add(f"source image {values['source']} has sha256 {file_digest(image)}, not the {values['sha256']} "
                           "the manifest expects", source.value((*path, "sha256")))
         values["source"] = str(image)
     if kind.name == "cloudinit":
-        _read_seed_files(values, file, source, path, collector)
+        _read_seed_files(values, file, source, path, collector, root)
     resource = Resource(kind, key, values, source, path, host=_host(values, manifests, source, path, collector),
                         module=module)
     _check_foreign_xml(resource, collector)
@@ -707,9 +717,28 @@ def _host(values: dict[str, Any], manifests: Manifests, source: SourceMap, path:
 MAX_SEED_FILE_BYTES = 1024 * 1024
 
 
+def _outside_project(target: Path, manifest: Path, root: Path | None, values: dict[str, Any]) -> str:
+    """Why a local file a manifest reads (a source image, a seed file, a stylesheet) may not be read, or "".
+
+    Whatever is read ends up on the host or in a guest, and manifests may come from anyone with a pull request:
+    the file must be inside the project directory (or the module directory whose manifest names it), after
+    symlinks and '..' are resolved, unless the resource says allow: [host_paths]."""
+    if "host_paths" in (values.get("allow") or []):
+        return ""
+    try:
+        real = target.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return "cannot be resolved to a file; refused"
+    bases = [base.resolve() for base in (root, manifest.parent) if base is not None]
+    if any(real == base or base in real.parents for base in bases):
+        return ""
+    return ("is outside the project directory (after resolving symlinks and '..'); refused unless the resource "
+            "says allow: [host_paths]")
+
+
 def _read_seed_files(values: dict[str, Any], file: Path, source: SourceMap, path: tuple[str | int, ...],
-                     collector: _Collector) -> None:
-    """``{file: PATH}`` in a cloud-init seed: the file's text, read relative to the manifest."""
+                     collector: _Collector, root: Path | None = None) -> None:
+    """``{file: PATH}`` in a cloud-init seed: the file's text, read relative to the manifest (inside the project)."""
     for name in ("user_data", "network_config"):
         value = values.get(name)
         if not isinstance(value, dict):
@@ -718,6 +747,10 @@ def _read_seed_files(values: dict[str, Any], file: Path, source: SourceMap, path
         if not target.is_absolute():
             target = (file.parent / target).resolve()
         position = source.value((*path, name, "file"))
+        outside = _outside_project(target, file, root, values)
+        if outside:
+            collector.add(f"{name} file {str(value['file'])[:200]!r} {outside}", position)
+            continue
         try:
             if target.stat().st_size > MAX_SEED_FILE_BYTES:
                 collector.add(f"{value['file']} is larger than 1 MiB", position)

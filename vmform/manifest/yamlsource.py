@@ -16,6 +16,9 @@ from vmform.errors import ManifestError, Position
 Path = tuple[str | int, ...]
 # Expanding aliases can blow up exponentially ("billion laughs"); no real manifest comes near this.
 MAX_NODES = 200_000
+# Nesting deeper than this is refused (500 '[' would otherwise exhaust Python's recursion); libvirt's deepest
+# XML, written under xml:, stays far below it.
+MAX_DEPTH = 64
 
 
 @dataclass
@@ -66,6 +69,8 @@ class _Converter:
             )
         if id(node) in active:
             raise ManifestError("recursive YAML alias", _position(self.file, node.start_mark))
+        if len(path) > MAX_DEPTH:
+            raise ManifestError(f"YAML nested deeper than {MAX_DEPTH} levels", _position(self.file, node.start_mark))
         self.source.values[path] = _position(self.file, node.start_mark)
         if isinstance(node, yaml.MappingNode):
             explicit = {id(key) for key, _ in node.value if key.tag != "tag:yaml.org,2002:merge"}
@@ -152,8 +157,22 @@ def _load_with(loader_class: Any, text: str, file: str, fast: bool) -> tuple[lis
     except yaml.YAMLError as exc:  # reader errors (bad characters) carry no mark
         if fast:
             raise
-        errors.append(ManifestError(f"YAML error: {exc}", Position(file, 1, 1)))
+        errors.append(_reader_error(exc, text, file))
+    except RecursionError:  # PyYAML's composer recurses per level, before the converter can count them
+        mark = getattr(getattr(loader, "peek_event", lambda: None)(), "start_mark", None) if loader else None
+        errors.append(ManifestError(f"YAML nested deeper than {MAX_DEPTH} levels", _position(file, mark)))
     finally:
         if loader is not None:
             loader.dispose()
     return documents, errors
+
+
+def _reader_error(exc: yaml.YAMLError, text: str, file: str) -> ManifestError:
+    """PyYAML's reader errors (a character YAML refuses) in one line, at the character's line and column."""
+    offset = getattr(exc, "position", None)
+    if isinstance(exc, yaml.reader.ReaderError) and isinstance(offset, int):
+        before = text[:offset]
+        line, column = before.count("\n") + 1, offset - (before.rfind("\n") + 1) + 1
+        character = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return ManifestError(f"YAML error: character #x{character:04x} is not allowed in YAML", Position(file, line, column))
+    return ManifestError(f"YAML error: {' '.join(str(exc).split())}", Position(file, 1, 1))

@@ -29,6 +29,31 @@ WHY = {
     CUSTOM_EMULATOR: " (a custom emulator: a program libvirt runs as the hypervisor)",
 }
 
+# Where pools may be made without allow: [host_paths]; vmform.toml's pool_roots adds to these.
+DEFAULT_POOL_ROOTS = ("/var/lib/libvirt/images", "/var/lib/vmform")
+# Never a pool directory, with or without an opt-in: the host's own files live there. A pool at one of them, inside
+# one, or at a directory holding one (/, /var) would make them volumes a guest can be given.
+SYSTEM_DIRECTORIES = ("/etc", "/usr", "/boot", "/root", "/proc", "/sys", "/dev", "/run", "/bin", "/sbin", "/lib",
+                      "/lib32", "/lib64", "/libx32", "/var/run", "/var/log", "/var/lib/libvirt")
+SYSTEM_EXCEPTIONS = ("/var/lib/libvirt/images",)  # libvirt's own default pool, inside /var/lib/libvirt
+
+
+def _under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def system_directory(path: str) -> str:
+    """Why ``path`` (normalised, absolute) may never be a pool directory, or ""."""
+    if any(_under(path, allowed) for allowed in SYSTEM_EXCEPTIONS):
+        return ""
+    for system in SYSTEM_DIRECTORIES:
+        if _under(path, system):
+            return f"is inside the system directory {system}"
+        if _under(system, path):
+            return f"holds the system directory {system}"
+    return ""
+
+
 # Where libvirt writes console logs by itself (console_log: true): not a host path the manifest chose.
 CONSOLE_LOG_DIR = "/var/log/libvirt/qemu/"
 
@@ -50,17 +75,39 @@ class Scope:
 
     directories: tuple[str, ...]
     pools: frozenset[str]
+    # The files in those directories that are declared volumes (and seeds): a path there is one of the project's
+    # own volumes, or it is refused like any other host path. None: any file in the directories (import).
+    volumes: frozenset[str] | None = None
+    roots: tuple[str, ...] = DEFAULT_POOL_ROOTS  # where pools may be made without allow: [host_paths]
 
     def inside(self, path: str) -> bool:
         normal = os.path.normpath(path)
         if not normal.startswith("/") or "\x00" in normal:
             return False
-        return any(normal != directory and os.path.commonpath([normal, directory]) == directory
-                   for directory in self.directories)
+        if not any(normal != directory and os.path.commonpath([normal, directory]) == directory
+                   for directory in self.directories):
+            return False
+        return self.volumes is None or normal in self.volumes
+
+    def why_outside(self, path: str) -> str:
+        """The end of a refusal: outside the pools, or in a pool directory but not one of its volumes."""
+        normal = os.path.normpath(path)
+        in_pool = any(normal != d and os.path.commonpath([normal, d]) == d for d in self.directories
+                      if normal.startswith("/"))
+        if in_pool:
+            return "is in a managed pool's directory but is not one of the volumes the manifests declare there"
+        return "is outside the pools this project manages"
+
+    def in_roots(self, path: str) -> bool:
+        return any(_under(os.path.normpath(path), root) for root in self.roots)
 
 
-def scope_of(resources: Iterable[Any]) -> Scope:
-    directories, pools = [], set()
+def scope_of(resources: Iterable[Any], roots: tuple[str, ...] = DEFAULT_POOL_ROOTS, volumes: bool = True) -> Scope:
+    """``volumes``: a path in a pool directory must be a declared volume's (False: any file there, for import)."""
+    from vmform.schema.cloudinit import volume_name as seed_volume_name
+
+    resources = list(resources)
+    directories, pools, by_pool = [], set(), {}
     for resource in resources:
         if resource.kind.name != "pool":
             continue
@@ -70,7 +117,18 @@ def scope_of(resources: Iterable[Any]) -> Scope:
             normal = os.path.normpath(path)
             if normal != "/":
                 directories.append(normal)
-    return Scope(tuple(sorted(set(directories))), frozenset(pools))
+                by_pool[resource.libvirt_name] = normal
+    declared: set[str] = set()
+    for resource in resources:
+        if resource.kind.name not in ("volume", "cloudinit"):
+            continue
+        directory = by_pool.get(str(resource.desired.get("pool") or resource.values.get("pool")))
+        if directory is None:
+            continue
+        name = resource.libvirt_name if resource.kind.name == "volume" else seed_volume_name(resource.libvirt_name)
+        declared.add(os.path.join(directory, name))
+    return Scope(tuple(sorted(set(directories))), frozenset(pools), frozenset(declared) if volumes else None,
+                 tuple(roots))
 
 
 def _source_path(source: Element) -> tuple[str, str] | None:
@@ -105,7 +163,7 @@ def _disk(disk: Element, scope: Scope) -> Iterator[Finding]:
         elif kind == "network" or kind == "vhostuser":
             continue
         elif not scope.inside(path):
-            yield Finding(HOST_PATHS, f"{label}: {path} is outside the pools this project manages", where)
+            yield Finding(HOST_PATHS, f"{label}: {path} {scope.why_outside(path)}", where)
 
 
 def _hostdev_text(node: Element) -> str:
@@ -146,20 +204,20 @@ def _domain(root: Element, scope: Scope) -> Iterator[Finding]:
         if found[0] == "dev" or node.get("type") == "block":
             yield Finding(HOST_PATHS, f"filesystem {tag}: {found[1]} is a host block device", ("filesystems", tag or ""))
         elif not scope.inside(found[1]):
-            yield Finding(HOST_PATHS, f"filesystem {tag}: {found[1]} is outside the pools this project manages",
+            yield Finding(HOST_PATHS, f"filesystem {tag}: {found[1]} {scope.why_outside(found[1])}",
                           ("filesystems", tag or ""))
     for tag in ("kernel", "initrd", "dtb"):
         for node in root.findall(f"os/{tag}"):
             path = (node.text or "").strip()
             if path and not scope.inside(path):
-                yield Finding(HOST_PATHS, f"{tag} {path} is outside the pools this project manages", (tag,))
+                yield Finding(HOST_PATHS, f"{tag} {path} {scope.why_outside(path)}", (tag,))
     for device in root.xpath("|".join(f"devices/{tag}" for tag in _CHAR_DEVICES)):
         if device.get("type") in _PATH_CHAR_TYPES:
             source = device.find("source")
             path = source.get("path") if source is not None else None
             if path and not scope.inside(path):
-                yield Finding(HOST_PATHS, f"{device.tag} type='{device.get('type')}': {path} is outside the pools "
-                              "this project manages")
+                yield Finding(HOST_PATHS, f"{device.tag} type='{device.get('type')}': {path} "
+                              f"{scope.why_outside(path)}")
         for log in device.findall("log"):
             path = log.get("file") or ""
             if path and not (os.path.normpath(path).startswith(CONSOLE_LOG_DIR) and ".." not in path.split("/")) \
@@ -235,12 +293,26 @@ def _render(resource: Any, values: dict[str, Any]) -> Element | None:
         return None
 
 
-def check(resources: Iterable[Any]) -> Iterator[tuple[str, Position]]:
+def _pool(resource: Any, scope: Scope) -> Iterator[tuple[str, Position]]:
+    """A pool vmform makes outside the pool roots needs allow: [host_paths]; (system directories are refused
+    always, by schema/pool.py's check)."""
+    path = resource.values.get("path")
+    if resource.values.get("existing") or not isinstance(path, str) or not path.startswith("/"):
+        return
+    if scope.in_roots(path) or HOST_PATHS in (resource.values.get("allow") or []):
+        return
+    yield (f"pool directory {path} is outside the pool roots ({', '.join(scope.roots)}; vmform.toml's pool_roots "
+           f"adds more); refused unless the resource says allow: [{HOST_PATHS}]", resource.position("path"))
+
+
+def check(resources: Iterable[Any], roots: tuple[str, ...] = DEFAULT_POOL_ROOTS) -> Iterator[tuple[str, Position]]:
     """(message, position) for every opt-in a resource needs and does not state. Only what the document vmform
     would send holds is refused; each finding is reported where it first appears (curated fields, xml:, xslt:)."""
     resources = list(resources)
-    scope = scope_of(resources)
+    scope = scope_of(resources, roots)
     for resource in resources:
+        if resource.kind.name == "pool":
+            yield from _pool(resource, scope)
         if resource.kind.name not in ("domain", "network") or resource.values.get("existing"):
             continue
         allowed = set(resource.values.get("allow") or [])

@@ -43,8 +43,16 @@ def check(values: dict[str, Any]) -> Iterator[tuple[tuple[str | int, ...], str]]
                           "xml: source")
     path = values.get("path")
     if path is not None:
+        from vmform.schema.optins import system_directory
+
+        # File pools only: a device pool's target (mpath: /dev/mapper) is outside the pool roots, so it needs
+        # allow: [host_paths] anyway.
+        file_pool = kind in ("dir", "fs", "netfs")
+        why = system_directory(os.path.normpath(path)) if path.startswith("/") and file_pool else ""
         if os.path.normpath(path) == "/" or ".." in path.split("/"):
             yield ("path",), f"'{path}' is not an acceptable pool directory"
+        elif why and not values.get("existing"):
+            yield ("path",), f"'{path}' {why}: never a pool directory vmform makes"
         values["path"] = os.path.normpath(path)
 
 
