@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -595,7 +596,7 @@ def import_objects(workspace: Workspace, conn: libvirt.virConnect, addresses: li
         _carry_rest(item, roots[item.address])
     for _attempt in range(len(KINDS["domain"].fields)):
         text = render_yaml(objects, project)
-        manifests = _load_with(workspace, text)
+        manifests = _load_with(workspace, text, out)
         yielded = False
         for item in objects:
             resource = manifests.resources[item.address]
@@ -615,21 +616,40 @@ def import_objects(workspace: Workspace, conn: libvirt.virConnect, addresses: li
     return ImportResult(out, objects, outside)
 
 
-def _load_with(workspace: Workspace, text: str) -> Any:
+def _load_with(workspace: Workspace, text: str, out: Path) -> Any:
     import tempfile
 
     from vmform.errors import ManifestErrors
     from vmform.manifest.loader import load_manifests
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "imported.yaml"
+        path = Path(tmp) / out.name
         path.write_text(text, encoding="utf-8")
         try:
             return load_manifests(workspace.project.name, [*workspace.project.manifest_files(), path],
                                   workspace.project.root)
         except ManifestErrors as exc:
-            problems = "; ".join(str(e) for e in exc.errors)
+            # Positions name the file being written, never the temporary copy it was checked in.
+            shown = os.path.relpath(path, workspace.project.root)
+            problems = "; ".join(str(e).replace(shown, str(out)) for e in exc.errors)
             raise ImportError_(f"the imported manifests would not load (nothing was written or marked): {problems}") from None
+
+
+# Jinja's openings: text read from the host that holds one is written so that it loads back verbatim.
+_EXPRESSION_OPENING = re.compile(r"\{[{%#]")
+
+
+def literal_text(value: Any) -> Any:
+    """A value as the loader must read it back: every ``{{``, ``{%`` and ``{#`` in text written as the
+    expression ``{{ '{{' }}`` (docs/MANIFEST.md, *Expressions*), in nested values too."""
+    if isinstance(value, str) and _EXPRESSION_OPENING.search(value):
+        escaped = _EXPRESSION_OPENING.sub(lambda match: "{{ '" + match.group(0) + "' }}", value)
+        return _Quoted(escaped) if isinstance(value, _Quoted) else escaped
+    if isinstance(value, dict):
+        return {key: literal_text(item) for key, item in value.items()}  # keys are never evaluated
+    if isinstance(value, list):
+        return [literal_text(item) for item in value]
+    return value
 
 
 def render_yaml(objects: list[ImportedObject], project: str) -> str:
@@ -637,7 +657,7 @@ def render_yaml(objects: list[ImportedObject], project: str) -> str:
     for kind in IMPORTABLE:
         for item in objects:
             if item.kind == kind:
-                sections.setdefault(KINDS[kind].section, {})[item.name] = item.values
+                sections.setdefault(KINDS[kind].section, {})[item.name] = literal_text(item.values)
     header = [
         f"# Imported by `vmform import` into project {project}: these objects are now owned by it.",
         "# Curated fields first; whatever no curated field says is under xml:, one-to-one with libvirt's XML.",

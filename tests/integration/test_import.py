@@ -160,3 +160,24 @@ def test_import_refuses_to_overwrite(project: Any) -> None:
     # Nothing was marked: with --force it imports.
     project.run("import", f"domain.{project.prefix}-keep", "--force", check=True)
     assert "No changes." in project.run("plan", check=True).stdout
+
+
+@pytest.mark.libvirt
+@pytest.mark.parametrize("description", ["cost {{ 7*7 }} units", "{{ ''.__class__ }}", "{% raw %} {# x #}"])
+def test_imported_text_is_never_evaluated(project: Any, description: str) -> None:
+    """Text read from the host that looks like an expression is written so that it loads back verbatim: the next
+    plan neither rewrites it ("cost 49 units") nor fails to load it."""
+    name = f"{project.prefix}-braces"
+    root = etree.fromstring(f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
+                            "<os><type arch='x86_64'>hvm</type></os></domain>")
+    etree.SubElement(root, "description").text = description
+    _define(project, etree.tostring(root, encoding="unicode"))
+    imported = project.run("import", f"domain.{name}", check=True)
+    assert f"domain.{name}: imported" in imported.stdout, imported.stdout
+    assert "No changes." in project.run("plan", check=True).stdout
+    assert "No changes." in project.run("apply", "--auto-approve", check=True).stdout
+    assert etree.fromstring(project.conn.lookupByName(name).XMLDesc(0)).findtext("description") == description
+    import yaml
+
+    written = yaml.safe_load((project.root / "imported.yaml").read_text())["domains"][name]["description"]
+    assert written != description and "{{ '{{' }}" in written or "{{ '{%' }}" in written  # escaped, not verbatim
