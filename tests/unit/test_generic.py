@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -374,11 +373,10 @@ def test_import_refuses_what_the_schema_does_not_allow() -> None:
 # ------------------------------------------------------------------------------------------- model
 
 
-def test_model_builds_fast_and_knows_libvirt() -> None:
-    start = time.perf_counter()
+def test_model_knows_libvirt() -> None:
+    # How fast it builds is the benchmark's business (bench/run.py), never a timed assertion here.
     for kind in ("domain", "network", "pool"):
         generic.build_model(kind)
-    assert time.perf_counter() - start < 0.5
     schema = generic.model("domain")
     root = schema.defs[schema.root]
     assert root.children["devices"].repeat is False and root.children["sysinfo"].repeat is True

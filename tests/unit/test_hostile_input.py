@@ -163,3 +163,43 @@ def test_seed_files_and_stylesheets_outside_the_project_are_refused(tmp_path: Pa
     assert len(found) == 1 and "user_data file '/etc/passwd' is outside the project directory" in found[0], found
     found = errors(tmp_path, "domains:\n  vm: {xslt: {file: /etc/passwd}}\n")
     assert len(found) == 1 and "the stylesheet '/etc/passwd' is outside the project directory" in found[0], found
+
+
+# --- host paths: everything libvirt's schema types as a path ------------------------------------------------
+
+@pytest.mark.parametrize(("xml", "what"), [
+    ("{devices: {channel: [{type: unix, source: [{mode: bind, path: /etc/evil.sock}], target: {type: virtio, name: x}}]}}",
+     "channel type='unix': /etc/evil.sock is outside the pools"),
+    ("{os: {loader: {readonly: 'yes', type: pflash, _text: /etc/shadow}}}", "os/loader: /etc/shadow is a host path"),
+    ("{os: {nvram: /root/vars.fd}}", "os/nvram: /root/vars.fd is a host path"),
+    ("{devices: {graphics: [{type: vnc, socket: /etc/vnc.sock}]}}", "devices/graphics/@socket: /etc/vnc.sock"),
+])
+def test_every_host_path_the_schema_knows_needs_the_opt_in(tmp_path: Path, xml: str, what: str) -> None:
+    text = f"domains:\n  vm:\n    xml: {xml}\n"
+    found = errors(tmp_path, text)
+    assert len(found) == 1 and what in found[0], found
+    assert found[0].startswith("m.yaml:3:") and found[0].endswith("refused unless the resource says allow: [host_paths]")
+    assert load(tmp_path, text.replace("  vm:\n", "  vm:\n    allow: [host_paths]\n"))
+
+
+def test_firmware_and_libvirts_own_paths_need_no_opt_in(tmp_path: Path) -> None:
+    assert load(tmp_path, "domains:\n  vm:\n    xml: {os: {loader: {readonly: 'yes', type: pflash, _text: "
+                          "/usr/share/OVMF/OVMF_CODE.fd}, nvram: /var/lib/libvirt/qemu/nvram/vm_VARS.fd}}\n")
+
+
+def test_a_network_tftp_root_is_a_host_path(tmp_path: Path) -> None:
+    text = ("networks:\n  n:\n    xml: {ip: [{address: 10.9.9.1, netmask: 255.255.255.0, tftp: {root: /etc}}]}\n")
+    found = errors(tmp_path, text)
+    assert len(found) == 1 and "ip/tftp/@root: /etc is a host path" in found[0], found
+
+
+# --- import escaping ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["cost {{ 7*7 }} units", "{{ ''.__class__ }}", "{% raw %}{# c #}", "a }} {{", "plain"])
+def test_imported_text_loads_back_verbatim(tmp_path: Path, text: str) -> None:
+    import yaml
+
+    from vmform.importer import literal_text
+
+    written = yaml.safe_dump({"domains": {"vm": {"description": literal_text(text)}}})
+    assert load(tmp_path, written).resources["domain.vm"].desired["description"] == text

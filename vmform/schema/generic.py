@@ -71,12 +71,14 @@ class ValueSpec:
     free: bool = False  # any text (rng:text, string without pattern, datatypes we do not check)
     numeric: bool = False
     patterns: set[str] = field(default_factory=set)
+    host_path: bool = False  # one of libvirt's path datatypes (absFilePath, …): names a file on the host
 
     def add(self, other: ValueSpec) -> None:
         self.literals |= other.literals
         self.free = self.free or other.free
         self.numeric = self.numeric or other.numeric
         self.patterns |= other.patterns
+        self.host_path = self.host_path or other.host_path
 
     @property
     def enumerated(self) -> bool:
@@ -307,7 +309,12 @@ class _Builder:
         if tag in ("zeroOrMore", "oneOrMore"):
             return self.group(list(node), grammar).repeated()
         if tag == "ref":
-            return self.define(node.get("name"), grammar)
+            found = self.define(node.get("name"), grammar)
+            if node.get("name") in HOST_PATH_DEFINES:  # a copy: the cached define stays as it is
+                marked = _Summary.combine([found], "group")
+                marked.info.text.host_path = True
+                return marked
+            return found
         if tag == "parentRef":
             assert grammar.parent is not None
             return self.define(node.get("name"), grammar.parent)
@@ -336,6 +343,8 @@ class _Builder:
             spec = self.group(content, grammar).info.text if content else ValueSpec(free=True)
             if spec.empty:
                 spec = ValueSpec(free=True)
+            if spec.free and not spec.patterns and {etree.QName(q).localname for q in names} & UNTYPED_PATH_NAMES:
+                spec.host_path = True  # e.g. a character device's <source path=…>, which the schema leaves untyped
             for qname in names:
                 out.info.attrs[qname] = spec
         elif tag == "text" or tag == "list":
@@ -411,6 +420,32 @@ class _Builder:
 
 
 _NAME_CLASSES = {"name", "anyName", "nsName", "except"}
+# The datatypes of basictypes.rng that name files and directories on the host (schema/optins.py checks them).
+HOST_PATH_DEFINES = frozenset({"absFilePath", "absDirPath", "filePath", "dirPath"})
+# Attributes of these names that the schema types only as text are host paths too.
+UNTYPED_PATH_NAMES = frozenset({"path", "file", "dir", "socket", "root"})
+
+
+def host_path_values(element: Element, kind: str) -> Iterator[tuple[str, str]]:
+    """(where, value) for every attribute and text in a document that libvirt's schema types as a host path
+    (``devices/channel/source/@path``), found by walking the document alongside the schema."""
+    schema = model(kind)
+
+    def walk(node: Element, info: ElementInfo, where: str) -> Iterator[tuple[str, str]]:
+        for name, value in node.attrib.items():
+            spec = info.attrs.get(name)
+            if spec is not None and spec.host_path:
+                yield f"{where}/@{etree.QName(name).localname}", value
+        if info.text.host_path and (node.text or "").strip():
+            yield where, (node.text or "").strip()
+        for child in node:
+            if not isinstance(child.tag, str):
+                continue
+            ref = info.children.get(child.tag)
+            if ref is not None:
+                yield from walk(child, schema.info(ref.defs), f"{where}/{etree.QName(child).localname}")
+
+    yield from walk(element, schema.info({schema.root}), etree.QName(element).localname)
 
 
 def _prefixes(uris: set[str]) -> dict[str, str]:
