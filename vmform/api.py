@@ -423,8 +423,12 @@ def domain_outputs(workspace: Workspace, connections: Connections) -> list[Domai
     return found
 
 
-def project_outputs(workspace: Workspace, connections: Connections) -> dict[str, Any]:
-    """The project's outputs, evaluated against the host: domains offer state, ips and ip (the first)."""
+SENSITIVE_SHOWN = "(sensitive)"  # what a sensitive output is shown as, by every client
+
+
+def project_outputs(workspace: Workspace, connections: Connections, show_sensitive: bool = False) -> dict[str, Any]:
+    """The project's outputs, evaluated against the host: domains offer state, ips and ip (the first). A
+    sensitive output is ``(sensitive)`` unless ``show_sensitive``: the CLI and the Ansible module both mask here."""
     from vmform.errors import ManifestError, ManifestErrors
     from vmform.manifest.expressions import ResourceReader, evaluate_tree
 
@@ -444,6 +448,8 @@ def project_outputs(workspace: Workspace, connections: Connections) -> dict[str,
         values[name] = value
     if errors:
         raise ManifestErrors(errors)
+    if not show_sensitive:
+        values = {name: SENSITIVE_SHOWN if manifests.outputs[name].sensitive else value for name, value in values.items()}
     return values
 
 

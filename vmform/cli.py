@@ -367,9 +367,7 @@ def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, paralle
             _fail_if_unreachable(connections)
         _wait_after_apply(out, workspace, connections, wait_agent, wait_ip, wait_timeout)
         if workspace.manifests.outputs and not out.quiet:
-            values = api.project_outputs(workspace, connections)
-            _print_outputs(out, {key: "(sensitive)" if workspace.manifests.outputs[key].sensitive else value
-                                 for key, value in values.items()})
+            _print_outputs(out, api.project_outputs(workspace, connections))
     finally:
         connections.close()
 
@@ -516,14 +514,14 @@ def output(ctx: click.Context, name: str | None, as_json: bool) -> None:
     connections = api.connect(workspace)
     try:
         outputs = api.domain_outputs(workspace, connections)
-        values = api.project_outputs(workspace, connections)
+        # One output asked for by name is printed as it is (as `terraform output NAME`); a listing masks.
+        shown = api.project_outputs(workspace, connections, show_sensitive=name is not None)
     finally:
         connections.close()
     if name is not None:
-        value = values[name]
+        value = shown[name]
         click.echo(value if isinstance(value, str) else json.dumps(value))
         return
-    shown = {key: "(sensitive)" if workspace.manifests.outputs[key].sensitive else value for key, value in values.items()}
     if as_json:
         click.echo(json.dumps({"domains": [o.to_json() for o in outputs], "outputs": shown}, indent=2))
         return

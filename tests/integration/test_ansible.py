@@ -12,11 +12,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
+
+from tests.integration.conftest import URI
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "ansible"
@@ -242,3 +247,39 @@ def test_ansible_test_sanity_passes_for_the_collection() -> None:
     assert completed.returncode == 0, output[-6000:]
     for test in ("validate-modules", "pylint", "pep8", "import", "compile", "yamllint", "ansible-doc"):
         assert f'Running sanity test "{test}"' in output, test
+
+
+class _FakeModule:
+    """What run() reads of an AnsibleModule."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = params
+        self.check_mode = False
+        self._diff = False
+
+
+@pytest.mark.parametrize("show", [False, True])
+def test_sensitive_outputs_are_masked_unless_asked(tmp_path: Path, show: bool) -> None:
+    """The module masks through the same library call as `vmform output` (api.project_outputs): `-v` never prints
+    a secret unless show_sensitive asks for it."""
+    name = f"vmftest-{secrets.token_hex(3)}"  # only read: an empty project's plan creates nothing
+    (tmp_path / "vmform.toml").write_text(f'[project]\nname = "{name}"\nuri = "{URI}"\n')
+    (tmp_path / "main.yaml").write_text(
+        "variables:\n  token: {type: string, default: s3cr3t, sensitive: true}\n"
+        "outputs:\n  token: {value: \"{{ var.token }}\", sensitive: true}\n  plain: {value: hello}\n")
+    params = dict(project_src=str(tmp_path), state="present", targets=[], variables={}, parallelism=None, uri=None,
+                  lock_timeout=0.0, restart=False, show_sensitive=show)
+    result = _ansible_module().run(_FakeModule(params))
+    assert result["project_outputs"] == {"token": "s3cr3t" if show else "(sensitive)", "plain": "hello"}
+    assert show or "s3cr3t" not in repr(result)
+
+
+def _ansible_module() -> Any:
+    import importlib.util
+
+    path = REPO / "ansible_collections/vmform/libvirt/plugins/modules/vmform.py"
+    spec = importlib.util.spec_from_file_location("vmform_ansible_module", path)
+    assert spec is not None and spec.loader is not None
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded

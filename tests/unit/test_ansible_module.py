@@ -64,7 +64,7 @@ def test_argument_spec_matches_documentation(module: ModuleType) -> None:
         assert documented.get("required", False) == argument.get("required", False), name
         assert documented.get("default") == argument.get("default"), name
     assert set(options) == {"project_src", "state", "targets", "variables", "parallelism", "uri", "lock_timeout",
-                            "restart"}
+                            "restart", "show_sensitive"}
 
 
 def _plan() -> Plan:
@@ -97,3 +97,4 @@ def test_change_summary(module: ModuleType) -> None:
                             "fields": ["memory", "autostart"], "reason": ""}
     assert [(s["address"], s["action"]) for s in summaries] == [
         ("cloudinit.seed", "create"), ("domain.web", "update"), ("volume.old", "delete")]
+

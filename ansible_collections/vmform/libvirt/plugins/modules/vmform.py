@@ -84,6 +84,13 @@ options:
         at the next restart.
     type: bool
     default: false
+  show_sensitive:
+    description:
+      - Return sensitive outputs (those marked C(sensitive) in the project's outputs) in clear in
+        RV(project_outputs). Without it they are C((sensitive)), as C(vmform output) lists them, so C(-v) never
+        prints a secret. With it, also set C(no_log) on the task, or Ansible prints them.
+    type: bool
+    default: false
 notes:
   - The module runs on the host whose Python has vmform installed; with O(uri) or the project's C(uri) it can
     manage a remote libvirt host from there.
@@ -174,8 +181,8 @@ notes:
   elements: str
   sample: []
 project_outputs:
-  description: The project's C(outputs:), evaluated against the host after the task's changes (as
-    C(vmform output --json) prints them, sensitive ones included).
+  description: The project's C(outputs:), evaluated against the host after the task's changes, as
+    C(vmform output --json) prints them; sensitive ones are C((sensitive)) unless O(show_sensitive=true).
   returned: success, unless O(state=absent)
   type: dict
   sample: {"web_ip": "10.232.0.100"}
@@ -259,6 +266,7 @@ ARGUMENT_SPEC = dict(
     uri=dict(type="str"),
     lock_timeout=dict(type="float", default=0),
     restart=dict(type="bool", default=False),
+    show_sensitive=dict(type="bool", default=False),
 )
 
 
@@ -375,7 +383,7 @@ def run(module):
                     module.fail_json(msg=_incomplete(command, applied), **result)
         result["outputs"] = [output.to_json() for output in api.domain_outputs(workspace, connections)]
         if params["state"] != "absent":
-            result["project_outputs"] = api.project_outputs(workspace, connections)
+            result["project_outputs"] = api.project_outputs(workspace, connections, params["show_sensitive"])
         return result
     finally:
         connections.close()
