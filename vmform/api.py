@@ -173,7 +173,7 @@ def saved_plan(workspace: Workspace, connections: Connections, targets: list[str
     )
     default = identities.get(workspace.project.default_host) or next(iter(identities.values()))
     several = identities if workspace.project.several_hosts else {}
-    return SavedPlan(the_plan, default, fingerprints, tuple(targets or ()), hosts=several)
+    return SavedPlan(the_plan, default, fingerprints, tuple(targets or ()), hosts=several, restart=restart)
 
 
 def _identities(workspace: Workspace, connections: Connections, hosts: list[str]) -> dict[str, dict[str, str]]:
@@ -303,6 +303,8 @@ def check_saved(workspace: Workspace, connections: Connections, saved: SavedPlan
         lives = {workspace.project.default_host: read_live(workspace, connections)}
     manifests_now = planfile.manifests_fingerprint(workspace.project, workspace.manifests)
     planfile.check_fresh(saved, manifests_now, _live_fingerprints(workspace, lives))
+    # Compared, never applied: what runs is the saved plan (apply never re-decides what plan decided).
+    planfile.check_same_plan(saved, plan(workspace, connections, list(saved.targets) or None, saved.restart))
 
 
 def apply_saved(workspace: Workspace, connections: Connections, saved: SavedPlan, parallelism: int | None = None,

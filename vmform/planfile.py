@@ -9,7 +9,10 @@ apply needs to know whether the plan still holds:
 - a digest per address of the live state the plan read, so a refusal can name what changed.
 
 Apply re-reads the host under the project lock and refuses a plan whose fingerprints no longer match;
-it never re-plans. The file holds desired values in full (sensitive ones too), as Terraform's does:
+it never re-plans. Integrity: the file carries a digest over all of its content, the project and the host
+identities included, so a file that was truncated, edited by hand or made for another host is refused before
+any change is made; and its changes must be exactly the plan the manifests and the host give now (they are
+compared, not used), so an edit that recomputed the digest is refused as well. The file holds desired values in full (sensitive ones too), as Terraform's does:
 treat it like the manifests' secrets.
 """
 
@@ -59,6 +62,7 @@ class SavedPlan:
     created: float = field(default_factory=time.time)
     vmform_version: str = __version__
     hosts: dict[str, dict[str, str]] = field(default_factory=dict)  # several hosts: each one's identity, by name
+    restart: bool = False  # made with plan --restart (the re-derived plan must be made the same way)
 
     def describe(self) -> str:
         made = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.created))
@@ -77,6 +81,7 @@ class SavedPlan:
             "host": dict(self.host),
             "hosts": {name: dict(identity) for name, identity in self.hosts.items()},
             "targets": list(self.targets),
+            "restart": self.restart,
             "fingerprints": {
                 "manifests": self.fingerprints.manifests,
                 "variables": self.fingerprints.variables,
@@ -86,14 +91,21 @@ class SavedPlan:
         }
 
 
+def content_digest(document: dict[str, Any]) -> str:
+    """The digest of a plan file's content: every key but the digest itself, canonical JSON."""
+    return "sha256:" + _digest({key: value for key, value in document.items() if key != "digest"})
+
+
 def write(path: Path | str, saved: SavedPlan) -> None:
     """Write atomically (a temporary file renamed into place), readable only by its owner."""
     target = Path(path)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    document = saved.to_json()
+    document["digest"] = content_digest(document)
     try:
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
-            json.dump(saved.to_json(), stream, indent=1, sort_keys=False)
+            json.dump(document, stream, indent=1, sort_keys=False)
             stream.write("\n")
         os.replace(temporary, target)
     except OSError as exc:
@@ -121,6 +133,12 @@ def read(path: Path | str) -> SavedPlan:
     if version < PLAN_FORMAT_VERSION:
         raise PlanFileError(f"{path} has plan format {version} (vmform {data.get('vmform_version', '?')}); this vmform "
                             f"reads format {PLAN_FORMAT_VERSION} only: make the plan again with vmform plan -out")
+    if not isinstance(data.get("digest"), str):
+        raise PlanFileError(f"{path} carries no digest (made by an older vmform, or cut short): make the plan again "
+                            "with vmform plan -out")
+    if data["digest"] != content_digest(data):
+        raise PlanFileError(f"{path} was edited or damaged since vmform wrote it (its digest does not match its "
+                            "content): make the plan again with vmform plan -out")
     try:
         prints = data["fingerprints"]
         return SavedPlan(
@@ -132,6 +150,7 @@ def read(path: Path | str) -> SavedPlan:
             vmform_version=str(data.get("vmform_version", "?")),
             hosts={str(name): {k: str(v) for k, v in identity.items()} for name, identity in
                    (data.get("hosts") or {}).items()},
+            restart=bool(data.get("restart", False)),
         )
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise PlanFileError(f"{path} is damaged: {type(exc).__name__} {exc}") from None
@@ -229,6 +248,21 @@ def check_fresh(saved: SavedPlan, manifests_now: str, live_now: dict[str, str | 
             messages.append(f"{address} changed on the host")
     if messages:
         raise StalePlanError(f"plan is stale: {', '.join(messages)} since the plan was made; make a new plan")
+
+
+def check_same_plan(saved: SavedPlan, derived: Plan) -> None:
+    """The saved plan's changes are exactly what the manifests and the host give now (fingerprints matched, so
+    they must be): anything else was written into the file by hand."""
+    mine, theirs = saved.plan.to_json(mask=False), derived.to_json(mask=False)
+    if mine["changes"] == theirs["changes"]:
+        return
+    saved_changes = {change["address"]: change for change in mine["changes"]}
+    derived_changes = {change["address"]: change for change in theirs["changes"]}
+    differing = sorted(address for address in set(saved_changes) | set(derived_changes)
+                       if saved_changes.get(address) != derived_changes.get(address))
+    raise StalePlanError(f"this plan file's changes are not the plan its manifests and the host give "
+                         f"({', '.join(differing[:5])}{' …' if len(differing) > 5 else ''} differ): it was edited; "
+                         "make the plan again with vmform plan -out")
 
 
 def plan_json_schema() -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import jsonschema
 
-from vmform.planfile import plan_json_schema
+from vmform.planfile import content_digest, plan_json_schema
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "gitops"
 URI = os.environ.get("VMFORM_TEST_URI", "qemu:///system")
@@ -273,6 +273,7 @@ def test_plan_for_another_project_host_or_format_is_refused(project: Any, conn: 
     assert refused.stderr.strip() == f"Error: this plan was made for project {project.prefix}, not {project.prefix}-other"
 
     foreign = dict(data, host={**data["host"], "uuid": "00000000-1111-2222-3333-444444444444", "hostname": "elsewhere"})
+    foreign["digest"] = content_digest(foreign)  # as a plan made on that host carries it
     (project.root / "foreign.plan").write_text(json.dumps(foreign))
     refused = project.run("apply", str(project.root / "foreign.plan"))
     assert refused.code == 1
@@ -285,3 +286,32 @@ def test_plan_for_another_project_host_or_format_is_refused(project: Any, conn: 
         assert refused.code == 1 and expected in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr
     assert not any(d.name().startswith(project.prefix) for d in conn.listAllDomains())
+
+
+def test_a_hand_edited_plan_file_is_refused_before_any_change(project: Any, conn: Any) -> None:
+    """Changing a network's bridge in a saved plan used to create a bridge of the new name; now the edit is
+    found before anything is done: by the digest, and, when the digest was recomputed too, because the changes
+    are not the plan the manifests and the host give."""
+    script = _setup(project)
+    assert _ci(project, script, "plan").returncode == 0
+    plan_file = project.root / "vmform.plan"
+    data = json.loads(plan_file.read_text())
+    network = next(c for c in data["plan"]["changes"] if c["kind"] == "network")
+    network["after"]["bridge"] = "vmfevil0"
+    (project.root / "edited.plan").write_text(json.dumps(data))
+    refused = project.run("apply", str(project.root / "edited.plan"))
+    assert refused.code == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "was edited or damaged since vmform wrote it (its digest does not match its content)" in refused.stderr
+    data["digest"] = content_digest(data)
+    (project.root / "edited.plan").write_text(json.dumps(data))
+    refused = project.run("apply", str(project.root / "edited.plan"))
+    assert refused.code == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"changes are not the plan its manifests and the host give (network.{project.prefix}-net differ)" in \
+        refused.stderr, refused.stderr
+    (project.root / "cut.plan").write_text(plan_file.read_text()[:-200])
+    refused = project.run("apply", str(project.root / "cut.plan"))
+    assert refused.code == 1 and "is not a vmform plan file (not JSON)" in refused.stderr, refused.stderr
+    assert not any(d.name().startswith(project.prefix) for d in conn.listAllDomains())
+    assert not any(n.name().startswith(project.prefix) for n in conn.listAllNetworks())
+    applied = project.run("apply", str(plan_file), check=True)  # the untouched plan still applies
+    assert "Apply complete!" in applied.stdout

@@ -125,13 +125,43 @@ def test_plan_file_roundtrips(tmp_path: Path) -> None:
     assert back.describe().startswith("plan of project p for h (host UUID 1, u), made 20")
 
 
+def test_a_damaged_plan_with_a_right_digest_is_still_refused(tmp_path: Path) -> None:
+    document = {"kind": "vmform-plan", "format_version": PLAN_FORMAT_VERSION, "plan": {}}
+    document["digest"] = planfile.content_digest(document)
+    path = tmp_path / "x.plan"
+    path.write_text(json.dumps(document))
+    with pytest.raises(planfile.PlanFileError, match="is damaged"):
+        planfile.read(path)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda data: data["plan"]["changes"][0].update(name="other"),  # a hand edit
+    lambda data: data["host"].update(uuid="2"),  # moved to another host's identity
+    lambda data: data.update(project="q"),
+])
+def test_an_edited_plan_file_is_refused_before_anything_runs(tmp_path: Path, edit: Any) -> None:
+    path = saved(tmp_path)
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(planfile.PlanFileError, match="was edited or damaged since vmform wrote it"):
+        planfile.read(path)
+    truncated = tmp_path / "cut.plan"
+    truncated.write_text(saved(tmp_path).read_text()[:200])
+    with pytest.raises(planfile.PlanFileError, match="not JSON"):
+        planfile.read(truncated)
+
+
 @pytest.mark.parametrize("content, message", [
     ("not json", "is not a vmform plan file (not JSON)"),
     ('{"kind": "other"}', "is not a vmform plan file"),
     ('{"kind": "vmform-plan"}', "plan file without a format version"),
     ('{"kind": "vmform-plan", "format_version": 99, "vmform_version": "9.0"}', "written by a newer vmform (9.0, plan format 99)"),
     ('{"kind": "vmform-plan", "format_version": 0}', "make the plan again with vmform plan -out"),
-    ('{"kind": "vmform-plan", "format_version": 1, "plan": {}}', "is damaged"),
+    ('{"kind": "vmform-plan", "format_version": 1, "plan": {}}', "carries no digest"),
+    ('{"kind": "vmform-plan", "format_version": 1, "plan": {}, "digest": "sha256:00"}', "was edited or damaged"),
+    ('{"kind": "vmform-plan", "format_version": 1, "plan": {}, '
+     '"digest": "sha256:36c8e2a2ec2f7f0d1d0ba3dba4aeb1a0a7b4e8a7a0a44f1e8a6e20e1a0f1e8c0"}', "was edited or damaged"),
 ])
 def test_unreadable_plan_files_say_why(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "x.plan"
