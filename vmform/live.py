@@ -416,7 +416,9 @@ def read_uses(conn: libvirt.virConnect) -> HostUses:
                     if use is not None:
                         uses.add(use)
             except libvirt.libvirtError as exc:
-                if exc.get_error_code() not in (libvirt.VIR_ERR_NO_STORAGE_POOL, libvirt.VIR_ERR_NO_STORAGE_VOL):
+                # Gone or stopped while we read (another client): it holds no volume anyone can use now.
+                if exc.get_error_code() not in (libvirt.VIR_ERR_NO_STORAGE_POOL, libvirt.VIR_ERR_NO_STORAGE_VOL,
+                                                libvirt.VIR_ERR_OPERATION_INVALID):
                     raise
         active = {dom.UUIDString() for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
         transient = {dom.UUIDString() for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_TRANSIENT)}
