@@ -14,7 +14,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from vmform.connection import is_connection_lost, libvirt_message
-from vmform.errors import ConnectionLost, VmformError
+from vmform.errors import ConnectionLost, VmformError, VolumeInUse
 from vmform.plan import Action, Change, Plan
 from vmform.providers import provider_for
 from vmform.providers.base import ApplyContext
@@ -30,20 +30,24 @@ class ApplyResult:
     # address -> why its outcome is unknown: in flight when the connection dropped, or abandoned
     interrupted: dict[str, str] = field(default_factory=dict)
     lost_connection: str | None = None  # why libvirtd could not be reached again, when it could not
+    # address -> why a delete was not made: right before it, the host showed something still using the volume
+    waiting: dict[str, str] = field(default_factory=dict)
     stopped: bool = False  # stop (Ctrl-C, SIGTERM) was asked for before every change had started
     abandoned: bool = False  # changes were still in flight when apply stopped waiting for them
     notes: list[str] = field(default_factory=list)  # said after the summary (a lock left behind, ...)
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.skipped and not self.mismatched and not self.interrupted
+        return (not self.failed and not self.skipped and not self.mismatched and not self.interrupted
+                and not self.waiting)
 
     @property
     def not_started(self) -> list[str]:
         return [address for address, reason in self.skipped.items() if reason.startswith("not started")]
 
 
-# Events for progress displays: (address, "start" | "done" | "failed" | "skipped" | "interrupted", detail)
+# Events for progress displays: (address, "start" | "done" | "failed" | "skipped" | "interrupted" | "waiting",
+# detail)
 ProgressCallback = Callable[[Change, str, str], None]
 
 
@@ -168,6 +172,11 @@ def execute(plan: Plan, ctx: ApplyContext | Mapping[str, ApplyContext], parallel
                 elif isinstance(error, _NotStarted):
                     result.lost_connection = result.lost_connection or str(error)
                     started.discard(address)  # reported below with the others that never started
+                elif isinstance(error, VolumeInUse):
+                    result.waiting[address] = str(error)
+                    if progress:
+                        progress(changes[address], "waiting", str(error))
+                    skip_dependents(address, f"{address} is kept")
                 elif isinstance(error, _Interrupted):
                     message = (f"the connection to libvirtd dropped while it was in flight ({error}); whether "
                                "libvirtd carried it out is unknown until the next plan")

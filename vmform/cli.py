@@ -214,6 +214,8 @@ def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: A
             out.line(f"[yellow]{change.address}: skipped ({escape(detail)})[/yellow]")
         elif event == "interrupted":
             out.line(f"[red]{change.address}: interrupted: {escape(detail)}[/red]")
+        elif event == "waiting":
+            out.line(f"[yellow]{change.address}: kept: {escape(detail)}[/yellow]")
         sys.stdout.flush()  # one line at a time, as it happens, also into a pipe (CI logs)
 
     def notice(text: str) -> None:
@@ -251,6 +253,12 @@ def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: A
     _report(out, the_plan, command, result, connections)
 
 
+def _kept(the_plan: Any, command: str) -> dict[str, str]:
+    """What a destroy plan keeps because something on the host still uses it (a destroy is incomplete then;
+    an apply's plan says the same in its notes and is complete: a later apply deletes them)."""
+    return dict(getattr(the_plan, "waiting", {}) or {}) if command == "destroy" else {}
+
+
 def _report(out: Output, the_plan: Any, command: str, result: Any, connections: Any = None) -> None:
     """The final summary line, one line per error, the exit status; exits unless everything was done."""
     import os
@@ -263,7 +271,8 @@ def _report(out: Output, the_plan: Any, command: str, result: Any, connections: 
         out.summary(f"[bold red]{verb} incomplete:[/bold red] {len(result.done)} done; hosts not reached: "
                     f"{', '.join(sorted(unreachable))}.")
         _fail_if_unreachable(connections)
-    if result.ok:
+    kept = _kept(the_plan, command)
+    if result.ok and not kept:
         summary = the_plan.counts()
         if command == "destroy":
             out.summary(f"[bold green]{verb} complete![/bold green] Resources: {summary['destroy']} destroyed.")
@@ -275,6 +284,8 @@ def _report(out: Output, the_plan: Any, command: str, result: Any, connections: 
     not_started = result.not_started
     dependents = len(result.skipped) - len(not_started)
     counts = f"{len(result.done)} done, {len(result.failed)} failed"
+    if result.waiting or kept:
+        counts += f", {len(result.waiting) + len(kept)} kept (still in use)"
     if result.interrupted:
         counts += f", {len(result.interrupted)} interrupted"
     counts += f", {dependents} skipped" if not (result.stopped or result.lost_connection) else \
@@ -283,6 +294,8 @@ def _report(out: Output, the_plan: Any, command: str, result: Any, connections: 
     out.summary(f"[bold red]{verb} {state}:[/bold red] {counts}.")
     for address, message in result.failed.items():
         click.echo(f"Error: {address}: {message}", err=True)
+    for address, message in [*result.waiting.items(), *kept.items()]:
+        click.echo(f"Error: {address}: not destroyed: {message}", err=True)
     for address, message in result.mismatched.items():
         click.echo(f"Error: {address}: read back after apply, it differs from the plan: {message}", err=True)
     if result.lost_connection is not None:
@@ -436,6 +449,10 @@ def destroy(ctx: click.Context, auto_approve: bool, parallelism: int | None, tar
         _print_plan(out, the_plan, before_apply=True)
         if the_plan.empty:
             _fail_if_unreachable(connections)
+            if the_plan.waiting:  # nothing to destroy now, but not everything is gone: say what is kept
+                from vmform.apply import ApplyResult
+
+                _report(out, the_plan, "destroy", ApplyResult(), connections)
             return
         if not _confirm(out, "destroy these objects", auto_approve):
             out.line("Destroy cancelled.")

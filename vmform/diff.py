@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from vmform.errors import PlanError, PlanErrors
-from vmform.live import LiveObject, LiveState
+from vmform.live import LiveObject, LiveState, VolumeUse
 from vmform.ownership import INCOMPLETE_UPLOAD
 from vmform.plan import Action, Change, FieldChange, Plan
 from vmform.schema import extra_xml, xslt
@@ -422,6 +422,9 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
                 what = "restarts" if kind == "domain" else "is restarted (its guests' interfaces are re-plugged)"
                 notes.append(f"{address}: {', '.join(pending)} configured; takes effect when it {what} "
                              f"(apply --restart or restart_policy: allowed)")
+        if not field_changes and kind == "volume" and backing_address in replaced:
+            # Its backing volume gets a new file: this overlay is made again on it (never left on the old one).
+            field_changes.append(_rebuilt_on_new_backing(resource, current, backing_address))
         if not field_changes:
             continue
         action = Action.DELETE_THEN_CREATE if forcing else Action.UPDATE
@@ -451,12 +454,17 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
         if address not in manifests.resources or manifests.resources[address].kind.name != obj.kind:
             changes[address] = Change(address, obj.kind, obj.name, Action.DELETE, before=obj.values, identity=obj.identity)
 
+    # What the host says about the volumes this plan deletes or replaces: anything still using them?
+    uses = _plan_volume_uses(manifests, live, changes)
+    notes.extend(uses.notes)
+    errors.extend(uses.errors)
+
     allowed: dict[str, tuple[str, ...]] = {}
     for address in order:
         names = manifests.resources[address].values.get("allow") or []
         if names and (address in changes or not options.targets):
             allowed[address] = tuple(names)
-    errors.extend(_refusals(manifests, changes, options))
+    errors.extend(_refusals(manifests, changes, options, uses.grouped))
     if errors:
         raise PlanErrors(errors)
 
@@ -480,17 +488,21 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
             # Deleting an object waits for the changes of whatever uses it (a domain detaching a disk, ...).
             if used in changes and used != address and changes[used].action is Action.DELETE:
                 dependents[used].add(address)
+    for address, waits in uses.waits_for.items():  # a delete waits for the changes that end its uses
+        dependents[address].update(w for w in waits if w in changes and w != address)
     ordered = _order(changes, dependents, order)
     final = tuple(
         Change(**{**change.__dict__, "depends_on": tuple(sorted(dependents[change.address]))}) for change in ordered
     )
     if options.targets:
         final = _limit_to_targets(final, set(options.targets))
-    return Plan(manifests.project, live.uri, final, tuple(notes), allowed=allowed)
+    return Plan(manifests.project, live.uri, final, tuple(notes), allowed=allowed, waiting=uses.waiting)
 
 
-def _refusals(manifests: Manifests, changes: dict[str, Change], options: PlanOptions) -> list[PlanError]:
-    """Changes the manifests forbid: destroying protected resources, replacing volumes that hold data."""
+def _refusals(manifests: Manifests, changes: dict[str, Change], options: PlanOptions,
+              grouped: set[str] | frozenset[str] = frozenset()) -> list[PlanError]:
+    """Changes the manifests forbid: destroying protected resources, replacing volumes that hold data
+    (``grouped``: overlays whose refusal their base's replacement already gave, in one line)."""
     errors = []
     for address, change in changes.items():
         resource = manifests.resources.get(address)
@@ -506,7 +518,7 @@ def _refusals(manifests: Manifests, changes: dict[str, Change], options: PlanOpt
             holds_data = not resource.values.get("source") or _attached(manifests, resource)
             if any(f.path == "source" and f.before == INCOMPLETE_UPLOAD for f in change.fields):
                 holds_data = False  # its upload was cut off: it never held more than part of its image
-            if holds_data and not resource.lifecycle.get("allow_data_loss"):
+            if holds_data and not resource.lifecycle.get("allow_data_loss") and address not in grouped:
                 errors.append(PlanError(
                     f"{address} must be replaced ({change.reason}), which discards the data it holds; "
                     f"set lifecycle.allow_data_loss: true on it to allow that", resource.key_position()))
@@ -559,3 +571,201 @@ def _limit_to_targets(changes: tuple[Change, ...], targets: set[str]) -> tuple[C
         keep.add(address)
         stack.extend(d for d in by_address[address].depends_on if d in by_address)
     return tuple(c for c in changes if c.address in keep)
+
+
+# --- host-aware destruction: what uses a volume the plan deletes or replaces ------------------------------
+
+
+@dataclass
+class _VolumeUsePlan:
+    """What the uses found on the host do to a plan's volume deletes and replaces."""
+
+    waiting: dict[str, str]  # address -> why its delete is not in this plan
+    waits_for: dict[str, set[str]]  # address -> the changes it must wait for (they remove the use)
+    notes: list[str]
+    errors: list[PlanError]
+    grouped: set[str]  # overlays whose data-loss refusal is said once, in their base's error
+
+
+def _volume_key(change: Change) -> tuple[str, str, str]:
+    """(path, pool, libvirt name) of the volume file a change deletes (a seed: its .iso volume)."""
+    identity = change.identity
+    name = str(identity.get("volume") or change.live_name or change.name)
+    return str(identity.get("path") or ""), str(identity.get("pool") or ""), name
+
+
+def _holder_address(use: VolumeUse, live: LiveState, project: str, domains: dict[str, str]) -> str | None:
+    """The address of this project's object that holds the use, None when the holder is not the project's."""
+    if use.holder_kind == "domain":
+        if use.owner is not None:
+            return use.owner[1] if use.owner[0] == project else None
+        return domains.get(use.uuid)
+    return live.ledger.volume_address(use.pool, use.holder)
+
+
+def _who(use: VolumeUse, holder: str | None) -> str:
+    """The holder as the plan names it: its address when the project's, else its libvirt name and owner."""
+    if holder is not None:
+        return holder
+    if use.holder_kind == "volume":
+        return f"volume '{use.holder}' in pool '{use.pool}' (not managed by this project)"
+    owner = f"vmform project '{use.owner[0]}'" if use.owner is not None else "not managed by this project"
+    return f"domain '{use.holder}' ({owner})"
+
+
+def describe_use(use: VolumeUse, holder: str | None) -> tuple[str, str]:
+    """(what the use is, when the delete can happen), for the plan's notes and apply's summary."""
+    who = _who(use, holder)
+    if use.holder_kind == "volume":
+        return f"the backing file of {who}", "it is deleted after that volume is"
+    shared = ", shareable" if use.shareable else ""
+    if use.running:
+        return (f"still attached to running {who} ({use.target}{shared})",
+                "it is deleted after the disk leaves the guest")
+    return (f"still a disk ({use.target}{shared}) in the definition of {who}",
+            "it is deleted once no domain uses it")
+
+
+def _use_removed(use: VolumeUse, remover: Change | None, path: str, pool: str, name: str) -> bool:
+    """Whether this planned change of the holder ends the use (deletes the holder, or takes the disk out of
+    its definition and, for a running domain, out of the guest: live, by a restart, or by stopping it)."""
+    if remover is None:
+        return False
+    if remover.action is Action.DELETE or remover.action.is_replace():
+        return True
+    if use.holder_kind != "domain" or remover.action is not Action.UPDATE:
+        return False
+    disk = next((f for f in remover.fields if f.path == f"disks[{use.target}]"), None)
+    stops = any(f.path == "state" and f.after == "stopped" for f in remover.fields)
+    if disk is None:
+        return stops and not use.defined
+    after = disk.after
+    stays = after is not None and (after.get("path") == path or (after.get("pool"), after.get("volume")) == (pool, name))
+    if stays:
+        return False
+    return not use.running or disk.effect is Effect.LIVE or remover.restart or stops
+
+
+def _plan_volume_uses(manifests: Manifests, live: LiveState, changes: dict[str, Change]) -> _VolumeUsePlan:
+    """Volumes are never deleted while anything on the host uses them, and a base image is never replaced
+    under its overlays. Reads the host's uses (every domain, every pool) only when the plan deletes or
+    replaces a volume. Changes ``changes`` in place: a delete that must wait leaves the plan (a note and
+    ``waiting`` say why), and a delete or replace records in its identity what apply must check again
+    (``held_by``) and which overlays it replaces first (``overlays``)."""
+    found = _VolumeUsePlan({}, {}, [], [], set())
+    deleting = [a for a, c in changes.items()
+                if (c.kind in ("volume", "cloudinit") and c.action is Action.DELETE)
+                or (c.kind == "volume" and c.action.is_replace())]
+    if not deleting:
+        return found
+    uses = live.volume_uses()
+    domains = {str(o.identity.get("uuid")): str(o.address) for o in live.objects if o.kind == "domain" and o.address}
+
+    def uses_of(address: str) -> list[tuple[VolumeUse, str | None]]:
+        path, pool, name = _volume_key(changes[address])
+        return [(use, _holder_address(use, live, manifests.project, domains)) for use in uses.of(path, pool, name)
+                if not (use.holder_kind == "volume" and (use.pool, use.holder) == (pool, name))]
+
+    # Deletes: one that a use outlives waits (leaves the plan); that may keep what it stands on (an overlay
+    # that waits keeps its base; a volume that waits keeps its pool), so until nothing more changes.
+    kept_pools: dict[str, str] = {}
+    settled = False
+    while not settled:
+        settled = True
+        for address in [a for a in deleting if a in changes and changes[a].action is Action.DELETE]:
+            path, pool, name = _volume_key(changes[address])
+            staying = [(use, holder) for use, holder in uses_of(address)
+                       if not _use_removed(use, changes.get(holder) if holder else None, path, pool, name)]
+            if not staying:
+                continue
+            what, when = describe_use(*staying[0])
+            more = "".join(f", and {describe_use(*other)[0]}" for other in staying[1:])
+            found.waiting[address] = f"{what}{more}; {when}"
+            found.notes.append(f"{address} is {what}{more}; {when}")
+            kept_pools.setdefault(pool, address)
+            del changes[address]
+            settled = False
+    for address, change in list(changes.items()):
+        held = kept_pools.get(change.live_name or change.name)
+        if change.kind == "pool" and change.action is Action.DELETE and held is not None:
+            found.waiting[address] = f"it holds {held}, which is kept"
+            found.notes.append(f"{address} is kept: it holds {held}, which is still in use")
+            del changes[address]
+
+    for address in [a for a in deleting if a in changes]:
+        change = changes[address]
+        path, pool, name = _volume_key(change)
+        held_by: list[list[str]] = []
+        overlays: list[dict[str, str]] = []
+        waits: set[str] = set()
+        for use, holder in uses_of(address):
+            remover = changes.get(holder) if holder else None
+            held_by.append(list(use.holder_key()))
+            if change.action is Action.DELETE:
+                assert holder is not None and remover is not None  # a use no planned change ends made it wait
+                waits.add(holder)
+                if use.holder_kind == "domain" and use.running and remover.action is Action.UPDATE:
+                    what, when = describe_use(use, holder)
+                    found.notes.append(f"{address} is {what}; {when} (apply checks the host again right before "
+                                       "deleting it)")
+                continue
+            found.errors.extend(_replace_refusal(manifests, change, use, holder, remover, overlays, waits))
+        found.waits_for[address] = waits
+        if held_by or overlays:
+            changes[address] = replace(change, identity={**change.identity, "held_by": held_by, "overlays": overlays})
+        if overlays:
+            found.errors.extend(_overlay_data_loss(manifests, change, overlays, found.grouped))
+    return found
+
+
+def _replace_refusal(manifests: Manifests, change: Change, use: VolumeUse, holder: str | None,
+                     remover: Change | None, overlays: list[dict[str, str]], waits: set[str]) -> list[PlanError]:
+    """A replace of a volume something uses: the project's own domains follow the plan (it says what happens
+    to the running guest); overlays of the project are replaced with it (first deleted, then made again on
+    the new file) or deleted before it; anything else that uses it makes the replace an error."""
+    resource = manifests.resources.get(change.address)
+    position = resource.key_position() if resource is not None else None
+    who = _who(use, holder)
+    if use.holder_kind == "domain":
+        if holder is not None:
+            return []
+        return [PlanError(f"{change.address} must be replaced ({change.reason}), but {who} uses it as its disk "
+                          f"{use.target}; vmform never replaces a disk under a domain it does not manage (detach it "
+                          "there first)", position)]
+    if holder is None:
+        return [PlanError(f"{change.address} must be replaced ({change.reason}), but {who} backs onto it: a new "
+                          "file under it would corrupt that volume; vmform refuses to replace it", position)]
+    if remover is not None and remover.action is Action.DELETE:
+        waits.add(holder)
+        return []
+    if remover is not None and remover.action.is_replace():
+        overlays.append({"address": holder, "pool": use.pool, "name": use.holder})
+        return []
+    return [PlanError(f"{change.address} must be replaced ({change.reason}), but {holder} backs onto it and is not "
+                      "replaced with it; a new file under it would corrupt it", position)]
+
+
+def _overlay_data_loss(manifests: Manifests, base: Change, overlays: list[dict[str, str]],
+                       grouped: set[str]) -> list[PlanError]:
+    """One error for every overlay a base's replacement discards without allow_data_loss (at the base)."""
+    refused = []
+    for overlay in overlays:
+        resource = manifests.resources.get(overlay["address"])
+        if resource is not None and not resource.lifecycle.get("allow_data_loss"):
+            refused.append(overlay["address"])
+    grouped.update(refused)
+    if not refused:
+        return []
+    resource = manifests.resources.get(base.address)
+    return [PlanError(
+        f"{base.address} must be replaced ({base.reason}), and the {len(overlays)} volumes backing onto it are "
+        f"replaced with it, which discards the data they hold: {', '.join(sorted(refused))}; set "
+        "lifecycle.allow_data_loss: true on each of them to allow that",
+        resource.key_position() if resource is not None else None)]
+
+
+def _rebuilt_on_new_backing(resource: Resource, live: LiveObject, backing_address: str) -> FieldChange:
+    """The field change of an overlay replaced only because its backing volume is: same backing, new file."""
+    backing = live.values.get("backing")
+    return FieldChange("backing", backing, resource.desired.get("backing"), Effect.REPLACE,
+                       f"{backing_address} (the file being replaced)", f"{backing_address} (its new file)")

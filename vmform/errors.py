@@ -71,3 +71,8 @@ class LockError(VmformError):
 
 class ApplyError(VmformError):
     """Some changes failed; the summary says which."""
+
+
+class VolumeInUse(VmformError):
+    """Apply found, right before deleting a volume, that something on the host still uses it: the volume is
+    kept (and stays owned), and a later apply deletes it once nothing uses it."""

@@ -26,6 +26,7 @@ def plan_hosts(manifests: Manifests, graph: nx.DiGraph, order: list[str], lives:
     per_host: dict[str, list[Change]] = {}
     notes: list[str] = []
     allowed: dict[str, tuple[str, ...]] = {}
+    waiting: dict[str, str] = {}  # deletes kept while something on their host uses the object
     errors: list[PlanError] = []
     for host, live in lives.items():
         mine = manifests.on_host(host)
@@ -37,6 +38,7 @@ def plan_hosts(manifests: Manifests, graph: nx.DiGraph, order: list[str], lives:
             continue
         per_host[host] = [replace(change, host=host) for change in plan.changes]
         allowed.update(plan.allowed)
+        waiting.update({address: f"{host}: {why}" for address, why in plan.waiting.items()})
         notes += [f"{host}: {note}" for note in plan.notes]
     if errors:
         raise PlanErrors(errors)
@@ -44,7 +46,7 @@ def plan_hosts(manifests: Manifests, graph: nx.DiGraph, order: list[str], lives:
     if errors:
         raise PlanErrors(errors)
     return Plan(manifests.project, uris.get(default_host, ""), tuple(changes), tuple(notes), hosts=dict(uris),
-                allowed=allowed)
+                allowed=allowed, waiting=waiting)
 
 
 def _join(per_host: dict[str, list[Change]], manifests: Manifests, lives: dict[str, LiveState],

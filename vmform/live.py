@@ -3,6 +3,7 @@ field values the manifests bind to, so desired and live compare field by field."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,16 @@ class LiveState:
     uri: str
     objects: list[LiveObject]
     ledger: Ledger
+    # Who uses the volumes' files (any domain's disks, any pool's overlays): read from the host only when a
+    # plan deletes or replaces a volume (read_uses). None: taken from the objects above (not read from a host).
+    uses_reader: Callable[[], HostUses] | None = field(default=None, repr=False, compare=False)
+    _uses: HostUses | None = field(default=None, repr=False, compare=False)
+
+    def volume_uses(self) -> HostUses:
+        """Every use of a volume's file on the host, read once, when first asked for."""
+        if self._uses is None:
+            self._uses = self.uses_reader() if self.uses_reader is not None else uses_from_objects(self.objects)
+        return self._uses
 
     def owned(self) -> dict[str, LiveObject]:
         return {obj.address: obj for obj in self.objects if obj.address is not None}
@@ -277,7 +288,7 @@ def read_host(conn: libvirt.virConnect, project: str, pool_names: set[str] | Non
             objects.append(obj)
             objects.extend(volumes)
         _resolve_backing(objects)
-        return LiveState(conn.getURI(), objects, ledger)
+        return LiveState(conn.getURI(), objects, ledger, uses_reader=lambda: read_uses(conn))
     except libvirt.libvirtError as exc:
         raise HostError(f"cannot read the host's state: {libvirt_message(exc)}") from None
 
@@ -298,3 +309,180 @@ def _resolve_backing(objects: list[LiveObject]) -> None:
             obj.values["backing"] = {"pool": base.identity["pool"], "volume": base.name, "format": backing_format}
         else:
             obj.values["backing"] = {"path": path, "format": backing_format}
+
+
+# --- who uses a volume's file: read only when a plan deletes or replaces a volume -----------------------
+
+
+@dataclass(frozen=True)
+class VolumeUse:
+    """One use of a volume's file found on the host: a disk of a domain (managed or not), or another volume
+    (in any pool) whose backing file it is."""
+
+    path: str  # the file used
+    holder_kind: str  # "domain" or "volume"
+    holder: str  # the domain's libvirt name, or the overlay volume's name
+    uuid: str = ""  # a domain's
+    pool: str = ""  # an overlay's pool
+    target: str = ""  # a domain's disk target (vdb)
+    running: bool = False  # in the running domain's live XML
+    defined: bool = False  # in the domain's persistent definition
+    shareable: bool = False
+    owner: tuple[str, str] | None = None  # a domain's vmform owner record (project, address)
+    source_pool: str = ""  # a disk given as <source pool= volume=>: the pool and volume it names
+    source_volume: str = ""
+
+    def holder_key(self) -> tuple[str, str]:
+        """How apply finds the holder again: a domain by UUID, a volume by pool/name."""
+        return ("domain", self.uuid) if self.holder_kind == "domain" else ("volume", f"{self.pool}/{self.holder}")
+
+
+@dataclass
+class HostUses:
+    """Every use of a file by a domain disk or as a backing file, indexed by the file's path (and, for disks
+    named by pool and volume, by pool/volume)."""
+
+    by_path: dict[str, list[VolumeUse]] = field(default_factory=dict)
+    by_volume: dict[tuple[str, str], list[VolumeUse]] = field(default_factory=dict)
+
+    def add(self, use: VolumeUse) -> None:
+        if use.path:
+            self.by_path.setdefault(use.path, []).append(use)
+        if use.source_pool and use.source_volume:
+            self.by_volume.setdefault((use.source_pool, use.source_volume), []).append(use)
+
+    def of(self, path: str, pool: str = "", name: str = "") -> list[VolumeUse]:
+        """The uses of one volume (by its path, or by the pool and name a disk names it by), each once."""
+        found = list(self.by_path.get(path, []))
+        found += [use for use in self.by_volume.get((pool, name), []) if use not in found]
+        return found
+
+
+def domain_uses(name: str, uuid: str, config: Element | None, running: Element | None,
+                volume_paths: dict[tuple[str, str], str] | None = None) -> list[VolumeUse]:
+    """The files a domain's disks use, one VolumeUse per (file, target), saying whether the running domain,
+    its persistent definition, or both have it. ``volume_paths`` resolves disks given by pool and volume."""
+    found: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    owner = read_owner(config) if config is not None else (read_owner(running) if running is not None else None)
+    for root, where in ((config, "defined"), (running, "running")):
+        if root is None:
+            continue
+        for disk in root.findall("devices/disk"):
+            source = disk.find("source")
+            if source is None:
+                continue
+            target = disk.find("target")
+            dev = target.get("dev") if target is not None else ""
+            pool, volume = source.get("pool") or "", source.get("volume") or ""
+            path = source.get("file") or source.get("dev") or ""
+            if not path and pool and volume:
+                path = (volume_paths or {}).get((pool, volume), "")
+            if not path and not (pool and volume):
+                continue
+            key = (path, pool, volume, str(dev))
+            entry = found.setdefault(key, {"shareable": False, "defined": False, "running": False})
+            entry[where] = True
+            entry["shareable"] = entry["shareable"] or disk.find("shareable") is not None
+    return [VolumeUse(path, "domain", name, uuid=uuid, target=dev, running=entry["running"], defined=entry["defined"],
+                      shareable=entry["shareable"], owner=owner, source_pool=pool, source_volume=volume)
+            for (path, pool, volume, dev), entry in found.items()]
+
+
+def backing_use(pool: str, name: str, root: Element) -> VolumeUse | None:
+    """A volume's use of its backing file, if it has one."""
+    backing = root.find("backingStore/path")
+    if backing is None or not backing.text:
+        return None
+    return VolumeUse(backing.text, "volume", name, pool=pool)
+
+
+def read_uses(conn: libvirt.virConnect) -> HostUses:
+    """Every domain's disks (persistent definition, and live XML of the running ones) and every volume's
+    backing file, in every active pool, managed or not: one listAll* per kind and one XML fetch per object.
+    Only read when a plan deletes or replaces a volume."""
+    import libvirt
+
+    uses = HostUses()
+    volume_paths: dict[tuple[str, str], str] = {}
+    try:
+        for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+            try:
+                pool_name = pool.name()
+                for vol in pool.listAllVolumes():
+                    root = parse_xml(vol.XMLDesc(0))
+                    path = root.findtext("target/path") or vol.path()
+                    volume_paths[(pool_name, vol.name())] = path
+                    use = backing_use(pool_name, vol.name(), root)
+                    if use is not None:
+                        uses.add(use)
+            except libvirt.libvirtError as exc:
+                # Gone or stopped while we read (another client): it holds no volume anyone can use now.
+                if exc.get_error_code() not in (libvirt.VIR_ERR_NO_STORAGE_POOL, libvirt.VIR_ERR_NO_STORAGE_VOL,
+                                                libvirt.VIR_ERR_OPERATION_INVALID):
+                    raise
+        active = {dom.UUIDString() for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
+        transient = {dom.UUIDString() for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_TRANSIENT)}
+        for dom in conn.listAllDomains():
+            try:
+                for use in _read_domain_uses(dom, dom.UUIDString() in active, dom.UUIDString() not in transient,
+                                             volume_paths):
+                    uses.add(use)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:  # vanished while we read
+                    raise
+    except libvirt.libvirtError as exc:
+        raise HostError(f"cannot read which domains and volumes use the volumes this plan deletes: "
+                        f"{libvirt_message(exc)}") from None
+    return uses
+
+
+def _read_domain_uses(dom: libvirt.virDomain, active: bool, persistent: bool,
+                      volume_paths: dict[tuple[str, str], str] | None) -> list[VolumeUse]:
+    import libvirt
+
+    config = parse_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) if persistent else None
+    running = parse_xml(dom.XMLDesc(0)) if active else None
+    return domain_uses(dom.name(), dom.UUIDString(), config, running, volume_paths)
+
+
+def read_holder_uses(conn: libvirt.virConnect, holder: tuple[str, str], path: str, pool: str,
+                     name: str) -> list[VolumeUse]:
+    """One holder's uses of one volume, read again now (apply's check right before a delete): a domain by
+    UUID, an overlay by pool/name. Gone is no use."""
+    import libvirt
+
+    kind, key = holder
+    try:
+        if kind == "domain":
+            dom = conn.lookupByUUIDString(key)
+            found = _read_domain_uses(dom, bool(dom.isActive()), bool(dom.isPersistent()), {(pool, name): path})
+        else:
+            pool_name, volume_name = key.split("/", 1)
+            vol = conn.storagePoolLookupByName(pool_name).storageVolLookupByName(volume_name)
+            use = backing_use(pool_name, volume_name, parse_xml(vol.XMLDesc(0)))
+            found = [use] if use is not None else []
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_NO_STORAGE_POOL,
+                                    libvirt.VIR_ERR_NO_STORAGE_VOL):
+            return []
+        raise
+    return [use for use in found if use.path == path or (use.source_pool, use.source_volume) == (pool, name)]
+
+
+def uses_from_objects(objects: list[LiveObject]) -> HostUses:
+    """The uses a LiveState already holds (its domains' documents, its volumes' backing files): for a LiveState
+    that was not read from a host (tests, tools), so planning sees the same uses as read_uses would."""
+    uses = HostUses()
+    paths = {(obj.identity.get("pool"), obj.name): obj.identity.get("path") for obj in objects if obj.kind == "volume"}
+    by_volume = {(str(p), str(n)): str(path) for (p, n), path in paths.items() if path}
+    for obj in objects:
+        if obj.kind == "domain":
+            for use in domain_uses(obj.name, str(obj.identity.get("uuid") or ""), obj.config_root, obj.running_root,
+                                   by_volume):
+                uses.add(use)
+        elif obj.kind == "volume":
+            backing = obj.values.get("backing") or {}
+            path = backing.get("path") or by_volume.get((str(backing.get("pool")), str(backing.get("volume"))))
+            if path:
+                uses.add(VolumeUse(path, "volume", obj.name, pool=str(obj.identity.get("pool"))))
+    return uses

@@ -88,6 +88,9 @@ class Plan:
     # The opt-ins (allow:) of the resources the plan covers, by address: shown in bold, never silently.
     allowed: dict[str, tuple[str, ...]] = field(default_factory=dict)
     hosts: dict[str, str] = field(default_factory=dict)  # host name -> URI, for a project with [hosts]
+    # Deletes this plan does not make because something on the host still uses the object (a running domain's
+    # disk, an overlay's backing file), by address: why. A later plan deletes them once nothing uses them.
+    waiting: dict[str, str] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         add = sum(1 for c in self.changes if c.action is Action.CREATE or c.action.is_replace())
@@ -129,6 +132,7 @@ class Plan:
             "changes": [change_json(c) for c in self.changes],
             "notes": list(self.notes),
             "allowed": {address: list(names) for address, names in self.allowed.items()},
+            "waiting": dict(self.waiting),
         }
 
     @classmethod
@@ -145,6 +149,7 @@ class Plan:
             notes=tuple(data.get("notes", ())),
             hosts=dict(data.get("hosts") or {}),
             allowed={str(address): tuple(names) for address, names in (data.get("allowed") or {}).items()},
+            waiting={str(address): str(why) for address, why in (data.get("waiting") or {}).items()},
         )
 
 

@@ -27,12 +27,20 @@ def test_source_image_is_uploaded_and_overlaid(project: Any, conn: Any) -> None:
     assert f"<path>{base.path()}</path>" in root.XMLDesc(0)
     assert "No changes." in project.run("plan", check=True).stdout
 
-    # A changed image is a different source: the volume must be replaced.
+    # A changed image is a different source: the volume must be replaced, and the overlay on it with it,
+    # which discards the overlay's data (refused without allow_data_loss on the overlay).
     subprocess.run(["qemu-img", "resize", "-q", "-f", "qcow2", str(image), "64M"], check=True)
+    refused = project.run("plan")
+    assert refused.code == 1 and f"volume.{p}-root" in refused.stderr, refused.stderr
+    manifest = project.root / "main.yaml"
+    manifest.write_text(manifest.read_text().replace(f"backing: {p}-base}}",
+                                                     f"backing: {p}-base, lifecycle: {{allow_data_loss: true}}}}"))
     plan = project.plan_json()
     base_change = next(c for c in plan["changes"] if c["address"] == f"volume.{p}-base")
     assert base_change["action"] == "delete_then_create"
     assert "source" in base_change["reason"]
+    root_change = next(c for c in plan["changes"] if c["address"] == f"volume.{p}-root")
+    assert root_change["action"] == "delete_then_create"
     project.run("destroy", "--auto-approve", check=True)
     assert project.leftovers() == []
 

@@ -6,7 +6,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vmform.connection import ConnectionPool
 from vmform.ownership import Ledger
@@ -32,6 +32,9 @@ class ApplyContext:
     _ledger_asked: int = 0
     _ledger_covered: int = 0
     _ledger_saving: bool = False
+    # The host's volume uses (vmform.live.HostUses), read once per apply at its first volume delete.
+    volume_uses: Any = field(default=None, repr=False)
+    volume_uses_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def tell(self, text: str) -> None:
         if self.notice is not None:

@@ -71,7 +71,9 @@ class CloudInitProvider(Provider):
     def delete(self, ctx: ApplyContext, change: Change) -> None:
         pool_name = str(change.identity.get("pool") or (change.before or {}).get("pool"))
         volume = str(change.identity.get("volume") or volume_name(change.live_name or change.name))
-        delete_volume(ctx, change.address, pool_name, volume)
+        delete_volume(ctx, change.address, pool_name, volume,
+                      held_by=[tuple(h) for h in change.identity.get("held_by") or []],
+                      replacing=change.action.is_replace())
 
 
 PROVIDER = CloudInitProvider()

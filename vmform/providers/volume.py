@@ -122,13 +122,22 @@ class VolumeProvider(Provider):
                     vol.resize(after["size"], 0)
 
     def delete(self, ctx: ApplyContext, change: Change) -> None:
-
         pool_name = str(change.identity.get("pool") or (change.before or {}).get("pool"))
-        delete_volume(ctx, change.address, pool_name, change.live_name or change.name)
+        # A base replaced under its overlays: they go first (each is a -/+ of this plan, made again on the new
+        # file by its own change), so the base is never deleted while a volume backs onto it.
+        for overlay in change.identity.get("overlays") or []:
+            delete_volume(ctx, overlay["address"], overlay["pool"], overlay["name"], replacing=True)
+        delete_volume(ctx, change.address, pool_name, change.live_name or change.name,
+                      held_by=[tuple(h) for h in change.identity.get("held_by") or []],
+                      replacing=change.action.is_replace())
 
 
-def delete_volume(ctx: ApplyContext, address: str, pool_name: str, name: str) -> None:
-    """Delete a volume (already gone is fine), one storage job at a time per pool, then forget it."""
+def delete_volume(ctx: ApplyContext, address: str, pool_name: str, name: str,
+                  held_by: list[tuple[str, ...]] | None = None, replacing: bool = False) -> None:
+    """Delete a volume (already gone is fine), one storage job at a time per pool, then forget it. Right
+    before, the host is checked again: while any domain or volume still uses the file (``held_by``: the users
+    the plan saw, whose planned changes should have ended their use), the volume is kept, stays owned, and
+    VolumeInUse says why. A replace lets the project's own domains keep using it (the plan said so)."""
     import libvirt
 
     try:
@@ -137,10 +146,38 @@ def delete_volume(ctx: ApplyContext, address: str, pool_name: str, name: str) ->
         if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
             raise
     else:
+        _check_unused(ctx, address, vol.path(), pool_name, name, held_by or [], replacing)
         with ctx.pool_locks[pool_name]:
             vol.delete(0)
     ctx.ledger.forget("volume", address, pool=pool_name, name=name)
     ctx.save_ledger()
+
+
+def _check_unused(ctx: ApplyContext, address: str, path: str, pool: str, name: str,
+                  held_by: list[tuple[str, ...]], replacing: bool) -> None:
+    """Raise VolumeInUse when a domain's disk or another volume's backing file still is this volume. Checks
+    the users the plan saw and those in the apply's own reading of the host (one bulk read per apply), each
+    read again now, so a use that ended since is no reason to wait."""
+    from vmform.diff import describe_use
+    from vmform.errors import VolumeInUse
+    from vmform.live import read_holder_uses, read_uses
+
+    conn = ctx.connections.get()
+    with ctx.volume_uses_lock:
+        if ctx.volume_uses is None:
+            ctx.volume_uses = read_uses(conn)
+        seen = [use.holder_key() for use in ctx.volume_uses.of(path, pool, name)]
+    holders = list(dict.fromkeys([*(tuple(h) for h in held_by), *seen]))
+    for holder in holders:
+        if holder == ("volume", f"{pool}/{name}"):
+            continue
+        for use in read_holder_uses(conn, (holder[0], holder[1]), path, pool, name):
+            mine = use.owner[1] if use.owner is not None and use.owner[0] == ctx.project else None
+            if replacing and use.holder_kind == "domain" and mine is not None:
+                continue  # the project's own domain: the plan showed what its guest keeps until it restarts
+            holder_address = mine if use.holder_kind == "domain" else ctx.ledger.volume_address(use.pool, use.holder)
+            what, when = describe_use(use, holder_address)
+            raise VolumeInUse(f"{what}; {when} (a later apply deletes it)")
 
 
 def _running_user(ctx: ApplyContext, path: str, pool: str, name: str) -> tuple[Any, str] | None:
