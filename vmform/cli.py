@@ -347,24 +347,28 @@ def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, paralle
     connections = api.connect(workspace, skip_unreachable=skip_unreachable)
     try:
         if saved is not None:
-            _print_plan(out, saved.plan, before_apply=True)
-            if not saved.plan.empty:
-                _run_apply(ctx, workspace, connections, saved.plan, parallelism, "apply", lock_timeout, saved,
-                           force_off or None)
-            else:
-                api.check_saved(workspace, connections, saved)  # "nothing to do" must still be true now
+            # The lock first: the saved plan is checked against the hosts as they are once nobody else changes them.
+            with api.locked(workspace, connections, "apply (saved plan)", lock_timeout, _lock_notice):
+                _print_plan(out, saved.plan, before_apply=True)
+                if not saved.plan.empty:
+                    _run_apply(ctx, workspace, connections, saved.plan, parallelism, "apply", lock_timeout, saved,
+                               force_off or None)
+                else:
+                    api.check_saved(workspace, connections, saved)  # "nothing to do" must still be true now
             _wait_after_apply(out, workspace, connections, wait_agent, wait_ip, wait_timeout)
             return
-        the_plan = api.plan(workspace, connections, list(targets), restart=restart)
-        _print_plan(out, the_plan, before_apply=True)
-        if not the_plan.empty:
-            if not _confirm(out, "apply these changes", auto_approve):
-                out.line("Apply cancelled.")
-                sys.exit(1)
-            _run_apply(ctx, workspace, connections, the_plan, parallelism, "apply", lock_timeout,
-                       force_off=force_off or None)
-        else:
-            _fail_if_unreachable(connections)
+        # The lock first, then read the hosts and plan: an apply that waited plans what the other one left.
+        with api.locked(workspace, connections, "apply", lock_timeout, _lock_notice):
+            the_plan = api.plan(workspace, connections, list(targets), restart=restart)
+            _print_plan(out, the_plan, before_apply=True)
+            if not the_plan.empty:
+                if not _confirm(out, "apply these changes", auto_approve):
+                    out.line("Apply cancelled.")
+                    sys.exit(1)
+                _run_apply(ctx, workspace, connections, the_plan, parallelism, "apply", lock_timeout,
+                           force_off=force_off or None)
+            else:
+                _fail_if_unreachable(connections)
         _wait_after_apply(out, workspace, connections, wait_agent, wait_ip, wait_timeout)
         if workspace.manifests.outputs and not out.quiet:
             values = api.project_outputs(workspace, connections)
@@ -372,6 +376,11 @@ def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, paralle
                                  for key, value in values.items()})
     finally:
         connections.close()
+
+
+def _lock_notice(text: str) -> None:
+    """Waiting for the lock, a stale lock removed, a lock left behind: one line on stderr."""
+    click.echo(text, err=True)
 
 
 def _fail_if_unreachable(connections: Any) -> None:
@@ -434,15 +443,16 @@ def destroy(ctx: click.Context, auto_approve: bool, parallelism: int | None, tar
     workspace = _workspace(ctx)
     connections = api.connect(workspace, skip_unreachable=skip_unreachable)
     try:
-        the_plan = api.destroy_plan(workspace, connections, list(targets))
-        _print_plan(out, the_plan, before_apply=True)
-        if the_plan.empty:
-            _fail_if_unreachable(connections)
-            return
-        if not _confirm(out, "destroy these objects", auto_approve):
-            out.line("Destroy cancelled.")
-            sys.exit(1)
-        _run_apply(ctx, workspace, connections, the_plan, parallelism, "destroy", lock_timeout)
+        with api.locked(workspace, connections, "destroy", lock_timeout, _lock_notice):
+            the_plan = api.destroy_plan(workspace, connections, list(targets))
+            _print_plan(out, the_plan, before_apply=True)
+            if the_plan.empty:
+                _fail_if_unreachable(connections)
+                return
+            if not _confirm(out, "destroy these objects", auto_approve):
+                out.line("Destroy cancelled.")
+                sys.exit(1)
+            _run_apply(ctx, workspace, connections, the_plan, parallelism, "destroy", lock_timeout)
     finally:
         connections.close()
 
