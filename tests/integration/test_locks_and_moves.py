@@ -131,36 +131,40 @@ def test_a_waiting_apply_plans_after_it_gets_the_lock_and_keeps_the_ledger(proje
 
 
 def test_a_create_that_finds_its_object_there_keeps_the_ledger_entry(project: Any, conn: Any) -> None:
-    """A plan applied twice through the library (api.apply_plan: the second run's creates all meet "already
-    exists"): the failed creates of a pool, a volume and a seed leave their ledger entries exactly as the first
-    run wrote them, so the objects stay owned and the next plan has nothing to do."""
+    """A plan applied twice through the library (api.apply_plan, as a caller that planned before another apply
+    ran): the second run's creates of a pool, then of a volume and a seed, meet "already exists". They leave
+    the ledger exactly as the first run wrote it, so the objects stay owned and the next plan has nothing to do."""
     from vmform import api
 
     p = project.prefix
-    project.write(f"""
+    pool = f"""
 pools:
   {p}-pool: {{path: {project.pool_dir}}}
+"""
+    volumes = f"""
 volumes:
   {p}-disk: {{pool: {p}-pool, size: 1MiB}}
 cloudinit:
   {p}-seed: {{pool: {p}-pool, user_data: {{runcmd: [[echo, hello]]}}}}
-""")
-    workspace = api.load_workspace(project.root)
-    connections = api.connect(workspace)
-    try:
-        stale = api.plan(workspace, connections)
-        assert sorted(c.action.name for c in stale.changes) == ["CREATE", "CREATE", "CREATE"]
-        assert api.apply_plan(workspace, connections, stale).ok
-        written = ledger(conn, p)
-        assert sorted(written["volumes"]) == [f"cloudinit.{p}-seed", f"volume.{p}-disk"], written
-        again = api.apply_plan(workspace, connections, stale)  # the same creates once more
-    finally:
-        connections.close()
-    print(again)
-    assert not again.ok and again.failed, again
-    assert all("already exists" in message for message in again.failed.values()), again.failed
-    assert ledger(conn, p) == written  # every entry as the first run wrote it, none moved or dropped
-    assert "No changes." in project.run("plan", check=True).stdout
+"""
+    for text, creates in ((pool, [f"pool.{p}-pool"]), (pool + volumes, [f"cloudinit.{p}-seed", f"volume.{p}-disk"])):
+        project.write(text)
+        workspace = api.load_workspace(project.root)
+        connections = api.connect(workspace)
+        try:
+            stale = api.plan(workspace, connections)
+            assert sorted(c.address for c in stale.changes) == creates, stale.changes
+            assert api.apply_plan(workspace, connections, stale).ok
+            written = ledger(conn, p)
+            again = api.apply_plan(workspace, connections, stale)  # the same creates once more
+        finally:
+            connections.close()
+        print(again)
+        assert sorted(again.failed) == creates, again
+        assert all("exist" in message for message in again.failed.values()), again.failed
+        assert ledger(conn, p) == written  # every entry as the first run wrote it, none moved or dropped
+        assert "No changes." in project.run("plan", check=True).stdout
+    assert sorted(ledger(conn, p)["volumes"]) == [f"cloudinit.{p}-seed", f"volume.{p}-disk"]
     project.run("destroy", "--auto-approve", check=True)
     assert project.leftovers() == []
 
@@ -282,8 +286,6 @@ def test_a_move_retargets_interfaces_to_the_new_hosts_network(hosts_b_c: HostsPr
     hosts_b_c.write(move_lab(hosts_b_c, "b", state, networks="renamed"))
     hosts_b_c.run("apply", "--auto-approve")
     hosts_b_c.write(move_lab(hosts_b_c, "c", state, networks="renamed"))
-    shown = hosts_b_c.run("plan").stdout
-    assert ("live move" if state == "running" else "cold move") in shown, shown
     moved = hosts_b_c.run("apply", "--auto-approve", check=False)
     print(moved.stdout, moved.stderr)
     assert moved.code == 0 and "domain.mover: migrated" in moved.stdout, moved.stdout + moved.stderr
@@ -293,6 +295,7 @@ def test_a_move_retargets_interfaces_to_the_new_hosts_network(hosts_b_c: HostsPr
     assert _network_of(c.conn(), f"{p}-mover", inactive=True) == [f"{p}-net-on-c"]
     if state == "running":
         assert _network_of(c.conn(), f"{p}-mover") == [f"{p}-net-on-c"]
+    assert ("live move" if state == "running" else "cold move") in moved.stdout, moved.stdout
     after = hosts_b_c.run("plan")
     assert "No changes." in after.stdout, after.stdout
     hosts_b_c.run("destroy", "--auto-approve")
