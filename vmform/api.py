@@ -285,6 +285,13 @@ def locked(workspace: Workspace, connections: Connections, command: str = "apply
                 notice(f"Warning: {text}")
 
 
+def release_held() -> None:
+    """Release the locks ``locked`` holds in this context now (a process about to exit at once, e.g. after a
+    second Ctrl-C abandoned the changes in flight, does not get to leave ``locked``)."""
+    for lock in (_HELD.get() or {}).values():
+        lock.release()
+
+
 def apply_plan(workspace: Workspace, connections: Connections, plan_to_apply: Plan, parallelism: int | None = None,
                progress: ProgressCallback | None = None, lock_timeout: float = 0.0, command: str = "apply",
                stop: threading.Event | None = None, abandon: threading.Event | None = None,

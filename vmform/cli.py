@@ -197,23 +197,27 @@ def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: A
 
     out: Output = ctx.obj["out"]
     started: dict[str, float] = {}
+    # A volume moving with its domain has a change on each host (created on the new, its old copy deleted).
+    addresses = [change.address for change in the_plan.changes]
+    on_two_hosts = {address for address in addresses if addresses.count(address) > 1}
 
     def progress(change: Any, event: str, detail: str) -> None:
         symbol = change.action.value
+        label = f"{change.address} (host {change.host})" if change.address in on_two_hosts else change.address
         if event == "start":
-            started[change.address] = time.monotonic()
+            started[label] = time.monotonic()
             if not out.interactive:
                 return
-            out.line(f"{change.address}: {PRESENT[symbol]}...")
+            out.line(f"{label}: {PRESENT[symbol]}...")
         elif event == "done":
-            took = time.monotonic() - started.get(change.address, time.monotonic())
-            out.line(f"[green]{change.address}: {PAST[symbol]}[/green] [dim]({took:.1f}s)[/dim]")
+            took = time.monotonic() - started.get(label, time.monotonic())
+            out.line(f"[green]{label}: {PAST[symbol]}[/green] [dim]({took:.1f}s)[/dim]")
         elif event == "failed":
-            out.line(f"[red]{change.address}: failed: {escape(detail)}[/red]")
+            out.line(f"[red]{label}: failed: {escape(detail)}[/red]")
         elif event == "skipped":
-            out.line(f"[yellow]{change.address}: skipped ({escape(detail)})[/yellow]")
+            out.line(f"[yellow]{label}: skipped ({escape(detail)})[/yellow]")
         elif event == "interrupted":
-            out.line(f"[red]{change.address}: interrupted: {escape(detail)}[/red]")
+            out.line(f"[red]{label}: interrupted: {escape(detail)}[/red]")
         sys.stdout.flush()  # one line at a time, as it happens, also into a pipe (CI logs)
 
     def notice(text: str) -> None:
@@ -300,6 +304,9 @@ def _report(out: Output, the_plan: Any, command: str, result: Any, connections: 
         sys.stdout.flush()
         sys.stderr.flush()
         if result.abandoned:
+            from vmform import api
+
+            api.release_held()  # os._exit leaves no ``with`` block: the lock goes first
             os._exit(130)  # the abandoned calls' threads are not waited for
         sys.exit(130)
     sys.exit(1)
