@@ -84,6 +84,13 @@ def _leave_out_moves_to(unreachable: Collection[str], per_host: dict[str, list[C
                 notes.append(f"{address} on host {host} is left out: it waits for a move to host {target}, "
                              "which was not reached")
         per_host[host] = [change for change in changes if change.address not in left_out]
+        if unreachable:
+            # Where a domain was is known only to its old host: one that was not reached may still hold it.
+            for change in per_host[host]:
+                if change.action is Action.CREATE and change.kind == "domain":
+                    notes.append(f"{change.address} is created on host {host}; if it is still on host "
+                                 f"{' or '.join(sorted(unreachable))} (not reached), that copy shows as a delete in "
+                                 "the plan once the host answers")
     return notes
 
 
