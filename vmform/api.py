@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,7 +131,7 @@ def _plan_with_live(workspace: Workspace, connections: Connections, targets: lis
     if isinstance(connections, HostConnections) and workspace.project.several_hosts:
         lives = read_hosts(workspace, connections)
         the_plan = plan_hosts(workspace.manifests, workspace.graph, workspace.order, lives, options,
-                              _uris(lives), workspace.project.default_host)
+                              _uris(lives), workspace.project.default_host, set(connections.unreachable))
         return _with_widening(workspace, _skipped(the_plan, connections)), lives
     live = read_live(workspace, connections)
     plan_made = make_plan(workspace.manifests, workspace.graph, live, workspace.order, options)
@@ -238,14 +240,81 @@ def _expand_targets(workspace: Workspace, targets: list[str] | None) -> list[str
     return chosen
 
 
+def _lock_hosts(workspace: Workspace, connections: Connections) -> list[str]:
+    """The hosts whose project lock an apply or destroy takes: every reachable host of the project (with
+    --skip-unreachable, the ones that answered), in name order, so two applies never deadlock."""
+    if isinstance(connections, HostConnections) and workspace.project.several_hosts:
+        return sorted(connections.reachable())
+    return [workspace.project.default_host]
+
+
+# The project locks this context holds, by (connections, host): ``apply_plan`` and ``apply_saved`` inside
+# ``locked`` use them instead of taking them again (a second take would wait for ourselves).
+_HELD: ContextVar[dict[tuple[int, str], ProjectLock] | None] = ContextVar("vmform_held_locks", default=None)
+
+
+@dataclass
+class HeldLocks:
+    """The project locks ``locked`` took, by host."""
+
+    locks: dict[str, ProjectLock]
+
+    @property
+    def left_behind(self) -> list[str]:
+        return [lock.left_behind for lock in self.locks.values() if lock.left_behind]
+
+
+@contextmanager
+def locked(workspace: Workspace, connections: Connections, command: str = "apply", lock_timeout: float = 0.0,
+           notice: Callable[[str], None] | None = None, stop: threading.Event | None = None) -> Iterator[HeldLocks]:
+    """Hold the project lock of every host the project uses for the body: take the lock first, then read
+    the hosts and plan (``plan``, ``destroy_plan``, ``check_saved``), confirm, execute (``apply_plan``,
+    ``apply_saved``: they use these locks), then release. An apply that had to wait for another one thus
+    plans what that one left, never what was there before it. A lock that cannot be released is told to
+    ``notice`` as a warning."""
+    taken: dict[str, ProjectLock] = {}
+    held = dict(_HELD.get() or {})
+    try:
+        for host in _lock_hosts(workspace, connections):
+            key = (id(connections), host)
+            if key in held:
+                continue  # an outer ``locked`` holds it
+            lock = ProjectLock(_pool(connections, host), workspace.project.name, command, lock_timeout, notice, stop)
+            lock.acquire()
+            taken[host] = lock
+            held[key] = lock
+    except BaseException:
+        _release(list(taken.values()))
+        raise
+    token = _HELD.set(held)
+    result = HeldLocks(taken)
+    try:
+        yield result
+    finally:
+        _HELD.reset(token)
+        _release(list(taken.values()))
+        if notice is not None:
+            for text in result.left_behind:
+                notice(f"Warning: {text}")
+
+
+def release_held() -> None:
+    """Release the locks ``locked`` holds in this context now (a process about to exit at once, e.g. after a
+    second Ctrl-C abandoned the changes in flight, does not get to leave ``locked``)."""
+    for lock in (_HELD.get() or {}).values():
+        lock.release()
+
+
 def apply_plan(workspace: Workspace, connections: Connections, plan_to_apply: Plan, parallelism: int | None = None,
                progress: ProgressCallback | None = None, lock_timeout: float = 0.0, command: str = "apply",
                stop: threading.Event | None = None, abandon: threading.Event | None = None,
                notice: Callable[[str], None] | None = None, force_off: bool | None = None) -> ApplyResult:
-    """Execute a plan under the project lock of every host it changes (waiting up to ``lock_timeout`` seconds
-    for each; a lock left by a process that is provably gone is removed, and ``notice`` says so). ``force_off``
-    lets a domain that does not shut down within shutdown_timeout be powered off (None: the project's
-    force_off setting)."""
+    """Execute a plan under the project lock of every host it changes. Inside ``locked`` it uses the locks
+    held there (the plan was made under them); otherwise it takes them itself, waiting up to ``lock_timeout``
+    seconds for each (a lock left by a process that is provably gone is removed, and ``notice`` says so) —
+    then the plan may have been made before another apply changed the hosts: prefer ``locked``.
+    ``force_off`` lets a domain that does not shut down within shutdown_timeout be powered off (None: the
+    project's force_off setting)."""
     locks = _locks(workspace, connections, plan_to_apply, command, lock_timeout, notice, stop)
     try:
         result = _execute(workspace, connections, plan_to_apply, parallelism, progress, stop, abandon, force_off,
@@ -268,10 +337,14 @@ def _pool(connections: Connections, host: str) -> ConnectionPool:
 
 def _locks(workspace: Workspace, connections: Connections, plan_to_apply: Plan, command: str, lock_timeout: float,
            notice: Callable[[str], None] | None, stop: threading.Event | None) -> list[ProjectLock]:
-    """The project lock on every host the plan touches, taken in name order (two applies never deadlock)."""
+    """The project lock on every host the plan touches that this context does not hold yet (``locked``), taken
+    in name order (two applies never deadlock); the ones taken here, to release."""
+    held = _HELD.get() or {}
     taken: list[ProjectLock] = []
     try:
         for host in _plan_hosts(workspace, plan_to_apply):
+            if (id(connections), host) in held:
+                continue
             lock = ProjectLock(_pool(connections, host), workspace.project.name, command, lock_timeout, notice, stop)
             lock.acquire()
             taken.append(lock)
@@ -311,7 +384,8 @@ def apply_saved(workspace: Workspace, connections: Connections, saved: SavedPlan
                 progress: ProgressCallback | None = None, lock_timeout: float = 0.0,
                 stop: threading.Event | None = None, abandon: threading.Event | None = None,
                 notice: Callable[[str], None] | None = None, force_off: bool | None = None) -> ApplyResult:
-    """Execute exactly a saved plan: under the lock, after checking it still holds; never re-planned."""
+    """Execute exactly a saved plan: under the lock (``locked``'s, or taken here), after checking it still
+    holds against the hosts as they are once the lock is held; never re-planned."""
     planfile.check_project(saved, workspace.project.name)
     locks = _locks(workspace, connections, saved.plan, "apply (saved plan)", lock_timeout, notice, stop)
     try:
@@ -357,8 +431,11 @@ def verify_applied(workspace: Workspace, connections: Connections, applied: Plan
     from vmform.plan import Action
 
     host = host or workspace.project.default_host
-    touched = [change for change in applied.changes
-               if change.address in result.done and (change.host == host or not workspace.project.several_hosts)]
+    from vmform.apply import keyed_changes
+
+    done = set(result.done)
+    touched = [change for key, change in keyed_changes(applied.changes).items()
+               if key in done and (change.host == host or not workspace.project.several_hosts)]
     if not touched:
         return
     # Only the domains and networks apply touched, by every name they had or have: with one domain changed

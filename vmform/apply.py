@@ -100,6 +100,27 @@ def _message(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def keyed_changes(changes: tuple[Change, ...]) -> dict[str, Change]:
+    """The plan's changes by address; an address with a change on two hosts (a volume that moves with its
+    domain: created on the new host, its old copy deleted on the old one) as ``address@host``."""
+    count: dict[str, int] = {}
+    for change in changes:
+        count[change.address] = count.get(change.address, 0) + 1
+    return {(change.address if count[change.address] == 1 else f"{change.address}@{change.host}"): change
+            for change in changes}
+
+
+def _dependencies(change: Change, changes: Mapping[str, Change]) -> set[str]:
+    """The keys of the changes ``change`` waits for: an address on two hosts means its change on the same host."""
+    found = set()
+    for address in change.depends_on:
+        if address in changes:
+            found.add(address)
+        elif f"{address}@{change.host}" in changes:
+            found.add(f"{address}@{change.host}")
+    return found
+
+
 def execute(plan: Plan, ctx: ApplyContext | Mapping[str, ApplyContext], parallelism: int,
             progress: ProgressCallback | None = None, stop: threading.Event | None = None,
             abandon: threading.Event | None = None, host_parallelism: Mapping[str, int] | None = None) -> ApplyResult:
@@ -108,13 +129,13 @@ def execute(plan: Plan, ctx: ApplyContext | Mapping[str, ApplyContext], parallel
     contexts = ctx if isinstance(ctx, Mapping) else {change.host: ctx for change in plan.changes}
     limits = dict(host_parallelism or {})
     result = ApplyResult()
-    changes = {change.address: change for change in plan.changes}
-    waiting = {address: {d for d in change.depends_on if d in changes} for address, change in changes.items()}
+    changes = keyed_changes(plan.changes)
+    waiting = {address: _dependencies(change, changes) for address, change in changes.items()}
     dependents: dict[str, set[str]] = {address: set() for address in changes}
     for address, deps in waiting.items():
         for dep in deps:
             dependents[dep].add(address)
-    order = [change.address for change in plan.changes]
+    order = list(changes)
     running: dict[Future[None], str] = {}
     started: set[str] = set()
 

@@ -197,25 +197,29 @@ def _run_apply(ctx: click.Context, workspace: Any, connections: Any, the_plan: A
 
     out: Output = ctx.obj["out"]
     started: dict[str, float] = {}
+    # A volume moving with its domain has a change on each host (created on the new, its old copy deleted).
+    addresses = [change.address for change in the_plan.changes]
+    on_two_hosts = {address for address in addresses if addresses.count(address) > 1}
 
     def progress(change: Any, event: str, detail: str) -> None:
         symbol = change.action.value
+        label = f"{change.address} (host {change.host})" if change.address in on_two_hosts else change.address
         if event == "start":
-            started[change.address] = time.monotonic()
+            started[label] = time.monotonic()
             if not out.interactive:
                 return
-            out.line(f"{change.address}: {PRESENT[symbol]}...")
+            out.line(f"{label}: {PRESENT[symbol]}...")
         elif event == "done":
-            took = time.monotonic() - started.get(change.address, time.monotonic())
-            out.line(f"[green]{change.address}: {PAST[symbol]}[/green] [dim]({took:.1f}s)[/dim]")
+            took = time.monotonic() - started.get(label, time.monotonic())
+            out.line(f"[green]{label}: {PAST[symbol]}[/green] [dim]({took:.1f}s)[/dim]")
         elif event == "failed":
-            out.line(f"[red]{change.address}: failed: {escape(detail)}[/red]")
+            out.line(f"[red]{label}: failed: {escape(detail)}[/red]")
         elif event == "skipped":
-            out.line(f"[yellow]{change.address}: skipped ({escape(detail)})[/yellow]")
+            out.line(f"[yellow]{label}: skipped ({escape(detail)})[/yellow]")
         elif event == "interrupted":
-            out.line(f"[red]{change.address}: interrupted: {escape(detail)}[/red]")
+            out.line(f"[red]{label}: interrupted: {escape(detail)}[/red]")
         elif event == "waiting":
-            out.line(f"[yellow]{change.address}: kept: {escape(detail)}[/yellow]")
+            out.line(f"[yellow]{label}: kept: {escape(detail)}[/yellow]")
         sys.stdout.flush()  # one line at a time, as it happens, also into a pipe (CI logs)
 
     def notice(text: str) -> None:
@@ -313,6 +317,9 @@ def _report(out: Output, the_plan: Any, command: str, result: Any, connections: 
         sys.stdout.flush()
         sys.stderr.flush()
         if result.abandoned:
+            from vmform import api
+
+            api.release_held()  # os._exit leaves no ``with`` block: the lock goes first
             os._exit(130)  # the abandoned calls' threads are not waited for
         sys.exit(130)
     sys.exit(1)
@@ -360,29 +367,38 @@ def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, paralle
     connections = api.connect(workspace, skip_unreachable=skip_unreachable)
     try:
         if saved is not None:
-            _print_plan(out, saved.plan, before_apply=True)
-            if not saved.plan.empty:
-                _run_apply(ctx, workspace, connections, saved.plan, parallelism, "apply", lock_timeout, saved,
-                           force_off or None)
-            else:
-                api.check_saved(workspace, connections, saved)  # "nothing to do" must still be true now
+            # The lock first: the saved plan is checked against the hosts as they are once nobody else changes them.
+            with api.locked(workspace, connections, "apply (saved plan)", lock_timeout, _lock_notice):
+                _print_plan(out, saved.plan, before_apply=True)
+                if not saved.plan.empty:
+                    _run_apply(ctx, workspace, connections, saved.plan, parallelism, "apply", lock_timeout, saved,
+                               force_off or None)
+                else:
+                    api.check_saved(workspace, connections, saved)  # "nothing to do" must still be true now
             _wait_after_apply(out, workspace, connections, wait_agent, wait_ip, wait_timeout)
             return
-        the_plan = api.plan(workspace, connections, list(targets), restart=restart)
-        _print_plan(out, the_plan, before_apply=True)
-        if not the_plan.empty:
-            if not _confirm(out, "apply these changes", auto_approve):
-                out.line("Apply cancelled.")
-                sys.exit(1)
-            _run_apply(ctx, workspace, connections, the_plan, parallelism, "apply", lock_timeout,
-                       force_off=force_off or None)
-        else:
-            _fail_if_unreachable(connections)
+        # The lock first, then read the hosts and plan: an apply that waited plans what the other one left.
+        with api.locked(workspace, connections, "apply", lock_timeout, _lock_notice):
+            the_plan = api.plan(workspace, connections, list(targets), restart=restart)
+            _print_plan(out, the_plan, before_apply=True)
+            if not the_plan.empty:
+                if not _confirm(out, "apply these changes", auto_approve):
+                    out.line("Apply cancelled.")
+                    sys.exit(1)
+                _run_apply(ctx, workspace, connections, the_plan, parallelism, "apply", lock_timeout,
+                           force_off=force_off or None)
+            else:
+                _fail_if_unreachable(connections)
         _wait_after_apply(out, workspace, connections, wait_agent, wait_ip, wait_timeout)
         if workspace.manifests.outputs and not out.quiet:
             _print_outputs(out, api.project_outputs(workspace, connections))
     finally:
         connections.close()
+
+
+def _lock_notice(text: str) -> None:
+    """Waiting for the lock, a stale lock removed, a lock left behind: one line on stderr."""
+    click.echo(text, err=True)
 
 
 def _fail_if_unreachable(connections: Any) -> None:
@@ -445,19 +461,20 @@ def destroy(ctx: click.Context, auto_approve: bool, parallelism: int | None, tar
     workspace = _workspace(ctx)
     connections = api.connect(workspace, skip_unreachable=skip_unreachable)
     try:
-        the_plan = api.destroy_plan(workspace, connections, list(targets))
-        _print_plan(out, the_plan, before_apply=True)
-        if the_plan.empty:
-            _fail_if_unreachable(connections)
-            if the_plan.waiting:  # nothing to destroy now, but not everything is gone: say what is kept
-                from vmform.apply import ApplyResult
+        with api.locked(workspace, connections, "destroy", lock_timeout, _lock_notice):
+            the_plan = api.destroy_plan(workspace, connections, list(targets))
+            _print_plan(out, the_plan, before_apply=True)
+            if the_plan.empty:
+                _fail_if_unreachable(connections)
+                if the_plan.waiting:  # nothing to destroy now, but not everything is gone: say what is kept
+                    from vmform.apply import ApplyResult
 
-                _report(out, the_plan, "destroy", ApplyResult(), connections)
-            return
-        if not _confirm(out, "destroy these objects", auto_approve):
-            out.line("Destroy cancelled.")
-            sys.exit(1)
-        _run_apply(ctx, workspace, connections, the_plan, parallelism, "destroy", lock_timeout)
+                    _report(out, the_plan, "destroy", ApplyResult(), connections)
+                return
+            if not _confirm(out, "destroy these objects", auto_approve):
+                out.line("Destroy cancelled.")
+                sys.exit(1)
+            _run_apply(ctx, workspace, connections, the_plan, parallelism, "destroy", lock_timeout)
     finally:
         connections.close()
 

@@ -85,56 +85,70 @@ def _lookup_secret(conn: libvirt.virConnect, usage: str) -> libvirt.virSecret | 
         raise HostError(f"cannot read vmform's records on the host: {libvirt_message(exc)}") from None
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """What one ``Ledger.record`` did, so that ``Ledger.undo`` can put back exactly what was there before: the
+    entry the address had (None: none) and, when that entry described another object, where it was moved."""
+
+    kind: str
+    address: str
+    entry: dict[str, Any]
+    previous: dict[str, Any] | None
+    displaced_to: str | None
+
+
 @dataclass
 class Ledger:
-    """Owned pools and volumes of one project on one host."""
+    """Owned pools and volumes of one project on one host.
+
+    Saving is read-modify-write: ``save`` reads the ledger on the host again, replays what this process
+    recorded, undid and forgot since its last save, and writes the result, so it never overwrites entries it
+    did not write itself (another apply's, made while this one ran)."""
 
     project: str
     pools: dict[str, dict[str, Any]] = field(default_factory=dict)  # address -> {name, uuid}
     volumes: dict[str, dict[str, Any]] = field(default_factory=dict)  # address -> {pool, name, source_sha256?}
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # What changed since the last save, in order: ("record", Recorded) / ("undo", Recorded) /
+    # ("forget", (kind, address, identity)).
+    _pending: list[tuple[str, Any]] = field(default_factory=list, repr=False, compare=False)
 
     @classmethod
     def load(cls, conn: libvirt.virConnect, project: str) -> Ledger:
-        import libvirt
-
-        secret = _lookup_secret(conn, _usage(project, "ledger"))
-        if secret is None:
-            return cls(project)
-        try:
-            raw = secret.value()
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_SECRET:  # defined but never given a value
-                return cls(project)
-            raise HostError(f"cannot read vmform's ledger: {libvirt_message(exc)}") from None
-        try:
-            data = json.loads(zlib.decompress(raw))
-        except (zlib.error, ValueError):
-            raise HostError(f"vmform's ledger for project {project} on this host is unreadable") from None
-        if data.get("version", 0) > LEDGER_VERSION:
-            raise HostError("this host's vmform ledger was written by a newer vmform; upgrade vmform")
-        return cls(project, dict(data.get("pools", {})), dict(data.get("volumes", {})))
+        pools, volumes = _read_entries(conn, project)
+        return cls(project, pools, volumes)
 
     def save(self, conn: libvirt.virConnect) -> None:
+        """Write this process's changes into the ledger as the host holds it now (read, replay, write)."""
         import libvirt
 
-        with self._lock:  # a consistent copy: apply's workers record and forget entries while one saves
-            payload = {"version": LEDGER_VERSION, "project": self.project, "pools": dict(self.pools),
-                       "volumes": dict(self.volumes)}
+        with self._lock:
+            replayed = len(self._pending)
+            changes = list(self._pending)
+        pools, volumes = _read_entries(conn, self.project)
+        for operation, argument in changes:
+            _replay(pools, volumes, operation, argument)
+        payload = {"version": LEDGER_VERSION, "project": self.project, "pools": pools, "volumes": volumes}
         usage = _usage(self.project, "ledger")
         try:
             secret = _lookup_secret(conn, usage)
             if not payload["pools"] and not payload["volumes"]:
                 if secret is not None:
                     secret.undefine()
-                return
-            if secret is None:
-                secret = conn.secretDefineXML(
-                    _secret_xml(f"vmform ownership ledger of project {self.project} (pools and volumes)", usage)
-                )
-            secret.setValue(zlib.compress(json.dumps(payload, sort_keys=True).encode(), 9))
+            else:
+                if secret is None:
+                    secret = conn.secretDefineXML(
+                        _secret_xml(f"vmform ownership ledger of project {self.project} (pools and volumes)", usage)
+                    )
+                secret.setValue(zlib.compress(json.dumps(payload, sort_keys=True).encode(), 9))
         except libvirt.libvirtError as exc:
             raise HostError(f"cannot record ownership on the host: {libvirt_message(exc)}") from None
+        with self._lock:
+            # What the host holds now, plus what was changed here while this save ran (saved next time).
+            del self._pending[:replayed]
+            for operation, argument in self._pending:
+                _replay(pools, volumes, operation, argument)
+            self.pools, self.volumes = pools, volumes
 
     def pool_address(self, name: str, uuid: str) -> str | None:
         for address, entry in self.pools.items():
@@ -148,28 +162,100 @@ class Ledger:
                 return address
         return None
 
-    def record(self, kind: str, address: str, entry: dict[str, Any]) -> None:
-        """Own a new object. An older object still recorded under the address (create-before-destroy)
-        stays owned under ``address~replaced-N`` until it is deleted, so it is never orphaned."""
+    def has(self, kind: str, address: str, **identity: Any) -> bool:
+        """Whether an entry under ``address`` describes this object (name=, pool=, uuid=)."""
         with self._lock:
-            entries = self.pools if kind == "pool" else self.volumes
-            old = entries.get(address)
-            identity = ("uuid",) if kind == "pool" else ("pool", "name")
-            if old is not None and any(old.get(k) != entry.get(k) for k in identity):
-                number = 1
-                while f"{address}~replaced-{number}" in entries:
-                    number += 1
-                entries[f"{address}~replaced-{number}"] = old
-            entries[address] = entry
+            entry = (self.pools if kind == "pool" else self.volumes).get(address)
+            return entry is not None and all(entry.get(k) == v for k, v in identity.items())
+
+    def record(self, kind: str, address: str, entry: dict[str, Any]) -> Recorded:
+        """Own a new object. An older object still recorded under the address (create-before-destroy)
+        stays owned under ``address~replaced-N`` until it is deleted, so it is never orphaned. The result
+        lets ``undo`` take back exactly this record when the create it was made for is refused."""
+        with self._lock:
+            done = _record(self.pools if kind == "pool" else self.volumes, kind, address, entry)
+            self._pending.append(("record", done))
+            return done
+
+    def undo(self, recorded: Recorded) -> None:
+        """Take back a ``record`` whose create libvirt refused: what the address held before comes back
+        (an entry another apply wrote stays exactly as it was); nothing else changes."""
+        with self._lock:
+            _undo(self.pools if recorded.kind == "pool" else self.volumes, recorded)
+            self._pending.append(("undo", recorded))
 
     def forget(self, kind: str, address: str, **identity: Any) -> None:
         """Drop an entry; with identity (name=, pool=, uuid=), only when it still describes that object
-        (a create-before-destroy replacement has already recorded the new one under the same address)."""
+        (a create-before-destroy replacement has already recorded the new one under the same address).
+        Call it only once the object is gone from the host."""
         with self._lock:
-            entries = self.pools if kind == "pool" else self.volumes
-            for key in [k for k in entries if k == address or k.startswith(f"{address}~replaced-")]:
-                if all(entries[key].get(name) == value for name, value in identity.items()):
-                    del entries[key]
+            _forget(self.pools if kind == "pool" else self.volumes, address, identity)
+            self._pending.append(("forget", (kind, address, identity)))
+
+
+def _read_entries(conn: libvirt.virConnect, project: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pools, volumes) of the project's ledger as the host holds it now."""
+    import libvirt
+
+    secret = _lookup_secret(conn, _usage(project, "ledger"))
+    if secret is None:
+        return {}, {}
+    try:
+        raw = secret.value()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_SECRET:  # defined but never given a value
+            return {}, {}
+        raise HostError(f"cannot read vmform's ledger: {libvirt_message(exc)}") from None
+    try:
+        data = json.loads(zlib.decompress(raw))
+    except (zlib.error, ValueError):
+        raise HostError(f"vmform's ledger for project {project} on this host is unreadable") from None
+    if data.get("version", 0) > LEDGER_VERSION:
+        raise HostError("this host's vmform ledger was written by a newer vmform; upgrade vmform")
+    return dict(data.get("pools", {})), dict(data.get("volumes", {}))
+
+
+_IDENTITY = {"pool": ("uuid",), "volume": ("pool", "name")}
+
+
+def _record(entries: dict[str, Any], kind: str, address: str, entry: dict[str, Any]) -> Recorded:
+    old = entries.get(address)
+    displaced_to = None
+    if old is not None and any(old.get(k) != entry.get(k) for k in _IDENTITY.get(kind, _IDENTITY["volume"])):
+        number = 1
+        while f"{address}~replaced-{number}" in entries:
+            number += 1
+        displaced_to = f"{address}~replaced-{number}"
+        entries[displaced_to] = old
+    entries[address] = entry
+    return Recorded(kind, address, dict(entry), None if old is None else dict(old), displaced_to)
+
+
+def _undo(entries: dict[str, Any], recorded: Recorded) -> None:
+    if entries.get(recorded.address) != recorded.entry:
+        return  # recorded again since (or already undone): not ours to take back
+    if recorded.previous is None:
+        del entries[recorded.address]
+    else:
+        entries[recorded.address] = recorded.previous
+    if recorded.displaced_to is not None and entries.get(recorded.displaced_to) == recorded.previous:
+        del entries[recorded.displaced_to]
+
+
+def _forget(entries: dict[str, Any], address: str, identity: dict[str, Any]) -> None:
+    for key in [k for k in entries if k == address or k.startswith(f"{address}~replaced-")]:
+        if all(entries[key].get(name) == value for name, value in identity.items()):
+            del entries[key]
+
+
+def _replay(pools: dict[str, Any], volumes: dict[str, Any], operation: str, argument: Any) -> None:
+    if operation == "record":
+        _record(pools if argument.kind == "pool" else volumes, argument.kind, argument.address, argument.entry)
+    elif operation == "undo":
+        _undo(pools if argument.kind == "pool" else volumes, argument)
+    else:
+        kind, address, identity = argument
+        _forget(pools if kind == "pool" else volumes, address, identity)
 
 
 def _user_name() -> str:

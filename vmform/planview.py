@@ -64,7 +64,7 @@ def _change_lines(change: Change, allowed: tuple[str, ...] = ()) -> list[str]:
     style = STYLE[change.action]
     symbol = change.action.value
     headline = HEADLINE[change.action]
-    if (change.action.is_replace() or change.action is Action.MIGRATE) and change.reason:
+    if (change.action.is_replace() or change.action in (Action.MIGRATE, Action.DELETE)) and change.reason:
         headline += f" ({change.reason})"
     if change.restart:
         headline += ", and [bold]restarted[/bold]" if change.kind == "domain" else ", and [bold]restarted[/bold]"
@@ -99,6 +99,8 @@ def _change_lines(change: Change, allowed: tuple[str, ...] = ()) -> list[str]:
             effect = EFFECT_NOTE[field.effect]
             if field.effect is Effect.LIVE and change.before is not None and change.before.get("state") == "stopped" and change.kind == "domain" and top != "state":
                 effect = "domain is stopped"
+            if change.action is Action.MIGRATE:  # done when apply ends, either way
+                effect = "live move" if change.identity.get("running") else "cold move"
             lines.append(f"      {mark} {_escape(field.path.ljust(width))} = {_escape(text)}  [dim]({effect})[/dim]")
     lines.append("    }")
     return lines

@@ -113,14 +113,16 @@ def test_two_domains_on_each_of_two_hosts_apply_converge_and_destroy(two_hosts: 
     assert two_hosts.names("c") == [f"{p}-c1", f"{p}-c2"]
     assert "No changes." in two_hosts.run("plan").stdout
 
-    # A stopped domain moves by editing host: one migration, its disk copied, nothing else changes.
+    # A stopped domain moves by editing host: one migration, its disk copied; the old copies of its volume and
+    # seed are deleted on b, shown and counted in the plan.
     disk_b = two_hosts.hosts["b"].conn().storagePoolLookupByName(f"{p}-pool").storageVolLookupByName(f"{p}-mover.qcow2")
     two_hosts.write(lab(two_hosts, moved="c"))
     plan = two_hosts.run("plan", "--json").json()
-    assert plan["summary"] == {"add": 2, "change": 0, "destroy": 0, "move": 1}, plan["summary"]
+    assert plan["summary"] == {"add": 2, "change": 0, "destroy": 2, "move": 1}, plan["summary"]
     assert sorted((c["address"], c["action"], c["host"]) for c in plan["changes"]) == [
-        ("cloudinit.seed", "create", "c"), ("domain.mover", "migrate", "c"), ("volume.moving", "create", "c")]
-    assert "Plan: 2 to add, 0 to change, 0 to destroy, 1 to move." in two_hosts.run("plan").stdout
+        ("cloudinit.seed", "create", "c"), ("cloudinit.seed", "delete", "b"), ("domain.mover", "migrate", "c"),
+        ("volume.moving", "create", "c"), ("volume.moving", "delete", "b")]
+    assert "Plan: 2 to add, 0 to change, 2 to destroy, 1 to move." in two_hosts.run("plan").stdout
     assert disk_b.info()[1] > 0
     # Saved, as a pipeline does (plan on the pull request, apply on merge): the file knows both hosts.
     saved = str(two_hosts.project.root / "move.plan")
@@ -230,10 +232,11 @@ domains:
     two_hosts.write(manifest("c"))
     plan = two_hosts.run("plan", "--json").json()
     assert [(c["address"], c["action"], c["host"]) for c in plan["changes"]] == [
-        ("volume.data", "create", "c"), ("domain.counter", "migrate", "c")]
+        ("volume.data", "delete", "b"), ("volume.data", "create", "c"), ("domain.counter", "migrate", "c")]
     shown = two_hosts.run("plan").stdout
     print(shown)
-    assert "domain.counter will be migrated (from host b to host c, live: its disks are copied with it)" in shown
+    assert ("domain.counter will be migrated (from host b to host c, live move: it keeps running, its disks are "
+            "copied with it)") in shown
     moved = two_hosts.run("apply", "--auto-approve")
     print(moved.stdout)
     assert "domain.counter: migrated" in moved.stdout

@@ -9,7 +9,7 @@ from typing import Any
 
 from vmform.plan import Change
 from vmform.providers.base import ApplyContext, Provider
-from vmform.providers.volume import delete_volume, upload
+from vmform.providers.volume import delete_volume, undo_refused_record, upload
 from vmform.render.validate import validate
 from vmform.render.xml import render_seed_volume, to_text
 from vmform.schema.cloudinit import volume_name
@@ -42,7 +42,8 @@ class CloudInitProvider(Provider):
         pool = ctx.connections.get().storagePoolLookupByName(after["pool"])
         # Recorded before it exists, so an interrupted apply never leaves an unowned seed behind.
         # Marked incomplete until the ISO is all uploaded (an interrupted upload is replaced by the next apply).
-        ctx.ledger.record("volume", change.address, {**ledger_entry(after["pool"], volume, after), "incomplete": True})
+        recorded = ctx.ledger.record("volume", change.address,
+                                     {**ledger_entry(after["pool"], volume, after), "incomplete": True})
         ctx.save_ledger()
         with ctx.pool_locks[after["pool"]]:
             try:
@@ -50,8 +51,7 @@ class CloudInitProvider(Provider):
             except libvirt.libvirtError as exc:
                 if not ctx.refused(exc):
                     raise  # the volume may exist now: it stays recorded as owned
-                ctx.ledger.forget("volume", change.address, pool=after["pool"], name=volume)
-                ctx.save_ledger()
+                undo_refused_record(ctx, recorded)
                 raise
             try:
                 upload(ctx.connections.get(), vol, io.BytesIO(image), len(image))

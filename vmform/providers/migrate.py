@@ -5,8 +5,11 @@ migration waits for). A running domain is live-migrated, managed by vmform over 
 source daemon needs no credentials for the destination), natively with its writable disks copied by QEMU
 (VIR_MIGRATE_NON_SHARED_DISK); the
 domain keeps running on the source if anything fails. A stopped domain's writable volumes are copied through
-the storage API, then it is defined on the destination and undefined on the source. Either way, the source's
-volumes are deleted last, once the domain is where the manifests say.
+the storage API, then it is defined on the destination and undefined on the source. Either way the domain's
+disks and interfaces are re-pointed at what the manifests give it on the new host: its volumes there, and
+each interface's network by that host's libvirt name (a network may be named differently on each host). The
+old copies of its volumes and seed are deleted by delete changes of their own on the old host, which wait
+for this one: the migration itself deletes nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+from lxml import etree
 
 from vmform.errors import HostError
 from vmform.live import parse_xml
@@ -39,10 +44,13 @@ def migrate(dest: ApplyContext, source: ApplyContext, change: Change, migration_
         raise HostError(f"{change.address} is not on host {identity['from_host']} any more: "
                         f"{exc.get_error_message()}") from None
     disks = _disk_map(src_conn, dst_conn, dom, change)
-    persistent = _retarget(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_MIGRATABLE), disks)
+    interfaces = {nic["mac"]: nic for nic in (change.after or {}).get("interfaces") or [] if nic.get("mac")}
+    persistent = _retarget(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_MIGRATABLE), disks,
+                           interfaces)
     if dom.isActive():
         params: dict[str, Any] = {
-            libvirt.VIR_MIGRATE_PARAM_DEST_XML: _retarget(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), disks),
+            libvirt.VIR_MIGRATE_PARAM_DEST_XML: _retarget(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), disks,
+                                                          interfaces),
             libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: persistent,
         }
         if migration_uri:
@@ -65,10 +73,6 @@ def migrate(dest: ApplyContext, source: ApplyContext, change: Change, migration_
                           | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
     moved = dst_conn.lookupByUUIDString(identity["uuid"])
     moved.setAutostart(1 if (change.after or {}).get("autostart") else 0)
-    from vmform.providers.volume import delete_volume
-
-    for volume in identity.get("volumes") or []:
-        delete_volume(source, volume["address"], volume["pool"], volume["name"])
 
 
 def _disk_map(src_conn: libvirt.virConnect, dst_conn: libvirt.virConnect, dom: libvirt.virDomain,
@@ -94,9 +98,32 @@ def _disk_map(src_conn: libvirt.virConnect, dst_conn: libvirt.virConnect, dom: l
     return result
 
 
-def _retarget(xml: str, disks: dict[str, dict[str, Any]]) -> str:
-    """The domain's XML with each moving disk pointing at its volume on the new host."""
+def _retarget(xml: str, disks: dict[str, dict[str, Any]], interfaces: dict[str, dict[str, Any]]) -> str:
+    """The domain's XML with each moving disk pointing at its volume on the new host, and each interface (by
+    MAC) at the network or bridge the manifests give it there."""
     root = parse_xml(xml)
+    for node in root.findall("devices/interface"):
+        mac = node.find("mac")
+        nic = interfaces.get(str(mac.get("address")).lower()) if mac is not None else None
+        if nic is None:
+            continue
+        old_source = node.find("source")
+        fresh = etree.Element("source")
+        if nic.get("network") is not None:
+            node.set("type", "network")
+            fresh.set("network", nic["network"])
+        elif nic.get("bridge") is not None:
+            node.set("type", "bridge")
+            fresh.set("bridge", nic["bridge"])
+        else:
+            continue
+        if old_source is None:
+            mac.addnext(fresh)  # type: ignore[union-attr]
+        else:
+            # The old host's port and bridge go with the old network (a live XML names both).
+            node.replace(old_source, fresh)
+        for stale in node.findall("target"):  # the old host's tap device name
+            node.remove(stale)
     for node in root.findall("devices/disk"):
         target = node.find("target")
         disk = disks.get(str(target.get("dev"))) if target is not None else None

@@ -30,14 +30,15 @@ class PoolProvider(Provider):
         root = render_pool(change.name, change.after, pool_uuid)
         validate("pool", root, change.address)
         # Recorded before it exists: a crash right after define still leaves it owned, never orphaned.
-        ctx.ledger.record("pool", change.address, {"name": change.name, "uuid": pool_uuid})
+        recorded = ctx.ledger.record("pool", change.address, {"name": change.name, "uuid": pool_uuid})
         ctx.save_ledger()
         conn = ctx.connections.get()
         try:
             pool = conn.storagePoolDefineXML(to_text(root))
         except libvirt.libvirtError as exc:
             if ctx.refused(exc):  # after a dropped connection the pool may exist: it stays recorded
-                ctx.ledger.forget("pool", change.address, uuid=pool_uuid)
+                # Only this create's entry is taken back: a pool that "already exists" keeps its own entry.
+                ctx.ledger.undo(recorded)
                 ctx.save_ledger()
             raise
         try:
@@ -48,7 +49,7 @@ class PoolProvider(Provider):
             if not ctx.refused(exc):
                 raise
             pool.undefine()
-            ctx.ledger.forget("pool", change.address, uuid=pool_uuid)
+            ctx.ledger.undo(recorded)  # gone again: what the address held before comes back
             ctx.save_ledger()
             raise
         pool.setAutostart(1 if change.after.get("autostart", True) else 0)

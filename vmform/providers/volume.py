@@ -7,6 +7,7 @@ import os
 from typing import Any, BinaryIO
 
 from vmform.images import inspect_image, local_image
+from vmform.ownership import Recorded
 from vmform.plan import Change
 from vmform.providers.base import ApplyContext, Provider
 from vmform.render.validate import validate
@@ -72,7 +73,8 @@ class VolumeProvider(Provider):
             entry["source_sha256"] = after["source_sha256"]
         # Recorded before it exists, so an interrupted apply never leaves an unowned volume behind; marked
         # incomplete until its image is all uploaded, so an interrupted upload is replaced by the next apply.
-        ctx.ledger.record("volume", change.address, {**entry, "incomplete": True} if image is not None else entry)
+        recorded = ctx.ledger.record("volume", change.address,
+                                     {**entry, "incomplete": True} if image is not None else entry)
         ctx.save_ledger()
         with ctx.pool_locks[after["pool"]]:
             try:
@@ -81,8 +83,7 @@ class VolumeProvider(Provider):
             except libvirt.libvirtError as exc:
                 if not ctx.refused(exc):
                     raise  # the volume may exist now: it stays recorded as owned
-                ctx.ledger.forget("volume", change.address, pool=after["pool"], name=change.name)
-                ctx.save_ledger()
+                undo_refused_record(ctx, recorded)
                 raise
             try:
                 if image is not None:
@@ -178,6 +179,14 @@ def _check_unused(ctx: ApplyContext, address: str, path: str, pool: str, name: s
             holder_address = mine if use.holder_kind == "domain" else ctx.ledger.volume_address(use.pool, use.holder)
             what, when = describe_use(use, holder_address)
             raise VolumeInUse(f"{what}; {when} (a later apply deletes it)")
+
+
+def undo_refused_record(ctx: ApplyContext, recorded: Recorded) -> None:
+    """After libvirt refused a create: take back only the entry this create wrote. What the address held
+    before comes back as it was, so a create that failed because the object already exists ("already
+    exists": another apply made it, and recorded it) never removes that apply's entry."""
+    ctx.ledger.undo(recorded)
+    ctx.save_ledger()
 
 
 def _running_user(ctx: ApplyContext, path: str, pool: str, name: str) -> tuple[Any, str] | None:

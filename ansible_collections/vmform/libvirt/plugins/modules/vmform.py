@@ -348,45 +348,60 @@ def _incomplete(command, applied):
 def run(module):
     params = module.params
     state = params["state"]
-    targets = params["targets"] or []
     _check_ranges(params)
     workspace = _load_workspace(params)
     connections = api.connect(workspace, params["uri"])
     try:
-        if state == "absent":
-            the_plan = api.destroy_plan(workspace, connections, targets)
+        if state == "planned" or module.check_mode:
+            result = _plan_and_apply(module, workspace, connections, apply=False)
         else:
-            the_plan = api.plan(workspace, connections, targets, restart=params["restart"])
-        plan_json = the_plan.to_json()
-        result = dict(
-            changed=False,
-            summary=the_plan.counts(),
-            changes=[_change_summary(change) for change in plan_json["changes"]],
-            plan=plan_json,
-            notes=list(the_plan.notes),
-        )
-        if module._diff:
-            result["diff"] = [_diff(change) for change in plan_json["changes"]]
-        if state != "planned" and not the_plan.empty:
-            if module.check_mode:
-                result["changed"] = True
-            else:
-                command = "destroy" if state == "absent" else "apply"
-                stop = threading.Event()
-                _stop_on_sigterm(stop)
-                applied = api.apply_plan(workspace, connections, the_plan, params["parallelism"], None,
-                                         params["lock_timeout"], command, stop)
-                result["changed"] = bool(applied.done)
-                result["apply"] = dict(done=applied.done, failed=applied.failed, skipped=applied.skipped,
-                                       mismatched=applied.mismatched, interrupted=applied.interrupted)
-                if not applied.ok:
-                    module.fail_json(msg=_incomplete(command, applied), **result)
+            # The lock first, then read the host and plan, then apply under the same lock: a run that waited
+            # for another one plans what that one left.
+            stop = threading.Event()
+            _stop_on_sigterm(stop)
+            command = "destroy" if state == "absent" else "apply"
+            with api.locked(workspace, connections, command, params["lock_timeout"], stop=stop) as held:
+                result = _plan_and_apply(module, workspace, connections, apply=True, stop=stop)
+            result["notes"] += held.left_behind
         result["outputs"] = [output.to_json() for output in api.domain_outputs(workspace, connections)]
         if params["state"] != "absent":
             result["project_outputs"] = api.project_outputs(workspace, connections, params["show_sensitive"])
         return result
     finally:
         connections.close()
+
+
+def _plan_and_apply(module, workspace, connections, apply, stop=None):
+    params = module.params
+    state = params["state"]
+    targets = params["targets"] or []
+    if state == "absent":
+        the_plan = api.destroy_plan(workspace, connections, targets)
+    else:
+        the_plan = api.plan(workspace, connections, targets, restart=params["restart"])
+    plan_json = the_plan.to_json()
+    result = dict(
+        changed=False,
+        summary=the_plan.counts(),
+        changes=[_change_summary(change) for change in plan_json["changes"]],
+        plan=plan_json,
+        notes=list(the_plan.notes),
+    )
+    if module._diff:
+        result["diff"] = [_diff(change) for change in plan_json["changes"]]
+    if state != "planned" and not the_plan.empty:
+        if not apply:
+            result["changed"] = True  # check mode
+        else:
+            command = "destroy" if state == "absent" else "apply"
+            applied = api.apply_plan(workspace, connections, the_plan, params["parallelism"], None,
+                                     params["lock_timeout"], command, stop)
+            result["changed"] = bool(applied.done)
+            result["apply"] = dict(done=applied.done, failed=applied.failed, skipped=applied.skipped,
+                                   mismatched=applied.mismatched, interrupted=applied.interrupted)
+            if not applied.ok:
+                module.fail_json(msg=_incomplete(command, applied), **result)
+    return result
 
 
 def main():
