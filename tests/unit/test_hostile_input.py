@@ -203,3 +203,17 @@ def test_imported_text_loads_back_verbatim(tmp_path: Path, text: str) -> None:
 
     written = yaml.safe_dump({"domains": {"vm": {"description": literal_text(text)}}})
     assert load(tmp_path, written).resources["domain.vm"].desired["description"] == text
+
+
+# --- clear refusals -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("body", "reason"), [
+    ('<xsl:template name="r"><xsl:call-template name="r"/></xsl:template>'
+     '<xsl:template match="/"><xsl:call-template name="r"/></xsl:template>', "templates nested deeper than"),
+    ('<xsl:template match="/"><xsl:message terminate="yes">no thanks</xsl:message></xsl:template>', "no thanks"),
+])
+def test_a_failing_stylesheet_says_why(tmp_path: Path, body: str, reason: str) -> None:
+    sheet = f'<xsl:stylesheet version="1.0" xmlns:xsl="http://www.w3.org/1999/XSL/Transform">{body}</xsl:stylesheet>'
+    found = errors(tmp_path, "domains:\n  vm:\n    xslt: '" + sheet + "'\n")
+    assert len(found) == 1 and "the XSLT stylesheet failed: " in found[0] and reason in found[0], found
+    assert "unknown error" not in found[0]

@@ -30,7 +30,9 @@ BASE = {
 }
 HOSTILE = st.one_of(
     st.sampled_from(["a'/><qemu:commandline>", "]]><x/>", "<!--", "&amp;&lt;", "\"'><b>", "{{ 1 }}", "%s%n",
-                     "../../etc/passwd", "a\nb", " lead", "trail ", "ü中\u202e", "x" * 300]),
+                     "../../etc/passwd", "a\nb", " lead", "trail ", "ü中\u202e", "x" * 300, "/etc/shadow", "/dev/sda",
+                     "{% for i in range(9) %}{% endfor %}", "{{ '/etc/' ~ 'shadow' }}", "/var/lib/vmform/p/../../../etc",
+                     "/var/lib/vmform/p/other", "{#", "\\x00"]),
     st.text(st.characters(blacklist_categories=("Cs",)), max_size=40),
 )
 
@@ -112,7 +114,14 @@ def test_hostile_strings_never_become_structure(tmp_path: Path, kind: str, path:
     except VmformError as exc:  # e.g. the rendered XML refused by libvirt's schema: one clear message
         assert "\n" not in str(exc) and str(exc)
         return
+    from vmform.schema import optins
+
+    resources = load_manifests("hostile", [tmp_path / "m.yaml"], tmp_path, {}, VariableInputs(environ={})).resources
+    scope = optins.scope_of(resources.values())
     for address, root in roots.items():
         assert not root.findall(".//{http://libvirt.org/schemas/domain/qemu/1.0}commandline")
+        kind = address.split(".", 1)[0]
+        # Nothing in the manifest opts in: no host path outside its pools may be in what would be sent.
+        assert not optins.findings(kind, root, scope), (address, value, optins.findings(kind, root, scope))
         if address in baseline:
             assert structure(root) == structure(baseline[address]), (address, value)

@@ -43,14 +43,25 @@ def stylesheet(text: str) -> Any:
 
 def transform(text: str, root: Element) -> Element:
     """The stylesheet's output for a document (a new tree)."""
+    compiled = stylesheet(text)
     try:
-        result = stylesheet(text)(root)
+        result = compiled(root)
     except etree.XSLTApplyError as exc:
-        raise FieldError(f"the XSLT stylesheet failed: {exc}") from None
+        raise FieldError(f"the XSLT stylesheet failed: {_reason(compiled, exc)}") from None
     output = result.getroot()
     if output is None:
         raise FieldError("the XSLT stylesheet produced no document")
     return output
+
+
+def _reason(compiled: Any, exc: Exception) -> str:
+    """libxslt's own words for a failure (lxml's exception often says only "unknown error"), one line."""
+    messages = [" ".join(entry.message.split()) for entry in getattr(compiled, "error_log", ()) if entry.message]
+    known = [m for m in messages if m and m != "unknown error"]
+    text = "; ".join(dict.fromkeys(known[-2:])) or str(exc)
+    if "infinite template recursion" in text:  # libxslt's advice about xsltproc options does not apply here
+        return "templates nested deeper than libxslt's limit of 3000 (a template that calls itself without end?)"
+    return text
 
 
 def canonical(root: Element) -> bytes:
