@@ -217,3 +217,13 @@ def test_a_failing_stylesheet_says_why(tmp_path: Path, body: str, reason: str) -
     found = errors(tmp_path, "domains:\n  vm:\n    xslt: '" + sheet + "'\n")
     assert len(found) == 1 and "the XSLT stylesheet failed: " in found[0] and reason in found[0], found
     assert "unknown error" not in found[0]
+
+
+def test_a_widening_of_the_pool_roots_is_shown_in_bold_in_every_plan() -> None:
+    from vmform.plan import Plan
+    from vmform.planview import allowed_lines, plan_markdown
+
+    plan = Plan("p", "qemu:///system", (), allowed={"vmform.toml": ("pool_roots /srv/vms",)})
+    assert allowed_lines(plan) == ["[bold]vmform.toml widens the pool roots: /srv/vms[/bold] (pools may be made there "
+                                   "without allow: \\[host_paths])"]  # rich markup escapes the bracket
+    assert "**vmform.toml widens the pool roots: /srv/vms**" in plan_markdown(plan)
