@@ -207,3 +207,27 @@ def test_import_records_what_it_adopted(project: Any, conn: Any) -> None:
     assert inactive(dom).find("memoryBacking/nosharepages") is None
     assert inactive(dom).findtext("on_crash") == "restart", "still stated: kept"
     assert "No changes." in project.run("plan", check=True).stdout
+
+
+def test_running_domain_removal_waits_for_restart(project: Any, conn: Any) -> None:
+    """On a running domain an xml: removal is restart-class: the definition loses it at once, the guest keeps it
+    until it restarts, and with restart allowed it restarts in the same apply."""
+    p = project.prefix
+    project.write(domain(project, "      on_crash: restart\n      memoryBacking: {nosharepages: {}}\n", state="running"))
+    project.apply()
+    dom = conn.lookupByName(f"{p}-vm")
+    assert dom.isActive()
+    project.write(domain(project, "      memoryBacking: {nosharepages: {}}\n", state="running"))
+    assert plan_fields(project) == {f"domain.{p}-vm": {"xml.on_crash": "restart"}}
+    project.apply()
+    assert inactive(dom).findtext("on_crash") == "destroy"
+    assert etree.fromstring(dom.XMLDesc(0).encode()).findtext("on_crash") == "restart", "the guest keeps it until restart"
+    assert "No changes." in project.run("plan", check=True).stdout
+
+    project.write(domain(project, "      {}\n", state="running"))
+    assert plan_fields(project) == {f"domain.{p}-vm": {"xml.memoryBacking.nosharepages": "restart"}}
+    applied = project.run("apply", "--auto-approve", "--restart", check=True).stdout
+    assert "Restarted by this apply" in applied, applied
+    running = etree.fromstring(dom.XMLDesc(0).encode())
+    assert running.find("memoryBacking/nosharepages") is None and running.findtext("on_crash") == "destroy"
+    assert "No changes." in project.run("plan", check=True).stdout
