@@ -32,8 +32,8 @@ import pytest
 import yaml
 
 from vmform.diff import LAST_APPLIED, LIST_KEYS, compare
-from vmform.lastapplied import AppliedRecord, read_record
 from vmform.errors import PlanError
+from vmform.lastapplied import AppliedRecord, read_record
 from vmform.live import LiveObject, _read_bound, _resolve_backing, domain_object, parse_xml, seed_object
 from vmform.manifest.loader import load_manifests
 from vmform.model import Manifests, Resource
