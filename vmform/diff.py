@@ -251,8 +251,7 @@ def _removals(resource: Resource, live: LiveObject, desired: dict[str, Any], ign
         if before is None or before == spec.removal.value:
             continue
         removals.append(_field(spec, name, before, None, _effect(kind, spec, desired, live)))
-    gone = [path for path in recorded.xml
-            if not any(stated[:len(path)] == path for stated in now.xml) and not _curated_claims(resource, desired, path)]
+    gone = [path for path in lastapplied.removed_paths(recorded, now.xml) if not _curated_claims(resource, desired, path)]
     if gone and "xml" not in ignored and live.config_root is not None:
         from vmform.render.xml import render_resource
         from vmform.schema.generic import value_at

@@ -66,6 +66,22 @@ def xml_change_path(path: XmlPath) -> str:
     return "xml." + ".".join(steps)
 
 
+def removed_paths(recorded: AppliedRecord, stated: tuple[XmlPath, ...]) -> list[XmlPath]:
+    """The recorded xml: paths the section no longer states (nor anything inside them). A device the section no
+    longer names at all (``devices/watchdog/@model`` and ``@action`` gone with the whole ``watchdog:``) is
+    removed whole: a device without its model is no device, and what libvirt added inside it (its address,
+    alias) goes with it."""
+    found: list[XmlPath] = []
+    for path in recorded.xml:
+        if any(now[:len(path)] == path for now in stated):
+            continue
+        if len(path) > 2 and path[0] == "devices" and not any(now[:2] == path[:2] for now in stated):
+            path = path[:2]
+        if path not in found:
+            found.append(path)
+    return found
+
+
 def record_for(kind: str, values: Mapping[str, Any]) -> AppliedRecord:
     """The record of what these values (a resource's desired values, as sent to libvirt) state."""
     if kind not in KINDS:
@@ -136,9 +152,7 @@ def unset_removed(kind: str, root: Element, change: Any, project: str,
     recorded = recorded if recorded is not None else read_record(root)
     if recorded is None:
         return overlay
-    stated = record_for(kind, after).xml
-    gone = [path for path in recorded.xml if xml_change_path(path) in planned
-            and not any(now[:len(path)] == path for now in stated)]
+    gone = [path for path in removed_paths(recorded, record_for(kind, after).xml) if xml_change_path(path) in planned]
     if gone:
         rendered = render_resource(kind, change.name, after, project, change.address)
         for path in gone:

@@ -11,6 +11,7 @@ from vmform.lastapplied import (
     applied_element,
     read_record,
     record_for,
+    removed_paths,
     write_record,
     xml_change_path,
 )
@@ -100,3 +101,11 @@ def test_value_at_reads_generic_data() -> None:
     assert value_at(data, ("memoryBacking", "hugepages")) == {}
     assert value_at(data, ("memoryBacking", "nosharepages")) is None
     assert value_at(None, ("a",)) is None
+
+
+def test_a_device_no_longer_named_is_removed_whole() -> None:
+    recorded = AppliedRecord.of([], [("devices", "watchdog", "@model"), ("devices", "watchdog", "@action"),
+                                     ("devices", "memballoon", "@model"), ("devices", "memballoon", "stats", "@period")])
+    # memballoon is still named (its model): only its stats go; the watchdog is not named at all any more.
+    assert removed_paths(recorded, (("devices", "memballoon", "@model"),)) == [
+        ("devices", "memballoon", "stats", "@period"), ("devices", "watchdog")]
