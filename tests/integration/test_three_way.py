@@ -40,6 +40,7 @@ def test_removed_xml_entries_are_removed_from_the_host(project: Any, conn: Any) 
       on_crash: restart
       clock: {offset: localtime}
       features: {pae: {}}
+      devices: {watchdog: {model: i6300esb, action: reset}}
 """))
     project.apply()
     dom = conn.lookupByName(f"{p}-vm")
@@ -52,7 +53,7 @@ def test_removed_xml_entries_are_removed_from_the_host(project: Any, conn: Any) 
     project.write(domain(project, "      memoryBacking: {nosharepages: {}}\n"))
     assert plan_fields(project) == {f"domain.{p}-vm": {
         "xml.memoryBacking.hugepages": "live", "xml.on_crash": "live", "xml.clock.offset": "live",
-        "xml.features.pae": "live"}}
+        "xml.features.pae": "live", "xml.devices.watchdog": "live"}}
     shown = project.run("plan", check=True).stdout
     assert "- xml.memoryBacking.hugepages" in shown and "- xml.features.pae" in shown, shown
     assert '~ xml.on_crash' in shown and '"restart" -> "destroy"' in shown, shown  # back to vmform's own default
@@ -63,6 +64,7 @@ def test_removed_xml_entries_are_removed_from_the_host(project: Any, conn: Any) 
     assert config.findtext("on_crash") == "destroy"
     assert config.find("clock") is None or config.find("clock").get("offset") != "localtime"
     assert config.find("features/pae") is None and config.find("features/acpi") is not None
+    assert config.find("devices/watchdog") is None, "a device no longer named goes whole (with its address)"
     assert "No changes." in project.run("plan", check=True).stdout
 
 
