@@ -608,9 +608,9 @@ def import_objects(workspace: Workspace, conn: libvirt.virConnect, addresses: li
             break
     text = render_yaml(objects, project)  # its header lists what the final manifests do not carry
     # What the imported manifests state is what vmform adopted: its last-applied record, so that a line removed
-    # from them later is removed from the host.
-    final = _load_with(workspace, text)
-    records = {item.address: record_for(item.kind, final.resources[item.address].desired) for item in objects}
+    # from them later is removed from the host. From the manifests loaded last (the final text, unless the loop
+    # ran out of attempts: then a record lists less, and less is ever removed).
+    records = {item.address: record_for(item.kind, manifests.resources[item.address].desired) for item in objects}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
