@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from vmform import lastapplied
 from vmform.errors import PlanError, PlanErrors
 from vmform.live import LiveObject, LiveState, VolumeUse
 from vmform.ownership import INCOMPLETE_UPLOAD
@@ -221,7 +222,74 @@ def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], li
                 pending.append(spec.name)
             continue
         changes.append(_field(spec, spec.name, before, after, effect))
+    changes.extend(_removals(resource, live, desired, ignored, changes))
     return changes, forcing, pending
+
+
+# The plan's name for a change that only rewrites vmform's last-applied record on the object.
+LAST_APPLIED = "last_applied"
+
+
+def _removals(resource: Resource, live: LiveObject, desired: dict[str, Any], ignored: set[str],
+              found: list[FieldChange]) -> list[FieldChange]:
+    """Three-way: what vmform stated when it last wrote the object (``live.applied``) and the manifest no longer
+    states is removed from the host. Only recorded entries are candidates, so libvirt's additions and what
+    someone else added are never touched; an object without a record (an older vmform's) has none."""
+    recorded = live.applied
+    if recorded is None:
+        return []
+    kind = resource.kind.name
+    now = lastapplied.record_for(kind, desired)
+    removals: list[FieldChange] = []
+    for name in recorded.fields:
+        spec = resource.kind.spec(name)
+        if spec is None or spec.removal is None or name in desired or name in ignored:
+            continue
+        if any(extra_xml.overlap(path, region) for path in now.xml for region in extra_xml.regions(spec, kind)):
+            continue  # the xml: section states that part of the document now
+        before = live.values.get(name)
+        if before is None or before == spec.removal.value:
+            continue
+        removals.append(_field(spec, name, before, None, _effect(kind, spec, desired, live)))
+    gone = [path for path in lastapplied.removed_paths(recorded, now.xml) if not _curated_claims(resource, desired, path)]
+    if gone and "xml" not in ignored and live.config_root is not None:
+        from vmform.render.xml import render_resource
+        from vmform.schema.generic import value_at
+
+        host = extra_xml.document_data(live.config_root, kind)
+        rendered = extra_xml.document_data(
+            render_resource(kind, resource.libvirt_name, desired, "", resource.address), kind)
+        for path in gone:
+            before = value_at(host, path)
+            after = value_at(rendered, path)
+            if before is None or after is not None and extra_xml.matches(after, before, path[-1]):
+                continue
+            removals.append(FieldChange(lastapplied.xml_change_path(path), before, after,
+                                        Effect.RESTART if live.active else Effect.LIVE,
+                                        display(None, before), display(None, after)))
+    rewrites = [c for c in [*found, *removals] if _rewrites_definition(resource, c.path)]
+    if now != recorded and not rewrites:
+        # Nothing else rewrites the definition (which writes the record too): the record alone is brought up to
+        # date, so that a later removal removes what the manifest states now, and only that.
+        removals.append(FieldChange(LAST_APPLIED, recorded.shown(), now.shown(), Effect.LIVE,
+                                    ", ".join(recorded.shown()) or "(nothing)", ", ".join(now.shown()) or "(nothing)"))
+    return removals
+
+
+def _curated_claims(resource: Resource, desired: dict[str, Any], path: tuple[str, ...]) -> bool:
+    """A curated field the manifest has now (stated or by default) writes that part of the document."""
+    kind = resource.kind.name
+    return any(spec.name in desired and extra_xml.overlap(path, region)
+               for spec in resource.kind.fields if spec.binding is not None and spec.name not in ("xml", "xslt")
+               for region in extra_xml.regions(spec, kind))
+
+
+def _rewrites_definition(resource: Resource, path: str) -> bool:
+    """Whether applying a field change redefines the object (so its last-applied record is written with it)."""
+    if resource.kind.name == "pool":
+        return True  # a pool's record is in its ledger entry, which every update of the pool writes
+    spec = resource.kind.spec(path.split("[", 1)[0].split(".", 1)[0])
+    return spec is not None and spec.binding is not None
 
 
 def _extra_xml_changes(resource: Resource, spec: FieldSpec, live: LiveObject, pending: list[str]) -> list[FieldChange]:

@@ -29,6 +29,11 @@ def _rows(specs: tuple[FieldSpec, ...], prefix: str = "") -> list[str]:
             default = spec.default_doc
         if spec.pinned:
             default += " (kept per domain: see 'Defaults')"
+        if not prefix and spec.compare and spec.removal is not None:
+            default += f"; a removed line: {spec.removal.doc} (see 'Removing a line')"
+        elif not prefix and spec.compare and spec.default is None and spec.binding is not None and not spec.pinned \
+                and not spec.required and spec.name not in ("xml", "xslt") and not spec.default_doc:
+            default += "; a removed line leaves the host's value as it is"
         effect = spec.effect.value + (f" ({spec.effect_doc})" if spec.effect_doc else "")
         if not spec.compare:
             effect = "—"

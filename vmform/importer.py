@@ -21,6 +21,7 @@ from lxml import etree
 
 from vmform.connection import libvirt_message
 from vmform.errors import VmformError
+from vmform.lastapplied import AppliedRecord, applied_element, record_for, write_record
 from vmform.live import parse_xml
 from vmform.ownership import NAMESPACE, Ledger, ProjectLock, read_owner, set_owner
 from vmform.schema.domain import DISK_BUSES, NIC_MODELS
@@ -607,10 +608,14 @@ def import_objects(workspace: Workspace, conn: libvirt.virConnect, addresses: li
         if not yielded:
             break
     text = render_yaml(objects, project)  # its header lists what the final manifests do not carry
+    # What the imported manifests state is what vmform adopted: its last-applied record, so that a line removed
+    # from them later is removed from the host. From the manifests loaded last (the final text, unless the loop
+    # ran out of attempts: then a record lists less, and less is ever removed).
+    records = {item.address: record_for(item.kind, manifests.resources[item.address].desired) for item in objects}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
-    _mark(conn, project, found, objects)
+    _mark(conn, project, found, objects, records)
     globs = [str(workspace.project.root / p) for p in workspace.project.manifest_patterns]
     outside = not any(fnmatch.fnmatch(str(out), g) for g in globs)
     return ImportResult(out, objects, outside)
@@ -670,7 +675,7 @@ def render_yaml(objects: list[ImportedObject], project: str) -> str:
 
 
 def _mark(conn: libvirt.virConnect, project: str, found: list[tuple[str, str, Any, Element]],
-          objects: list[ImportedObject]) -> None:
+          objects: list[ImportedObject], records: dict[str, AppliedRecord]) -> None:
     import libvirt
 
     with ProjectLock(conn, project, "import"):
@@ -679,8 +684,10 @@ def _mark(conn: libvirt.virConnect, project: str, found: list[tuple[str, str, An
             try:
                 if kind == "domain":
                     # libvirt puts the element into the namespace itself: give it without one.
-                    owner = etree.tostring(etree.Element("owner", project=project, address=item.address),
-                                           encoding="unicode")
+                    # (its children keep the namespace they are given: the last-applied record)
+                    owner_node = etree.Element("owner", project=project, address=item.address)
+                    owner_node.append(applied_element(records[item.address]))
+                    owner = etree.tostring(owner_node, encoding="unicode")
                     flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
                     if obj.isActive():
                         flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
@@ -688,11 +695,13 @@ def _mark(conn: libvirt.virConnect, project: str, found: list[tuple[str, str, An
                 elif kind == "network":
                     root = _xml("network", obj)
                     set_owner(root, project, item.address)
+                    write_record(root, records[item.address])
                     conn.networkDefineXML(etree.tostring(root, encoding="unicode"))
                 else:
                     if ledger is None:
                         ledger = Ledger.load(conn, project)
-                    ledger.record("pool", item.address, {"name": name, "uuid": obj.UUIDString()})
+                    ledger.record("pool", item.address, {"name": name, "uuid": obj.UUIDString(),
+                                                         "applied": records[item.address].to_entry()})
                     ledger.save(conn)
             except libvirt.libvirtError as exc:
                 raise ImportError_(f"{item.address}: cannot mark it as owned: {libvirt_message(exc)} (the objects "

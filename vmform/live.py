@@ -11,6 +11,7 @@ from lxml import etree
 
 from vmform.connection import libvirt_message
 from vmform.errors import HostError
+from vmform.lastapplied import AppliedRecord, read_record
 from vmform.model import local_address
 from vmform.ownership import BALLOON_NAMESPACE, INCOMPLETE_UPLOAD, Ledger, read_owner
 from vmform.schema.registry import KINDS
@@ -40,6 +41,8 @@ class LiveObject:
     # The parsed documents, for the xml: section's comparison (read only when a manifest states one).
     config_root: Element | None = field(default=None, repr=False, compare=False)
     running_root: Element | None = field(default=None, repr=False, compare=False)
+    # What vmform stated when it last wrote the object (lastapplied.AppliedRecord); None: nothing recorded.
+    applied: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -94,7 +97,7 @@ def domain_object(name: str, uuid: str, config: Element, running_root: Element |
             except (TypeError, ValueError):
                 pass
     obj = LiveObject("domain", name, values, {"uuid": uuid}, active=running_root is not None, running_values=running,
-                     config_root=config, running_root=running_root)
+                     config_root=config, running_root=running_root, applied=read_record(config))
     _set_owner(obj, read_owner(config), project)
     return obj
 
@@ -159,7 +162,7 @@ def read_network(net: libvirt.virNetwork, project: str) -> LiveObject:
     running_root = parse_xml(net.XMLDesc(0)) if active else None
     running = _read_bound("network", running_root) if running_root is not None else {}
     obj = LiveObject("network", net.name(), values, {"uuid": net.UUIDString()}, active=active, running_values=running,
-                     config_root=config, running_root=running_root)
+                     config_root=config, running_root=running_root, applied=read_record(config))
     _set_owner(obj, read_owner(config), project)
     return obj
 
@@ -182,6 +185,8 @@ def read_pool(pool: libvirt.virStoragePool, ledger: Ledger) -> LiveObject:
     uuid = pool.UUIDString()
     obj = LiveObject("pool", pool.name(), values, {"uuid": uuid}, active=bool(pool.isActive()), config_root=config)
     obj.address = ledger.pool_address(pool.name(), uuid)
+    if obj.address is not None:
+        obj.applied = AppliedRecord.from_entry(ledger.pools[obj.address].get("applied"))
     return obj
 
 

@@ -15,6 +15,8 @@ A case is a YAML mapping:
 * cloud-init seeds: ``live_xml`` is the seed volume's XML, ``live_seed`` what vmform's ledger records of its
   content (``user_data`` as text here; the runner keeps only its fingerprint, as the ledger does);
 * ``xfail`` -- the case pins down a known library bug (strict: it must keep failing until fixed).
+* three-way removals: a domain's or network's last-applied record is in its ``live_xml`` (``<vmform:applied>``
+  inside the owner element); a pool's is ``live_applied``, its ledger entry's ``applied`` value.
 
 The live values are built with the kinds' own XML bindings (live._read_bound), exactly as read_host does.
 """
@@ -29,8 +31,9 @@ from typing import Any
 import pytest
 import yaml
 
-from vmform.diff import LIST_KEYS, compare
+from vmform.diff import LAST_APPLIED, LIST_KEYS, compare
 from vmform.errors import PlanError
+from vmform.lastapplied import AppliedRecord, read_record
 from vmform.live import LiveObject, _read_bound, _resolve_backing, domain_object, parse_xml, seed_object
 from vmform.manifest.loader import load_manifests
 from vmform.model import Manifests, Resource
@@ -45,7 +48,7 @@ CASE_FILES = sorted(CASES_DIR.glob("*.yaml"))
 PROJECT = "unit"
 CASE_KEYS = {
     "manifest", "address", "live_xml", "running_xml", "active", "state", "autostart", "live_pool", "live_volumes",
-    "expect", "expect_pending", "expect_error", "xfail", "live_seed",
+    "expect", "expect_pending", "expect_error", "xfail", "live_seed", "live_applied",
 }
 
 # Every managed (compared) field of every kind must be changed by at least one case; see test_coverage.
@@ -101,8 +104,9 @@ def live_object(resource: Resource, data: dict[str, Any]) -> LiveObject:
         return obj
     if kind in ("network", "pool"):
         values["autostart"] = bool(data.get("autostart", True))
+        applied = read_record(root) if kind == "network" else AppliedRecord.from_entry(data.get("live_applied"))
         return LiveObject(kind, name, values, {"uuid": root.findtext("uuid")}, address=resource.address, active=active,
-                          config_root=root, running_root=root if active else None)
+                          config_root=root, running_root=root if active else None, applied=applied)
     if kind == "cloudinit":
         pool = data.get("live_pool") or resource.desired["pool"]
         volume = LiveObject("volume", name, {"pool": pool}, {"pool": pool, "path": root.findtext("target/path")},
@@ -159,14 +163,26 @@ def check_change_values(resource: Resource, live: LiveObject, change: FieldChang
                         settled: dict[str, Any] | None = None) -> None:
     """A change carries the desired value as 'after' and the live (config or running) value as 'before'."""
     all_desired = resource.desired if settled is None else settled
+    if change.path == LAST_APPLIED:  # only vmform's record is rewritten: both sides are what it lists
+        assert isinstance(change.before, list) and isinstance(change.after, list) and change.before != change.after
+        return
     if change.path.startswith("xml."):
-        wanted_value: Any = resource.desired["xml"]
+        wanted_value: Any = resource.desired.get("xml") or {}
         for step in change.path.split(".")[1:]:
+            if not isinstance(wanted_value, dict) or step not in wanted_value:
+                # A three-way removal: the manifest no longer states it; the host has it.
+                assert change.before is not None and change.display_before, change
+                return
             wanted_value = wanted_value[step]
         assert change.after == wanted_value
         assert change.display_after, f"{change.path}: empty display"
         return
     name, _, key = change.path.partition("[")
+    if name not in all_desired:  # a three-way removal of a curated field: the host's value goes
+        spec = resource.kind.spec(name)
+        assert spec is not None and spec.removal is not None, change
+        assert change.after is None and change.before == live.values.get(name) and change.before is not None
+        return
     desired = all_desired[name]
     if key:
         key = key.rstrip("]")

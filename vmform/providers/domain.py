@@ -9,6 +9,7 @@ from lxml import etree
 
 from vmform.errors import VmformError
 from vmform.events import Watch, wait_for
+from vmform.lastapplied import record_for, unset_removed, write_record
 from vmform.live import parse_xml
 from vmform.plan import Change, FieldChange
 from vmform.providers.base import ApplyContext, Provider
@@ -135,9 +136,11 @@ class DomainProvider(Provider):
         xml_fields = sorted(touched - API_FIELDS)
         if xml_fields:
             root = parse_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-            write_fields("domain", root, after, xml_fields)
+            removed = unset_removed("domain", root, change, ctx.project)  # three-way removals the plan lists
+            write_fields("domain", root, {**after, **removed}, xml_fields)
             if "type" in xml_fields:
                 root.set("type", after["type"])
+            write_record(root, record_for("domain", after))
             validate("domain", root, change.address)
             ctx.connections.get().defineXML(to_text(root))
         if dom.isActive():

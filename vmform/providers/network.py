@@ -10,6 +10,7 @@ from typing import Any
 
 from lxml import etree
 
+from vmform.lastapplied import record_for, unset_removed, write_record
 from vmform.live import parse_xml
 from vmform.plan import Change
 from vmform.providers.base import ApplyContext, Provider
@@ -90,7 +91,9 @@ class NetworkProvider(Provider):
         xml_fields = sorted(touched - {"autostart"})
         if xml_fields:
             root = parse_xml(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE))
-            write_fields("network", root, change.after, xml_fields)
+            removed = unset_removed("network", root, change, ctx.project)  # three-way removals the plan lists
+            write_fields("network", root, {**change.after, **removed}, xml_fields)
+            write_record(root, record_for("network", change.after))
             validate("network", root, change.address)
             ctx.connections.get().networkDefineXML(to_text(root))
         if net.isActive() and change.restart:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import uuid as uuidlib
 from typing import Any
 
+from vmform.diff import LAST_APPLIED
+from vmform.lastapplied import AppliedRecord, record_for, unset_removed
 from vmform.live import parse_xml
 from vmform.plan import Change
 from vmform.providers.base import ApplyContext, Provider
@@ -30,7 +32,8 @@ class PoolProvider(Provider):
         root = render_pool(change.name, change.after, pool_uuid)
         validate("pool", root, change.address)
         # Recorded before it exists: a crash right after define still leaves it owned, never orphaned.
-        recorded = ctx.ledger.record("pool", change.address, {"name": change.name, "uuid": pool_uuid})
+        recorded = ctx.ledger.record("pool", change.address, {"name": change.name, "uuid": pool_uuid,
+                                                              "applied": record_for("pool", change.after).to_entry()})
         ctx.save_ledger()
         conn = ctx.connections.get()
         try:
@@ -59,13 +62,21 @@ class PoolProvider(Provider):
 
         assert change.after is not None
         pool = _lookup(ctx, change)
-        xml_fields = sorted({f.path.split("[", 1)[0].split(".", 1)[0] for f in change.fields} - {"autostart"})
+        xml_fields = sorted({f.path.split("[", 1)[0].split(".", 1)[0] for f in change.fields} - {"autostart", LAST_APPLIED})
+        entry = ctx.ledger.pools.get(change.address)
+        recorded = AppliedRecord.from_entry(entry.get("applied")) if entry is not None else None
         if xml_fields:
             # Redefined in place (same UUID): an active pool picks the new definition up when it restarts.
             root = parse_xml(pool.XMLDesc(libvirt.VIR_STORAGE_XML_INACTIVE))
-            write_fields("pool", root, change.after, xml_fields)
+            removed = unset_removed("pool", root, change, ctx.project, recorded or AppliedRecord())
+            write_fields("pool", root, {**change.after, **removed}, xml_fields)
             validate("pool", root, change.address)
             ctx.connections.get().storagePoolDefineXML(to_text(root))
+        applied = record_for("pool", change.after).to_entry()
+        if entry is not None and entry.get("applied") != applied:
+            # A pool's last-applied record lives in its ledger entry: written with every update of the pool.
+            ctx.ledger.record("pool", change.address, {**entry, "applied": applied})
+            ctx.save_ledger()
         if any(f.path == "autostart" for f in change.fields):
             pool.setAutostart(1 if change.after["autostart"] else 0)
         if not pool.isActive():

@@ -6,6 +6,7 @@ from typing import Any
 
 from lxml import etree
 
+from vmform.lastapplied import record_for, write_record
 from vmform.ownership import set_owner
 from vmform.schema.domain import write_defaults_record
 from vmform.schema.registry import KINDS
@@ -37,6 +38,7 @@ def render_domain(name: str, values: dict[str, Any], project: str, address: str)
     ensure(root, "devices")
     write_defaults_record(root, values.get("arch"))
     write_fields("domain", root, values)
+    write_record(root, record_for("domain", values))
     return root
 
 
@@ -45,6 +47,7 @@ def render_network(name: str, values: dict[str, Any], project: str, address: str
     etree.SubElement(root, "name").text = name
     set_owner(root, project, address)
     write_fields("network", root, values)
+    write_record(root, record_for("network", values))
     return root
 
 

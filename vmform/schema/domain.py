@@ -28,6 +28,7 @@ from vmform.schema.types import (
     Mac,
     Obj,
     Ref,
+    Removal,
     Size,
     Str,
     ValueType,
@@ -567,7 +568,15 @@ class Cpu(XmlBinding):
         return value
 
     def write(self, root: Element, value: Any) -> None:
-        if value is None:
+        if value is None:  # removed from the manifest: libvirt's default model; what the xml: section states stays
+            node = root.find("cpu")
+            if node is not None:
+                for attr in ("mode", "match", "check"):
+                    node.attrib.pop(attr, None)
+                for model in node.findall("model"):
+                    node.remove(model)
+                if len(node) == 0 and not node.attrib:
+                    root.remove(node)
             return
         node = ensure(root, "cpu")
         node.set("mode", value["mode"])
@@ -904,25 +913,27 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("secure_boot", Bool(), "UEFI secure boot with the distribution's keys enrolled (needs firmware: efi; "
               "turns on SMM)", xml="os/firmware/feature[@name='secure-boot'], features/smm", binding=SecureBoot()),
     FieldSpec("cpu", CPU, "CPU model: host-passthrough | host-model | maximum, or {mode: custom, model: NAME}",
-              xml="cpu/@mode, cpu/model", binding=Cpu()),
+              xml="cpu/@mode, cpu/model", binding=Cpu(),
+              removal=Removal("libvirt's default CPU model (the mode and model go; topology or features the xml: "
+                              "section states stay)")),
     FieldSpec("vcpus", Int(1, 4096), "virtual CPUs online", effect=Effect.LIVE, xml="vcpu/@current", default=1,
               effect_doc="live up to max_vcpus, else restart", binding=VcpuCurrent()),
     FieldSpec("max_vcpus", Int(1, 4096), "virtual CPUs the domain can grow to live (default: vcpus)", xml="vcpu/text()",
-              binding=VcpuMax()),
+              binding=VcpuMax(), default_doc="vcpus"),
     FieldSpec("memory", Size(minimum=16 * 1024**2, multiple=1024), "memory (balloon target)", effect=Effect.LIVE, xml="currentMemory/text(), currentMemory/@unit",
               default=512 * 1024**2, effect_doc="live up to max_memory, else restart", binding=SizeText("currentMemory")),
     FieldSpec("max_memory", Size(minimum=16 * 1024**2, multiple=1024), "memory the domain can balloon up to live (default: memory)",
-              xml="memory/text(), memory/@unit", binding=SizeText("memory")),
+              xml="memory/text(), memory/@unit", binding=SizeText("memory"), default_doc="memory"),
     FieldSpec("boot", ListOf(Enum(BOOT_DEVICES), max_items=4), "boot device order", xml="os/boot/@dev", default=["hd"],
               binding=BootDevices()),
     FieldSpec("kernel", Str(pattern=ABSOLUTE_FILE, hint="an absolute path on the host"),
               "direct kernel boot: the kernel image, a path on the host that QEMU can read", xml="os/kernel",
-              binding=Text("os/kernel")),
+              binding=Text("os/kernel"), removal=Removal("no direct kernel boot: the domain boots from its disks")),
     FieldSpec("initrd", Str(pattern=ABSOLUTE_FILE, hint="an absolute path on the host"),
               "direct kernel boot: the initrd, a path on the host (needs kernel)", xml="os/initrd",
-              binding=Text("os/initrd")),
+              binding=Text("os/initrd"), removal=Removal("no initrd")),
     FieldSpec("cmdline", Str(), "direct kernel boot: the kernel command line (needs kernel)", xml="os/cmdline",
-              binding=Text("os/cmdline")),
+              binding=Text("os/cmdline"), removal=Removal("no kernel command line")),
     FieldSpec("disks", ListOf(DISK), "disks and cdroms: a volume, a host path, or (cdrom) nothing; scsi disks get "
               "a virtio-scsi controller unless the domain has a scsi controller", effect=Effect.LIVE,
               xml="devices/disk[@device='disk' or 'cdrom']",
@@ -930,9 +941,11 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("interfaces", ListOf(INTERFACE), "network interfaces", effect=Effect.LIVE, xml="devices/interface",
               default=[], effect_doc="adding/removing an interface is live; changing one restarts", binding=InterfaceList()),
     FieldSpec("filesystems", ListOf(FILESYSTEM), "host directories shared with the guest, by mount tag",
-              xml="devices/filesystem, memoryBacking/source, memoryBacking/access", binding=Filesystems()),
+              xml="devices/filesystem, memoryBacking/source, memoryBacking/access", binding=Filesystems(),
+              removal=Removal("no shared directories", [])),
     FieldSpec("hostdevs", ListOf(HOSTDEV), "PCI host devices passed through to the guest (managed by libvirt)",
-              xml="devices/hostdev[@type='pci']", binding=HostDevs()),
+              xml="devices/hostdev[@type='pci']", binding=HostDevs(),
+              removal=Removal("no PCI host devices (given back to the host)", [])),
     FieldSpec("graphics", Enum(("none", "vnc", "spice")), "graphical console (listens on 127.0.0.1)",
               xml="devices/graphics/@type", default="none", binding=Graphics()),
     FieldSpec("video", Enum(VIDEO_MODELS), "video adapter (default: virtio when graphics is vnc or spice, else "
@@ -942,7 +955,7 @@ FIELDS: tuple[FieldSpec, ...] = (
               pinned=True),
     FieldSpec("console_log", ConsoleLogType(), "also write the serial console to a file on the host: true ("
               f"{CONSOLE_LOG_DIR}/<name>-console.log) or a path; vmform console prints it", xml="devices/serial/log/@file",
-              binding=ConsoleLog()),
+              binding=ConsoleLog(), removal=Removal("no console log file (the file itself stays)")),
     FieldSpec("cloudinit", Ref("cloudinit"), "a cloud-init seed attached as a read-only cdrom after the disks (sata on q35 "
               "machines, else ide)", xml="devices/disk[@device='cdrom']", compare=False),
     FieldSpec("rng", Bool(), "a virtio random number generator fed from the host's /dev/urandom (guests get "
@@ -955,7 +968,7 @@ FIELDS: tuple[FieldSpec, ...] = (
               "emulated TPM reads as emulated too", xml="devices/tpm", binding=Tpm()),
     FieldSpec("ignition", IgnitionText(), "an Ignition config (Fedora CoreOS, Flatcar) passed through QEMU's firmware "
               "config; sensitive: plans show its digest", xml="sysinfo[@type='fwcfg']/entry", binding=IgnitionConfig(),
-              sensitive=True),
+              sensitive=True, removal=Removal("no Ignition config")),
     FieldSpec("state", Enum(("running", "stopped", "paused")), "whether the domain runs (paused: started, then its vCPUs stopped)", effect=Effect.LIVE, default="running"),
     FieldSpec("autostart", Bool(), "start with the host", effect=Effect.LIVE, default=False),
     FieldSpec("groups", ListOf(Str(pattern=r"[A-Za-z_][A-Za-z0-9_]{0,63}", hint="an Ansible group name")),

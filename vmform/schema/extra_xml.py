@@ -186,6 +186,11 @@ def _matches(desired: Any, live: Any, key: str = "") -> bool:
     return normalise(key, desired) == normalise(key, live)
 
 
+def matches(stated: Any, live: Any, key: str = "") -> bool:
+    """Whether a live value holds everything a stated one says (libvirt's additions are not differences)."""
+    return _matches(stated, live, key)
+
+
 def _dropped(element: str, key: str, stated: Mapping[str, Any]) -> bool:
     rule = DROPPED_BY_LIBVIRT.get((element, key.lstrip("@")))
     return bool(rule and rule(stated))

@@ -897,3 +897,100 @@ def allowed_keys(kind: str) -> tuple[str, ...]:
     """The keys allowed at the top of ``kind``'s generic section."""
     schema = model(kind)
     return tuple(_allowed_keys(schema.defs[schema.root], schema))
+
+
+# --------------------------------------------------------------------------- removing what was stated
+
+
+def value_at(data: Any, path: tuple[str, ...]) -> Any:
+    """The value a document's data holds at an ``owned_paths`` path (None: nothing there)."""
+    node = data
+    for step in path:
+        if isinstance(node, str):
+            return node if step == TEXT else None
+        if not isinstance(node, Mapping):
+            return None
+        if step.startswith("@"):
+            found = node.get(step)
+            if found is None and not isinstance(node.get(step[1:]), Mapping | list):
+                found = node.get(step[1:])
+            node = found
+        else:
+            node = node.get(step)
+        if node is None:
+            return None
+    return node
+
+
+def _element_at(root: Element, steps: tuple[str, ...], schema: SchemaModel, create: bool = False) -> Element | None:
+    node = root
+    for step in steps:
+        qname = schema.qname(step)
+        found = node.find(qname)
+        if found is None:
+            if not create:
+                return None
+            found = _new_child(node, qname, schema)
+        node = found
+    return node
+
+
+def _info_at(steps: tuple[str, ...], schema: SchemaModel) -> ElementInfo | None:
+    info: ElementInfo | None = schema.defs[schema.root]
+    for step in steps:
+        ref = info.children.get(schema.qname(step)) if info is not None else None
+        info = schema.info(ref.defs) if ref is not None else None
+    return info
+
+
+def unset_path(root: Element, path: tuple[str, ...], kind: str, rendered: Element | None = None) -> None:
+    """Take what an ``owned_paths`` path names out of a document, in place: an attribute, an element's text,
+    every element of that name (a list is stated whole), or the opaque content. Where ``rendered`` (the
+    document vmform would create from the manifests as they are now) has something there, it is put back as
+    rendered: vmform's own base (``<features><acpi/>``, ``<on_crash>destroy``) is what a removed line returns
+    to. Elements this leaves empty, and which the rendered document does not have, go too."""
+    schema = model(kind)
+    parents, last = path[:-1], path[-1]
+    host_parent = _element_at(root, parents, schema)
+    rendered_parent = _element_at(rendered, parents, schema) if rendered is not None else None
+    if last.startswith("@"):
+        qname = schema.qname(last[1:])
+        if host_parent is not None:
+            host_parent.attrib.pop(qname, None)
+        if rendered_parent is not None and rendered_parent.get(qname) is not None:
+            _element_at(root, parents, schema, create=True).set(qname, rendered_parent.get(qname))  # type: ignore[union-attr]
+    elif last == TEXT:
+        if host_parent is not None:
+            host_parent.text = None
+        if rendered_parent is not None and rendered_parent.text and rendered_parent.text.strip():
+            _element_at(root, parents, schema, create=True).text = rendered_parent.text  # type: ignore[union-attr]
+    else:
+        if last == OPAQUE:
+            info = _info_at(parents, schema)
+
+            def matches(child: Element) -> bool:
+                return isinstance(child.tag, str) and (info is None or child.tag not in info.children)
+        else:
+            qname = schema.qname(last)
+
+            def matches(child: Element) -> bool:
+                return child.tag == qname
+        if host_parent is not None:
+            for child in [c for c in host_parent if matches(c)]:
+                host_parent.remove(child)
+        copies = [copy.deepcopy(c) for c in rendered_parent if matches(c)] if rendered_parent is not None else []
+        if copies:
+            target = _element_at(root, parents, schema, create=True)
+            assert target is not None
+            for child in copies:
+                target.append(child)
+    for depth in range(len(parents), 0, -1):  # parents left empty, innermost first
+        node = _element_at(root, parents[:depth], schema)
+        if node is None:
+            continue
+        empty = not node.attrib and len(node) == 0 and not (node.text or "").strip()
+        if not empty or (rendered is not None and _element_at(rendered, parents[:depth], schema) is not None):
+            break
+        parent = node.getparent()
+        if parent is not None:
+            parent.remove(node)

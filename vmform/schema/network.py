@@ -22,6 +22,7 @@ from vmform.schema.types import (
     ListOf,
     Mac,
     Obj,
+    Removal,
     Str,
 )
 from vmform.schema.xmlbind import Attr, Element, XmlBinding, ensure
@@ -198,19 +199,21 @@ FIELDS: tuple[FieldSpec, ...] = (
               "bridge device name (default: libvirt picks virbrN); for mode bridge, the existing host bridge",
               xml="bridge/@name", binding=Attr("bridge", "name")),
     FieldSpec("ipv4", IPv4Interface(), "the host's address and prefix on the network, e.g. 10.40.0.1/24",
-              xml="ip/@address, ip/@prefix", binding=IPv4()),
+              xml="ip/@address, ip/@prefix", binding=IPv4(),
+              removal=Removal("no IPv4 address on the host side (and no DHCP)")),
     FieldSpec("dhcp", Obj((FieldSpec("start", IPv4Address(), "first leased address", required=True),
                            FieldSpec("end", IPv4Address(), "last leased address", required=True))),
-              "DHCP range", xml="ip/dhcp/range", binding=Dhcp()),
+              "DHCP range", xml="ip/dhcp/range", binding=Dhcp(), removal=Removal("no DHCP range")),
     FieldSpec("dhcp_hosts", ListOf(DHCP_HOST), "static DHCP reservations", effect=Effect.LIVE,
               xml="ip/dhcp/host", default=[], binding=DhcpHosts(),
               effect_doc="networkUpdate, no network restart (also made from domain interfaces with ip)"),
     FieldSpec("dns_hosts", ListOf(DNS_HOST), "DNS host entries (also made from domain interfaces with ip and "
               "hostname)", effect=Effect.LIVE, xml="dns/host", default=[], binding=DnsHosts(),
               effect_doc="networkUpdate, no network restart"),
-    FieldSpec("mtu", Int(68, 65535), "MTU of the bridge", xml="mtu/@size", binding=Attr("mtu", "size", int, str)),
+    FieldSpec("mtu", Int(68, 65535), "MTU of the bridge", xml="mtu/@size", binding=Attr("mtu", "size", int, str),
+              removal=Removal("libvirt's default MTU")),
     FieldSpec("domain", Str(pattern=r"[A-Za-z0-9.-]{1,253}", hint="a DNS domain name"), "DNS domain of the network",
-              xml="domain/@name", binding=Attr("domain", "name")),
+              xml="domain/@name", binding=Attr("domain", "name"), removal=Removal("no DNS domain")),
     FieldSpec("autostart", Bool(), "start with the host", effect=Effect.LIVE, default=True),
     FieldSpec("xml", ExtraXml("network"), "anything else of libvirt's network XML, element by element (see "
               "'The xml: section'); merged after the curated fields", xml="(any)", binding=ExtraXmlBinding("network")),

@@ -281,6 +281,17 @@ class FieldErrors(FieldError):
 
 
 @dataclass(frozen=True)
+class Removal:
+    """What a field without a default becomes when the manifest stated it the last time vmform wrote the object
+    (its last-applied record, vmform/lastapplied.py) and no longer does: the binding writes ``value`` (None: the
+    element or attribute goes; a list field: no items). A field without a Removal is left as it is on the
+    host (unmanaged from then on); ``doc`` says, for docs/MANIFEST.md, what removing the line does."""
+
+    doc: str
+    value: Any = None
+
+
+@dataclass(frozen=True)
 class FieldSpec:
     """One managed field. ``default`` is what vmform writes when the manifest is silent; with no default,
     an unset field is left to libvirt and never compared."""
@@ -302,6 +313,7 @@ class FieldSpec:
     # default it was created with: a newer vmform with another default never plans a change to it.
     pinned: bool = False
     default_doc: str = ""  # for docs, when the default is computed from other values (bind)
+    removal: Removal | None = None  # no default: what removing the line from the manifest does (three-way)
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,8 @@ class Attr(XmlBinding):
             node = root if self.path == "." else root.find(self.path)
             if node is not None and self.attr in node.attrib:
                 del node.attrib[self.attr]
+                if node is not root and not node.attrib and len(node) == 0 and not (node.text or "").strip():
+                    remove(root, self.path)  # an element that only carried the attribute (<mtu size=…/>) goes too
             return
         node = root if self.path == "." else ensure(root, self.path)
         node.set(self.attr, self.to_text(value))
