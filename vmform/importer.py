@@ -359,9 +359,10 @@ def _opt_ins(conn: libvirt.virConnect, workspace: Workspace, found: list[tuple[s
              objects: list[ImportedObject]) -> None:
     """What an imported object already does that a manifest must opt in to (host paths, host devices, a custom
     emulator) is written as allow: with a note, so the manifest says it. libvirt's default emulator is dropped."""
-    from vmform.schema.optins import Scope, needed, scope_of
+    from vmform.schema.optins import DEFAULT_POOL_ROOTS, Scope, needed, scope_of
 
-    declared = scope_of(workspace.manifests.resources.values())
+    roots = (*DEFAULT_POOL_ROOTS, *workspace.project.pool_roots)
+    declared = scope_of(workspace.manifests.resources.values(), roots)
     directories = set(declared.directories)
     pools = set(declared.pools)
     for kind, name, _obj, root in found:
@@ -370,13 +371,16 @@ def _opt_ins(conn: libvirt.virConnect, workspace: Workspace, found: list[tuple[s
             path = root.findtext("target/path")
             if path and path.startswith("/") and os.path.normpath(path) != "/":
                 directories.add(os.path.normpath(path))
-    scope = Scope(tuple(sorted(directories)), frozenset(pools))
+    scope = Scope(tuple(sorted(directories)), frozenset(pools), declared.volumes, roots)
     for (kind, _name, _obj, root), item in zip(found, objects, strict=True):
         if kind == "domain":
             emulator = root.find("devices/emulator")
             if emulator is not None and (emulator.text or "").strip() == _default_emulator(conn, root):
                 emulator.getparent().remove(emulator)
         names = needed(kind, root, scope)
+        pool_path = root.findtext("target/path") if kind == "pool" else None
+        if pool_path and not scope.in_roots(pool_path):
+            names = sorted({*names, "host_paths"})  # a pool outside the pool roots
         if names:
             _allow(item, names)
             item.notes.append(f"allow: [{', '.join(names)}] written: the object already uses what vmform refuses "
@@ -632,7 +636,7 @@ def _load_with(workspace: Workspace, text: str, out: Path) -> Any:
         path.write_text(text, encoding="utf-8")
         try:
             return load_manifests(workspace.project.name, [*workspace.project.manifest_files(), path],
-                                  workspace.project.root)
+                                  workspace.project.root, workspace.project.settings)
         except ManifestErrors as exc:
             # Positions name the file being written, never the temporary copy it was checked in.
             shown = os.path.relpath(path, workspace.project.root)
