@@ -25,7 +25,7 @@ class HostsProject:
         table += "".join(f'[hosts.{name}]\nuri = "{uri}"\n' for name, uri in (extra_hosts or {}).items())
         (project.root / "vmform.toml").write_text(
             f'[project]\nname = "{project.prefix}"\nmanifests = ["*.yaml"]\nparallelism = 4\nshutdown_timeout = 5\n'
-            f'default_host = "{next(iter(hosts))}"\n\n{table}')
+            f'default_host = "{next(iter(hosts))}"\npool_roots = ["/var/lib/vmform-test"]\n\n{table}')
 
     def write(self, text: str) -> None:
         self.project.write(textwrap.dedent(text))
