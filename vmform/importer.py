@@ -640,8 +640,24 @@ def _load_with(workspace: Workspace, text: str, out: Path) -> Any:
         except ManifestErrors as exc:
             # Positions name the file being written, never the temporary copy it was checked in.
             shown = os.path.relpath(path, workspace.project.root)
-            problems = "; ".join(str(e).replace(shown, str(out)) for e in exc.errors)
+            problems = "; ".join(_named(str(e).replace(shown, str(out)), e, shown, text) for e in exc.errors)
             raise ImportError_(f"the imported manifests would not load (nothing was written or marked): {problems}") from None
+
+
+def _named(message: str, error: Any, shown: str, text: str) -> str:
+    """An error in the written manifest, prefixed with the object it is about (``domain.NAME: …``)."""
+    from vmform.schema.registry import SECTIONS
+
+    position = getattr(error, "position", None)
+    if position is None or position.file != shown:
+        return message
+    lines = text.splitlines()[:position.line]
+    name = next((line.strip().rstrip(":") for line in reversed(lines) if line.startswith("  ") and not
+                 line.startswith("   ") and line.rstrip().endswith(":")), None)
+    section = next((line.rstrip().rstrip(":") for line in reversed(lines) if line and not line[0].isspace()
+                    and not line.startswith("#")), None)
+    kind = SECTIONS.get(section or "")
+    return f"{kind.name}.{name}: {message}" if kind is not None and name else message
 
 
 # Jinja's openings: text read from the host that holds one is written so that it loads back verbatim.

@@ -227,3 +227,14 @@ def test_a_widening_of_the_pool_roots_is_shown_in_bold_in_every_plan() -> None:
     assert allowed_lines(plan) == ["[bold]vmform.toml widens the pool roots: /srv/vms[/bold] (pools may be made there "
                                    "without allow: \\[host_paths])"]  # rich markup escapes the bracket
     assert "**vmform.toml widens the pool roots: /srv/vms**" in plan_markdown(plan)
+
+
+def test_an_import_error_names_the_object_and_the_written_file() -> None:
+    from vmform.errors import ManifestError, Position
+    from vmform.importer import _named
+
+    text = "# header\ndomains:\n  web:\n    memory: 8MiB\n    xml:\n      devices: {}\n"
+    error = ManifestError("memory: too small", Position(".tmp/x/imported.yaml", 4, 13))
+    message = str(error).replace(".tmp/x/imported.yaml", "/p/imported.yaml")
+    assert _named(message, error, ".tmp/x/imported.yaml", text) == \
+        "domain.web: /p/imported.yaml:4:13: memory: too small"
