@@ -251,8 +251,9 @@ def check_fresh(saved: SavedPlan, manifests_now: str, live_now: dict[str, str | 
 
 
 def check_same_plan(saved: SavedPlan, derived: Plan) -> None:
-    """The saved plan's changes are exactly what the manifests and the host give now (fingerprints matched, so
-    they must be): anything else was written into the file by hand."""
+    """The saved plan's changes are exactly what the manifests and the host give now. The fingerprints matched,
+    so a difference was written into the file by hand, or comes from what the plan reads beyond the objects it
+    fingerprints (who uses a volume it deletes); either way the file is not applied."""
     mine, theirs = saved.plan.to_json(mask=False), derived.to_json(mask=False)
     if mine["changes"] == theirs["changes"]:
         return
@@ -260,9 +261,10 @@ def check_same_plan(saved: SavedPlan, derived: Plan) -> None:
     derived_changes = {change["address"]: change for change in theirs["changes"]}
     differing = sorted(address for address in set(saved_changes) | set(derived_changes)
                        if saved_changes.get(address) != derived_changes.get(address))
-    raise StalePlanError(f"this plan file's changes are not the plan its manifests and the host give "
-                         f"({', '.join(differing[:5])}{' …' if len(differing) > 5 else ''} differ): it was edited; "
-                         "make the plan again with vmform plan -out")
+    raise StalePlanError(f"this plan file's changes are not the plan its manifests and the host give now "
+                         f"({', '.join(differing[:5])}{' …' if len(differing) > 5 else ''} differ): the file was "
+                         "edited, or the host changed where the plan did not look (a volume came into use); make "
+                         "the plan again with vmform plan -out")
 
 
 def plan_json_schema() -> dict[str, Any]:

@@ -306,8 +306,8 @@ def test_a_hand_edited_plan_file_is_refused_before_any_change(project: Any, conn
     (project.root / "edited.plan").write_text(json.dumps(data))
     refused = project.run("apply", str(project.root / "edited.plan"))
     assert refused.code == 1 and refused.stderr.count("\n") == 1, refused.stderr
-    assert f"changes are not the plan its manifests and the host give (network.{project.prefix}-net differ)" in \
-        refused.stderr, refused.stderr
+    assert f"changes are not the plan its manifests and the host give now (network.{project.prefix}-net differ): " \
+        "the file was edited" in refused.stderr, refused.stderr
     (project.root / "cut.plan").write_text(plan_file.read_text()[:-200])
     refused = project.run("apply", str(project.root / "cut.plan"))
     assert refused.code == 1 and "is not a vmform plan file (not JSON)" in refused.stderr, refused.stderr
