@@ -170,8 +170,8 @@ def test_seed_files_and_stylesheets_outside_the_project_are_refused(tmp_path: Pa
 @pytest.mark.parametrize(("xml", "what"), [
     ("{devices: {channel: [{type: unix, source: [{mode: bind, path: /etc/evil.sock}], target: {type: virtio, name: x}}]}}",
      "channel type='unix': /etc/evil.sock is outside the pools"),
-    ("{os: {loader: {readonly: 'yes', type: pflash, _text: /etc/shadow}}}", "os/loader: /etc/shadow is a host path"),
-    ("{os: {nvram: /root/vars.fd}}", "os/nvram: /root/vars.fd is a host path"),
+    ("{os: {loader: {readonly: 'yes', type: pflash, _text: /etc/shadow}}}", "os/loader: /etc/shadow is outside the pools"),
+    ("{os: {nvram: /root/vars.fd}}", "os/nvram: /root/vars.fd is outside the pools"),
     ("{devices: {graphics: [{type: vnc, socket: /etc/vnc.sock}]}}", "devices/graphics/@socket: /etc/vnc.sock"),
 ])
 def test_every_host_path_the_schema_knows_needs_the_opt_in(tmp_path: Path, xml: str, what: str) -> None:
@@ -190,7 +190,7 @@ def test_firmware_and_libvirts_own_paths_need_no_opt_in(tmp_path: Path) -> None:
 def test_a_network_tftp_root_is_a_host_path(tmp_path: Path) -> None:
     text = ("networks:\n  n:\n    xml: {ip: [{address: 10.9.9.1, netmask: 255.255.255.0, tftp: {root: /etc}}]}\n")
     found = errors(tmp_path, text)
-    assert len(found) == 1 and "ip/tftp/@root: /etc is a host path" in found[0], found
+    assert len(found) == 1 and "ip/tftp/@root: /etc is outside the pools" in found[0], found
 
 
 # --- import escaping ----------------------------------------------------------------------------------------

@@ -272,7 +272,7 @@ def _schema_paths(kind: str, root: Element, scope: Scope, skip: tuple[str, ...])
         if not relative and scope.inside(value):
             continue
         shown = where.split("/", 1)[1] if "/" in where else where
-        yield Finding(HOST_PATHS, f"{shown}: {value} is a host path ({scope.why_outside(value)})")
+        yield Finding(HOST_PATHS, f"{shown}: {value} {scope.why_outside(value)}")
 
 
 def findings(kind: str, root: Element, scope: Scope) -> list[Finding]:
