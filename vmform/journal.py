@@ -127,13 +127,13 @@ class Journal:
 
     def record(self, entry: Entry) -> None:
         with self._lock:
-            self.entries.append(entry)
             from_env = os.environ.get(ENV)
             if from_env and from_env not in self._sinks:
                 try:
                     self._open(from_env, append=True)
                 except OSError:
                     pass  # an audit file that cannot be opened must not fail the call it records
+            self.entries.append(entry)
             for sink in self._sinks.values():
                 sink.write(json.dumps(entry.to_json(), sort_keys=True) + "\n")
                 sink.flush()
