@@ -258,9 +258,15 @@ def is_mutation(class_name: str, method: str) -> bool:
     return found
 
 
-# --- guarded proxies ------------------------------------------------------------------------------------------
+# --- guarded objects ------------------------------------------------------------------------------------------
+# A guarded object is the libvirt-python object itself, its class swapped for a subclass whose mutating methods
+# are checked first and whose look-ups guard what they return. Reads are libvirt-python's own methods, so a plan
+# costs what it cost; ``isinstance(dom, libvirt.virDomain)`` still holds. Every object libvirt-python makes keeps
+# the connection it came from (``_conn``), and the guarded connection knows its host.
 
 _LIBVIRT_CLASSES: tuple[type, ...] | None = None
+_GUARDED: dict[type, type] = {}
+_RETURNING_OBJECTS: dict[str, bool] = {}
 
 
 def _libvirt_classes() -> tuple[type, ...]:
@@ -275,72 +281,83 @@ def _libvirt_classes() -> tuple[type, ...]:
     return _LIBVIRT_CLASSES
 
 
-class Guarded:
-    """A libvirt object whose mutating calls are checked and journaled; reads go straight to the object. The
-    resolved attribute is cached on the proxy, so a second read of the same method costs a dict lookup."""
-
-    def __init__(self, raw: Any, host: str | None, pool: str | None = None) -> None:
-        object.__setattr__(self, "_vmf_raw", raw)
-        object.__setattr__(self, "_vmf_host", host)
-        object.__setattr__(self, "_vmf_pool", pool)  # a volume's pool, when known from how it was found
-
-    def __getattr__(self, name: str) -> Any:
-        raw = object.__getattribute__(self, "_vmf_raw")
-        value = getattr(raw, name)
-        if name.startswith("_") or not callable(value):
-            return value  # libvirt-python passes objects to each other by their ``_o`` handle
-        class_name = type(raw).__name__
-        if is_mutation(class_name, name):
-            resolved = _checked(self, class_name, name, value)
-        else:
-            resolved = _wrapping(self, value)
-        object.__setattr__(self, name, resolved)
-        return resolved
-
-    def __repr__(self) -> str:
-        return f"Guarded({object.__getattribute__(self, '_vmf_raw')!r})"
+def _returns_objects(method: str) -> bool:
+    """Whether a read returns libvirt objects (which must be guarded too): look-ups, listAll*, connect()."""
+    found = _RETURNING_OBJECTS.get(method)
+    if found is None:
+        found = (method.startswith(("lookup", "listAll")) or "Lookup" in method
+                 or method in ("connect", "newStream", "snapshotCurrent"))
+        _RETURNING_OBJECTS[method] = found
+    return found
 
 
-def guard(raw: Any, host: str | None) -> Any:
-    """``raw`` (a libvirt connection) as a guarded proxy; a proxy is returned as it is."""
-    if raw is None or isinstance(raw, Guarded):
-        return raw
-    return Guarded(raw, host)
+def _guarded_class(cls: type) -> type:
+    found = _GUARDED.get(cls)
+    if found is None:
+        class_name = cls.__name__
+        namespace: dict[str, Any] = {"_vmf_guarded": True, "__module__": __name__}
+        for name in dir(cls):
+            method = getattr(cls, name, None)
+            if name.startswith("_") or not callable(method) or isinstance(method, type):
+                continue
+            if is_mutation(class_name, name):
+                namespace[name] = _checked_method(class_name, name, method)
+            elif _returns_objects(name):
+                namespace[name] = _wrapping_method(method)
+        found = type(f"Guarded{class_name}", (cls,), namespace)
+        _GUARDED[cls] = found
+    return found
 
 
-def unguarded(obj: Any) -> Any:
-    return object.__getattribute__(obj, "_vmf_raw") if isinstance(obj, Guarded) else obj
+def guard(obj: Any, host: str | None) -> Any:
+    """Guard a libvirt connection (in place: its class becomes the guarded subclass) for the host the project
+    calls ``host``; every object it returns is guarded too. A guarded object is returned as it is."""
+    if obj is None or getattr(obj, "_vmf_guarded", False):
+        return obj
+    obj.__dict__["_vmf_host"] = host
+    obj.__class__ = _guarded_class(type(obj))
+    return obj
 
 
-def _wrap(result: Any, host: str | None, pool: str | None) -> Any:
+def is_guarded(obj: Any) -> bool:
+    return bool(getattr(obj, "_vmf_guarded", False))
+
+
+def _host_of(obj: Any) -> str | None:
+    for _ in range(3):  # an object's connection (``_conn``) knows its host
+        if "_vmf_host" in obj.__dict__:
+            return obj.__dict__["_vmf_host"]  # type: ignore[no-any-return]
+        obj = obj.__dict__.get("_conn")
+        if obj is None:
+            return None
+    return None
+
+
+def _wrap(result: Any, parent: Any) -> Any:
     if isinstance(result, list):
-        return [_wrap(item, host, pool) for item in result]
-    if isinstance(result, Guarded) or not isinstance(result, _libvirt_classes()):
+        return [_wrap(item, parent) for item in result]
+    if not isinstance(result, _libvirt_classes()) or getattr(result, "_vmf_guarded", False):
         return result
-    return Guarded(result, host, pool if type(result).__name__ == "virStorageVol" else None)
+    if type(result).__name__ == "virStorageVol" and type(parent).__name__.endswith("virStoragePool"):
+        result.__dict__["_vmf_pool"] = parent.name()  # found in a pool: no round trip to name it later
+    result.__class__ = _guarded_class(type(result))
+    return result
 
 
-def _wrapping(proxy: Guarded, method: Callable[..., Any]) -> Callable[..., Any]:
-    host = object.__getattribute__(proxy, "_vmf_host")
-    raw = object.__getattribute__(proxy, "_vmf_raw")
-    pool = raw.name() if type(raw).__name__ == "virStoragePool" else None
+def _wrapping_method(method: Callable[..., Any]) -> Callable[..., Any]:
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return _wrap(method(self, *args, **kwargs), self)
 
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return _wrap(method(*args, **kwargs), host, pool)
-
+    call.__name__, call.__doc__ = method.__name__, method.__doc__
     return call
 
 
-def _checked(proxy: Guarded, class_name: str, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
-    host = object.__getattribute__(proxy, "_vmf_host")
-    raw = object.__getattribute__(proxy, "_vmf_raw")
+def _checked_method(class_name: str, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        check(_host_of(self), class_name, name, _target(self, class_name, name, args), args)
+        return _wrap(method(self, *args, **kwargs), self)
 
-    def call(*args: Any, **kwargs: Any) -> Any:
-        target = _target(proxy, raw, class_name, name, args)
-        check(host, class_name, name, target, args)
-        pool = raw.name() if class_name == "virStoragePool" else None
-        return _wrap(method(*args, **kwargs), host, pool)
-
+    call.__name__, call.__doc__ = method.__name__, method.__doc__
     return call
 
 
@@ -363,7 +380,7 @@ _DEFINES_FROM_XML = {
 }
 
 
-def _target(proxy: Guarded, raw: Any, class_name: str, name: str, args: tuple[Any, ...]) -> Target:
+def _target(raw: Any, class_name: str, name: str, args: tuple[Any, ...]) -> Target:
     """The object a mutating call acts on (read without another round trip where libvirt-python has it)."""
     if class_name == "virConnect":
         kind = _DEFINES_FROM_XML.get(name)
@@ -395,7 +412,7 @@ def _target(proxy: Guarded, raw: Any, class_name: str, name: str, args: tuple[An
             return Target("volume", volume, pool=raw.name())
         return Target("pool", raw.name(), uuid=raw.UUIDString())
     if class_name == "virStorageVol":
-        pool = object.__getattribute__(proxy, "_vmf_pool")
+        pool = raw.__dict__.get("_vmf_pool")
         if pool is None:
             try:
                 pool = raw.storagePoolLookupByVolume().name()

@@ -13,7 +13,7 @@ import pytest
 
 from vmform.apply import execute
 from vmform.connection import ConnectionPool
-from vmform.journal import JOURNAL, Guarded, Target, UnplannedMutation, check, is_mutation, serving
+from vmform.journal import JOURNAL, Target, UnplannedMutation, check, is_guarded, is_mutation, serving
 from vmform.ownership import Ledger
 from vmform.plan import Action, Change, FieldChange, Plan
 from vmform.providers.base import ApplyContext
@@ -32,8 +32,16 @@ def pool() -> Iterator[ConnectionPool]:
     connections.close()
 
 
+_RAW: list[Any] = []
+
+
 def _raw(pool: ConnectionPool) -> Any:
-    return object.__getattribute__(pool.main, "_vmf_raw")
+    """A connection of the test's own, not guarded, on the same test driver state (to look behind vmform)."""
+    if not _RAW:
+        _RAW.append(libvirt.open("test:///default"))
+    conn = _RAW[0]
+    assert not is_guarded(conn)
+    return conn
 
 
 def _volume(pool: ConnectionPool, name: str) -> None:
@@ -57,7 +65,7 @@ def _last() -> Any:
 
 def test_an_undefine_under_an_update_is_refused_before_libvirt_sees_it(pool: ConnectionPool) -> None:
     dom = pool.get().lookupByName("test")
-    assert isinstance(dom, Guarded)
+    assert is_guarded(dom) and isinstance(dom, libvirt.virDomain)
     refusal = (r"^internal error: domain\.test: virDomain\.undefineFlags on domain test serves no planned change "
                r"\(update\)$")
     with serving(_change("domain.test", Action.UPDATE, "test", fields=(_field("memory"),))), \
@@ -169,7 +177,7 @@ def test_a_create_defines_and_starts_its_own_object_and_undoes_only_what_it_made
         with pytest.raises(UnplannedMutation):  # a create never stops what it starts
             net.destroy()
         net_again = pool.get().networkLookupByName("fresh")
-        assert isinstance(net_again, Guarded)
+        assert is_guarded(net_again)
     with serving(_change("network.default", Action.CREATE, "default")), pytest.raises(UnplannedMutation):
         pool.get().networkLookupByName("default").undefine()  # not made by this change
     assert _raw(pool).networkLookupByName("default").isPersistent()
