@@ -285,3 +285,16 @@ def test_execute_of_real_providers_journals_every_call_as_ok(pool: ConnectionPoo
                                        "category": "change", "call": "virStoragePool.createXML", "kind": "volume",
                                        "name": "default-pool/v", "verdict": "ok", "reason": None}
     JOURNAL.close()
+
+
+def test_the_summary_counts_refused_mutations(capsys: pytest.CaptureFixture[str]) -> None:
+    from vmform.apply import ApplyResult
+    from vmform.cli import Output, _report
+
+    result = ApplyResult(done=["network.a"], failed={"domain.test": "internal error: …"}, refused=2)
+    with pytest.raises(SystemExit) as exited:
+        _report(Output(color=False), Plan("journalunit", "test:///default", ()), "apply", result)
+    assert exited.value.code == 1
+    shown = capsys.readouterr()
+    assert "Apply incomplete: 1 done, 1 failed, 0 skipped, 2 mutations refused (internal error)." in shown.out
+    assert "Error: domain.test: internal error: …" in shown.err
