@@ -94,8 +94,10 @@ def decide(scope: Scope | None, host: str | None, method: str, target: Target, a
             return "lock", None
         if scope is None:
             return "ledger", "a ledger write outside any change"
-        if scope.change is None:
-            return "ledger", None if scope.category == "import" else "a ledger write outside any change"
+        if scope.change is None:  # import marks adopted pools in the ledger: journaled as what it serves
+            if scope.category == "import":
+                return "import", None
+            return "ledger", "a ledger write outside any change"
         if host is not None and host not in scope.hosts:
             return "ledger", f"the ledger of host {host}, which {scope.change.address} does not change"
         return "ledger", None

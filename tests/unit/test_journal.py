@@ -206,6 +206,7 @@ def test_the_lock_is_written_outside_any_change_and_the_ledger_is_not() -> None:
             check("elsewhere", "virSecret", "setValue", Target("secret", "vmform/journalunit/ledger"))
     with serving(None, "import"):
         write("vmform/journalunit/ledger")
+        assert _last().category == "import" and _last().verdict == "ok"
         check(HOST, "virDomain", "setMetadata", Target("domain", "adopted"))
         assert _last().category == "import" and _last().verdict == "ok"
         with pytest.raises(UnplannedMutation):
