@@ -163,7 +163,7 @@ def _own(change: Change, target: Target) -> bool:
                 names.add(str(change.identity["volume"]))
         else:
             names = _names(change)
-        return target.name in names and (target.pool is None or target.pool in pools)
+        return target.name in names and target.pool in pools  # a volume whose pool is unknown is no one's
     uuid = change.identity.get("uuid")
     if uuid and target.uuid:
         return str(uuid).lower() == target.uuid.lower()
