@@ -1,7 +1,7 @@
 """The journal: every mutating libvirt call, checked against the planned change it serves before libvirt sees it.
 
 Apply runs each change inside ``serving(change)``; every call made in that thread is attributed to that change.
-The connections ``ConnectionPool`` hands out are guarded proxies (``guard``), and so is every libvirt object they
+The connections ``ConnectionPool`` hands out are guarded (``guard``), and so is every libvirt object they
 return, so providers call libvirt as they always did. A read passes straight through (its classification is
 cached per class and method). A mutation is checked by ``policy``: which calls a planned action allows, on which
 objects. A call the change's action does not allow, or one made outside any change, is recorded as ``refused``
