@@ -12,7 +12,8 @@ the planned one), and only with the calls its action implies:
   restarts, and the interfaces of exactly the running domains its ``replug`` lists. A pool: autostart, start.
   A volume: resize, and blockResize on the running domain that uses it. Never undefine, never delete.
 - ``-`` delete: stop, undefine or delete its own object (a pool is refreshed first, to see it is empty).
-- ``-/+`` and ``+/-``: what delete and create allow.
+- ``-/+`` and ``+/-``: what delete and create allow; a base volume replaced under its overlays also deletes the
+  overlays its change lists (``identity.overlays``; each is a ``-/+`` of the same plan).
 - ``>`` move: migrate or undefine the domain on its old host, define it and set its autostart on the new one,
   upload into the new host's volumes of its disks, and delete on the old host only the volumes the move lists.
 
@@ -130,6 +131,9 @@ def _allowed(scope: Scope, change: Change, host: str | None, method: str, group:
     if action is Action.UPDATE:
         return _update(change, group, target, args)
     own_kind = "volume" if change.kind == "cloudinit" else change.kind
+    if (change.kind == "volume" and action.is_replace() and target.kind == "volume" and group == "delete"
+            and (target.pool, target.name) in _listed(change, "overlays")):
+        return None  # a base replaced under its overlays deletes them first (each is a -/+ of the same plan)
     if target.kind != own_kind or not _own(change, target):
         return f"{target.kind} {target.shown()} is not the object of {change.address}"
     allowed: set[str] = set()
@@ -144,6 +148,12 @@ def _allowed(scope: Scope, change: Change, host: str | None, method: str, group:
     if group in allowed:
         return None
     return f"a {_action(change)} does not {group} its {target.kind}"
+
+
+def _listed(change: Change, key: str) -> set[tuple[Any, Any]]:
+    """(pool, name) of the volumes a change's identity lists under ``key`` (a move's old volumes, a base's
+    overlays): deletes the plan shows, carried out by this change."""
+    return {(v.get("pool"), v.get("name")) for v in change.identity.get(key) or [] if isinstance(v, dict)}
 
 
 def _names(change: Change) -> set[str]:
@@ -235,8 +245,7 @@ def _migrate(scope: Scope, change: Change, host: str | None, group: str, target:
         return f"a {_action(change)} does not {group} its domain on host {host}"
     if target.kind == "volume":
         if host == source and group == "delete":
-            listed = {(v.get("pool"), v.get("name")) for v in change.identity.get("volumes") or []}
-            if (target.pool, target.name) in listed:
+            if (target.pool, target.name) in _listed(change, "volumes"):
                 return None
             return f"volume {target.shown()} on host {host} is not a volume the move of {change.address} deletes"
         if host == change.host and group == "upload":

@@ -299,3 +299,17 @@ def test_the_summary_counts_refused_mutations(capsys: pytest.CaptureFixture[str]
     shown = capsys.readouterr()
     assert "Apply incomplete: 1 done, 1 failed, 0 skipped, 2 mutations refused (internal error)." in shown.out
     assert "Error: domain.test: internal error: …" in shown.err
+
+
+def test_a_base_replace_deletes_only_the_overlays_it_lists(pool: ConnectionPool) -> None:
+    _volume(pool, "overlay-listed")
+    _volume(pool, "overlay-other")
+    base = _change("volume.base", Action.DELETE_THEN_CREATE, "base", identity={
+        "pool": "default-pool", "overlays": [{"address": "volume.o", "pool": "default-pool", "name": "overlay-listed"}]})
+    storage = pool.get().storagePoolLookupByName("default-pool")
+    with serving(base):
+        storage.storageVolLookupByName("overlay-listed").delete(0)
+        with pytest.raises(UnplannedMutation, match="virStorageVol.delete on volume default-pool/overlay-other"):
+            storage.storageVolLookupByName("overlay-other").delete(0)
+    left = _raw(pool).storagePoolLookupByName("default-pool").listVolumes()
+    assert "overlay-other" in left and "overlay-listed" not in left
