@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from vmform.connection import is_connection_lost, libvirt_message
 from vmform.errors import ConnectionLost, VmformError, VolumeInUse
+from vmform.journal import JOURNAL, Scope, UnplannedMutation, refusal_message, serving
 from vmform.plan import Action, Change, Plan
 from vmform.providers import provider_for
 from vmform.providers.base import ApplyContext
@@ -35,11 +36,13 @@ class ApplyResult:
     stopped: bool = False  # stop (Ctrl-C, SIGTERM) was asked for before every change had started
     abandoned: bool = False  # changes were still in flight when apply stopped waiting for them
     notes: list[str] = field(default_factory=list)  # said after the summary (a lock left behind, ...)
+    # mutations the journal refused (each an internal error: a call no planned change allows)
+    refused: int = 0
 
     @property
     def ok(self) -> bool:
         return (not self.failed and not self.skipped and not self.mismatched and not self.interrupted
-                and not self.waiting)
+                and not self.waiting and not self.refused)
 
     @property
     def not_started(self) -> list[str]:
@@ -66,11 +69,20 @@ def _run(contexts: Mapping[str, ApplyContext], change: Change) -> None:
     except ConnectionLost as exc:
         raise _NotStarted(str(exc)) from None
     try:
-        _call(contexts, change)
+        with serving(change) as scope:
+            _call(contexts, change)
     except Exception as exc:
+        if scope.refused:  # the first refusal is the change's error, whatever a provider made of it
+            raise UnplannedMutation(_refusal(scope)) from None
         if is_connection_lost(exc, ctx.connections.current()):
             raise _Interrupted(_message(exc)) from None
         raise
+    if scope.refused:  # a provider swallowed the refusal: the change still failed
+        raise UnplannedMutation(_refusal(scope))
+
+
+def _refusal(scope: Scope) -> str:
+    return refusal_message(scope.refused[0])
 
 
 def _call(contexts: Mapping[str, ApplyContext], change: Change) -> None:
@@ -129,6 +141,7 @@ def execute(plan: Plan, ctx: ApplyContext | Mapping[str, ApplyContext], parallel
     contexts = ctx if isinstance(ctx, Mapping) else {change.host: ctx for change in plan.changes}
     limits = dict(host_parallelism or {})
     result = ApplyResult()
+    journal_mark = JOURNAL.mark()
     changes = keyed_changes(plan.changes)
     waiting = {address: _dependencies(change, changes) for address, change in changes.items()}
     dependents: dict[str, set[str]] = {address: set() for address in changes}
@@ -213,6 +226,7 @@ def execute(plan: Plan, ctx: ApplyContext | Mapping[str, ApplyContext], parallel
                     skip_dependents(address, f"{address} failed")
     finally:
         pool.shutdown(wait=not result.abandoned, cancel_futures=True)
+    result.refused = sum(1 for entry in JOURNAL.since(journal_mark) if entry.verdict == "refused")
     reason = ("not started: libvirtd could not be reached" if result.lost_connection is not None
               else "not started: apply was interrupted")
     for address in order:

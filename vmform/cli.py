@@ -294,6 +294,8 @@ def _report(out: Output, the_plan: Any, command: str, result: Any, connections: 
         counts += f", {len(result.interrupted)} interrupted"
     counts += f", {dependents} skipped" if not (result.stopped or result.lost_connection) else \
         f", {dependents} skipped, {len(not_started)} not started"
+    if result.refused:
+        counts += f", {result.refused} mutation{'s' if result.refused != 1 else ''} refused (internal error)"
     state = "interrupted" if result.stopped or result.abandoned else "incomplete"
     out.summary(f"[bold red]{verb} {state}:[/bold red] {counts}.")
     for address, message in result.failed.items():
@@ -346,10 +348,13 @@ def _report(out: Output, the_plan: Any, command: str, result: Any, connections: 
               help="How long --wait-ip and --wait-agent wait (each).")
 @click.option("--skip-unreachable", is_flag=True,
               help="With several hosts: plan (and apply) the reachable ones, and say which were skipped.")
+@click.option("--journal", "journal_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Write every libvirt mutation, with the planned change it serves, to FILE as JSON lines "
+                   "(docs/JSON.md; VMFORM_JOURNAL=FILE appends).")
 @click.pass_context
 def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, parallelism: int | None,
           targets: tuple[str, ...], restart: bool, lock_timeout: float, force_off: bool | None, wait_ip: bool,
-          wait_agent: bool, wait_timeout: float, skip_unreachable: bool) -> None:
+          wait_agent: bool, wait_timeout: float, skip_unreachable: bool, journal_file: str | None) -> None:
     """Plan, confirm, then make the host match the manifests.
 
     With PLAN_FILE (from vmform plan -out), apply exactly that plan without planning again or asking;
@@ -357,6 +362,7 @@ def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, paralle
     from vmform import api, planfile
 
     out: Output = ctx.obj["out"]
+    _journal_to(journal_file)
     saved = None
     if plan_file is not None:
         if targets or restart:
@@ -399,6 +405,17 @@ def apply(ctx: click.Context, plan_file: str | None, auto_approve: bool, paralle
 def _lock_notice(text: str) -> None:
     """Waiting for the lock, a stale lock removed, a lock left behind: one line on stderr."""
     click.echo(text, err=True)
+
+
+def _journal_to(path: str | None) -> None:
+    """apply/destroy --journal FILE: the journal of this run, as JSON lines (written as the calls are made)."""
+    if path is not None:
+        from vmform.journal import JOURNAL
+
+        try:
+            JOURNAL.write_to(path)
+        except OSError as exc:
+            raise VmformError(f"--journal {path}: {exc.strerror or exc}") from None
 
 
 def _fail_if_unreachable(connections: Any) -> None:
@@ -451,13 +468,17 @@ def _wait_for_addresses(out: Output, workspace: Any, connections: Any, timeout: 
               help="Wait this long for the project lock held by another apply or destroy, then fail.")
 @click.option("--skip-unreachable", is_flag=True,
               help="With several hosts: plan (and apply) the reachable ones, and say which were skipped.")
+@click.option("--journal", "journal_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Write every libvirt mutation, with the planned change it serves, to FILE as JSON lines "
+                   "(docs/JSON.md; VMFORM_JOURNAL=FILE appends).")
 @click.pass_context
 def destroy(ctx: click.Context, auto_approve: bool, parallelism: int | None, targets: tuple[str, ...],
-            lock_timeout: float, skip_unreachable: bool) -> None:
+            lock_timeout: float, skip_unreachable: bool, journal_file: str | None) -> None:
     """Remove every object this project owns on the host (and nothing else)."""
     from vmform import api
 
     out: Output = ctx.obj["out"]
+    _journal_to(journal_file)
     workspace = _workspace(ctx)
     connections = api.connect(workspace, skip_unreachable=skip_unreachable)
     try:

@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING
 
 from vmform.errors import ConnectionLost, HostError
+from vmform.journal import guard
 
 if TYPE_CHECKING:
     import libvirt
@@ -75,17 +76,22 @@ def open_connection(uri: str | None) -> libvirt.virConnect:
 
 class ConnectionPool:
     """One connection per worker thread, opened on first use, all closed together. A connection libvirtd
-    dropped is replaced on its next use (``get``, ``main``), waiting up to ``reconnect_timeout`` seconds."""
+    dropped is replaced on its next use (``get``, ``main``), waiting up to ``reconnect_timeout`` seconds.
+
+    Every connection it hands out is guarded (vmform.journal): its mutating calls, and those of every object
+    it returns, are checked against the planned change the calling thread serves, and journaled. ``host`` is
+    the project's name for the host (what a Change's ``host`` says)."""
 
     def __init__(self, uri: str | None, first: libvirt.virConnect | None = None,
-                 reconnect_timeout: float = 30.0) -> None:
+                 reconnect_timeout: float = 30.0, host: str | None = None) -> None:
         self.uri = uri
+        self.host = host
         self.reconnect_timeout = reconnect_timeout
         self.reconnects = 0  # how many times a dropped connection was opened again
         self._local = threading.local()
         self._all: list[libvirt.virConnect] = []
         self._lock = threading.Lock()
-        self._main = first or open_connection(uri)
+        self._main = guard(first or open_connection(uri), host)
         self._all.append(self._main)
         self._local.conn = self._main
 
@@ -102,7 +108,7 @@ class ConnectionPool:
     def get(self) -> libvirt.virConnect:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = open_connection(self.uri)
+            conn = guard(open_connection(self.uri), self.host)
             with self._lock:
                 self._all.append(conn)
             self._local.conn = conn
@@ -137,7 +143,7 @@ class ConnectionPool:
         shown = self.uri or "libvirt's default URI"
         while True:
             try:
-                conn = libvirt.open(self.uri)
+                conn = guard(libvirt.open(self.uri), self.host)
                 break
             except libvirt.libvirtError as exc:
                 if time.monotonic() >= deadline:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from vmform.connection import ConnectionPool
 from vmform.errors import HostError
+from vmform.journal import JOURNAL
 
 if TYPE_CHECKING:
     import libvirt
@@ -21,6 +22,7 @@ class HostConnections:
 
     def __init__(self, project: Project, uri: str | None = None, skip_unreachable: bool = False) -> None:
         self.project = project
+        JOURNAL.project = project.name  # a lock or ledger secret vmform writes must be this project's
         self.skip_unreachable = skip_unreachable
         self._uris = {name: (uri if uri is not None and name == project.default_host else host.uri)
                       for name, host in project.hosts.items()}
@@ -37,7 +39,8 @@ class HostConnections:
     def pool(self, host: str) -> ConnectionPool:
         if host not in self._pools:
             try:
-                self._pools[host] = ConnectionPool(self._uris[host], reconnect_timeout=self.project.reconnect_timeout)
+                self._pools[host] = ConnectionPool(self._uris[host], reconnect_timeout=self.project.reconnect_timeout,
+                                                   host=host)
             except HostError as exc:
                 if len(self._uris) == 1:
                     raise

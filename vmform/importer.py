@@ -543,9 +543,12 @@ def import_objects(workspace: Workspace, conn: libvirt.virConnect, addresses: li
     """Write manifests for unmanaged objects and mark them owned by the workspace's project."""
     import libvirt
 
+    from vmform.journal import JOURNAL, guard
     from vmform.render.xml import render_resource
 
     project = workspace.project.name
+    JOURNAL.project = project
+    conn = guard(conn, workspace.project.default_host)  # its writes are journaled (category import)
     out = Path(output) if output is not None else workspace.project.root / "imported.yaml"
     if not out.is_absolute():
         out = Path.cwd() / out
@@ -698,7 +701,11 @@ def _mark(conn: libvirt.virConnect, project: str, found: list[tuple[str, str, An
           objects: list[ImportedObject], records: dict[str, AppliedRecord]) -> None:
     import libvirt
 
-    with ProjectLock(conn, project, "import"):
+    from vmform.journal import serving
+
+    # Adoption writes ownership outside any plan (issue 21 makes it a planned change): the journal allows
+    # exactly these writes, as category "import".
+    with ProjectLock(conn, project, "import"), serving(None, "import"):
         ledger: Ledger | None = None
         for (kind, name, obj, _root), item in zip(found, objects, strict=True):
             try:

@@ -78,6 +78,42 @@ class _Connection:
         return getattr(self._current(), name)
 
 
+# Journal entries that serve no planned change and are still allowed: the project lock, and (until issue 21
+# makes adoption a planned change) what `vmform import` marks as owned.
+OUTSIDE_PLAN_CATEGORIES = {"lock", "import"}
+
+
+def unplanned_mutations(path: Path) -> list[dict[str, Any]]:
+    """The entries of a journal (JSON lines) that were refused or serve no planned change. A last line cut off
+    (an apply killed mid-write) is skipped."""
+    if not path.exists():
+        return []
+    found = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry["verdict"] != "ok" or (entry["address"] is None and entry["category"] not in OUTSIDE_PLAN_CATEGORIES):
+            found.append(entry)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def journal_check(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Every vmform the test runs (CLI subprocesses and in-process calls) journals its libvirt mutations to a
+    file of this test's; the test fails when any of them was refused or served no planned change."""
+    path = tmp_path_factory.mktemp("journal") / "journal.jsonl"
+    monkeypatch.setenv("VMFORM_JOURNAL", str(path))
+    yield path
+    bad = unplanned_mutations(path)
+    if bad:
+        shown = "\n".join(f"  {e['call']} on {e['kind']} {e['name']} (host {e['host']}, serving {e['address']} "
+                           f"{e['action']}, {e['category']}): {e['verdict']}{': ' + e['reason'] if e['reason'] else ''}"
+                           for e in bad[:20])
+        pytest.fail(f"{len(bad)} libvirt mutation(s) outside the plan (journal {path}):\n{shown}", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def conn() -> Iterator[Any]:
     libvirt = _libvirt()

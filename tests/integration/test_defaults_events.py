@@ -11,9 +11,12 @@ import pytest
 from tests.guest.build import INIT_PROLOGUE, build_guest
 from vmform import api, guests
 from vmform.events import Watch
+from vmform.journal import serving
 from vmform.live import parse_xml
+from vmform.plan import Action, Change, FieldChange
 from vmform.providers import domain as domain_provider
 from vmform.schema import domain as domain_schema
+from vmform.schema.types import Effect
 
 pytestmark = pytest.mark.libvirt
 
@@ -182,7 +185,11 @@ def test_waits_use_events(project: Any, conn: Any, monkeypatch: pytest.MonkeyPat
         assert output.addresses and output.addresses[0].ip.startswith(f"{subnet}.")
         # A clean ACPI shutdown, waited for on the STOPPED lifecycle event: the guest powered itself off.
         _Recording.log = []
-        domain_provider.stop(dom, timeout=120)
+        # As apply stops it: serving a planned change of its state (the journal refuses a stop outside one).
+        stopping = Change("domain.g", "domain", f"{p}-g", Action.UPDATE,
+                          fields=(FieldChange("state", "running", "stopped", Effect.LIVE),))
+        with serving(stopping):
+            domain_provider.stop(dom, timeout=120)
         assert not dom.isActive()
         stopped = [args for event_id, args in _Recording.log if event_id == libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE]
         assert (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN) in \
