@@ -35,6 +35,9 @@ class ApplyResult:
     stopped: bool = False  # stop (Ctrl-C, SIGTERM) was asked for before every change had started
     abandoned: bool = False  # changes were still in flight when apply stopped waiting for them
     notes: list[str] = field(default_factory=list)  # said after the summary (a lock left behind, ...)
+    restarted: list[str] = field(default_factory=list)  # domains and networks this apply really restarted
+    # address -> what of it takes effect only when it restarts (a device its guest did not release)
+    waiting_for_restart: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -213,6 +216,9 @@ def execute(plan: Plan, ctx: ApplyContext | Mapping[str, ApplyContext], parallel
                     skip_dependents(address, f"{address} failed")
     finally:
         pool.shutdown(wait=not result.abandoned, cancel_futures=True)
+    for context in {id(c): c for c in contexts.values()}.values():  # what the providers say they did
+        result.restarted.extend(a for a in context.restarted if a not in result.restarted)
+        result.waiting_for_restart.update(context.waiting_for_restart)
     reason = ("not started: libvirtd could not be reached" if result.lost_connection is not None
               else "not started: apply was interrupted")
     for address in order:
