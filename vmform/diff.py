@@ -469,6 +469,7 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
     changes: dict[str, Change] = {}
     notes: list[str] = []
     replaced: set[str] = set()
+    unread: dict[str, str] = {}  # volume address -> its stopped pool's address (see _in_stopped_pool)
 
     for address in order:
         resource = manifests.resources[address]
@@ -483,6 +484,11 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
                 where = f" in pool '{pool}'" if pool else ""
                 errors.append(PlanError(f"{kind} '{resource.libvirt_name}'{where} (existing: true) does not exist on "
                                         f"{live.uri}", resource.key_position()))
+            continue
+        if current is None and _in_stopped_pool(address, live, owned) is not None:
+            unread[address] = _in_stopped_pool(address, live, owned) or ""
+            notes.append(f"{address}: its pool {unread[address]} is stopped, so the volume cannot be read; apply starts "
+                         "the pool, and the next plan compares the volume")
             continue
         if current is None:
             pool = resource.desired.get("pool") if kind in ("volume", "cloudinit") else None
@@ -616,6 +622,8 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
             for dependency in graph.predecessors(address):
                 if dependency in changes:
                     dependents[address].add(dependency)
+                elif unread.get(dependency) in changes:  # a volume in a stopped pool: wait for the pool's start
+                    dependents[address].add(unread[dependency])
     for address, obj in owned.items():
         if address not in changes:
             continue
@@ -632,6 +640,18 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
     if options.targets:
         final = _limit_to_targets(final, set(options.targets))
     return Plan(manifests.project, live.uri, final, tuple(notes), allowed=allowed, waiting=uses.waiting)
+
+
+def _in_stopped_pool(address: str, live: LiveState, owned: dict[str, LiveObject]) -> str | None:
+    """The address of the owned pool, stopped outside vmform, that holds this owned volume (or seed): libvirt
+    lists no volumes of a stopped pool, and planning a create for a volume that is there would fail."""
+    entry = live.ledger.volumes.get(address)
+    if entry is None:
+        return None
+    for pool_address, pool in owned.items():
+        if pool.kind == "pool" and pool.name == entry.get("pool") and not pool.active:
+            return pool_address
+    return None
 
 
 def _refusals(manifests: Manifests, changes: dict[str, Change], options: PlanOptions,

@@ -124,6 +124,24 @@ def test_stopped_network_is_planned_started_and_its_guests_replugged(project: An
     no_changes(project)
 
 
+def test_stopped_pool_is_started_and_its_volumes_are_not_planned_again(project: Any, conn: Any) -> None:
+    """libvirt lists no volumes of a stopped pool: on main the plan wanted to create them again (and failed)."""
+    p = project.prefix
+    project.write(lab(project, vm(project, disks=f"{p}-root", extra="    state: stopped\n")))
+    project.apply()
+    pool = conn.storagePoolLookupByName(f"{p}-pool")
+    pool.destroy()  # virsh pool-destroy
+    project.write(lab(project, vm(project, disks=f"{p}-root")))
+    plan = project.plan_json()
+    assert {c["address"]: c["action"] for c in plan["changes"]} == {f"pool.{p}-pool": "update", f"domain.{p}-vm": "update"}
+    assert fields(plan, f"pool.{p}-pool") == {"active": "live"}
+    assert f"pool.{p}-pool" in next(c for c in plan["changes"] if c["address"] == f"domain.{p}-vm")["depends_on"]
+    assert any(note.startswith(f"volume.{p}-root: its pool pool.{p}-pool is stopped") for note in plan["notes"])
+    project.apply()
+    assert pool.isActive() and conn.lookupByName(f"{p}-vm").isActive()
+    no_changes(project)
+
+
 def test_domain_undefined_while_running_is_defined_again(project: Any, conn: Any) -> None:
     p = project.prefix
     project.write(lab(project, vm(project, extra="    autostart: true\n")))

@@ -337,8 +337,11 @@ class DomainProvider(Provider):
         import libvirt
 
         dom = _lookup(ctx, change)
+        persistent = bool(dom.isPersistent())  # a transient one (undefined outside vmform) is gone once stopped
         if dom.isActive():
             dom.destroy()  # the domain is going away with its disks: no need to wait for the guest
+        if not persistent:
+            return
         flags = (
             libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
             | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE

@@ -151,9 +151,11 @@ class NetworkProvider(Provider):
 
     def delete(self, ctx: ApplyContext, change: Change) -> None:
         net = _lookup(ctx, change)
+        persistent = bool(net.isPersistent())  # a transient one (undefined outside vmform) is gone once stopped
         if net.isActive():
             net.destroy()
-        net.undefine()
+        if persistent:
+            net.undefine()
 
 
 PROVIDER = NetworkProvider()
