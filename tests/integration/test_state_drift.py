@@ -326,8 +326,8 @@ def test_a_restart_that_fails_is_never_reported_as_restarted(project: Any, conn:
     project.write(lab(project, vm(project, extra="    graphics: vnc\n", disks=f"{p}-root"), volumes=data))
     applied = project.run("apply", "--auto-approve", "--restart")
     assert applied.code == 1, applied.stdout
-    assert f"Restarts planned: domain.{p}-vm" in applied.stdout  # the plan's promise, printed before apply
     assert "Restarted by this apply" not in applied.stdout, applied.stdout
+    assert f"Restarts planned: domain.{p}-vm" in applied.stdout  # the plan's promise, printed before apply
     assert "did not shut down within 1s" in applied.stderr, applied.stderr
     assert dom.isActive() and domain_id(conn, dom) == first_id
     assert disk_targets(dom, INACTIVE) == ["vda"]
