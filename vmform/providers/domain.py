@@ -251,6 +251,9 @@ class DomainProvider(Provider):
         elif name in ("disks", "interfaces"):
             build = disk_element if name == "disks" else interface_element
             if change.before is None and change.after is not None:
+                key = change.after["target" if name == "disks" else "mac"]
+                if any(device_key(name, node) == key for node in device_nodes(parse_xml(dom.XMLDesc(0)), name)):
+                    return True  # only the definition lacked it (detached --config): a second one would be a duplicate
                 dom.attachDeviceFlags(etree.tostring(build(change.after), encoding="unicode"), live)
             elif change.after is None and change.before is not None:
                 return self._detach(ctx, dom, name, change.before)
