@@ -93,6 +93,7 @@ class NetworkProvider(Provider):
             # bridge) with the manifests' values.
             root = parse_xml(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE))
             write_fields("network", root, change.after)
+            write_record(root, record_for("network", change.after))
             validate("network", root, change.address)
             ctx.connections.get().networkDefineXML(to_text(root))
         xml_fields = sorted(touched - {"autostart", "persistent", "active"})
