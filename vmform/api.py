@@ -409,7 +409,8 @@ def _execute(workspace: Workspace, connections: Connections, plan_to_apply: Plan
         spec = project.hosts.get(host)
         contexts[host] = ApplyContext(pool, project.name, Ledger.load(pool.main, project.name), project.shutdown_timeout,
                                       force_off=project.force_off if force_off is None else force_off, notice=notice,
-                                      migration_uri=spec.migration_uri if spec is not None else None)
+                                      migration_uri=spec.migration_uri if spec is not None else None,
+                                      detach_timeout=project.detach_timeout)
         limits[host] = parallelism or (spec.parallelism if spec is not None else None) or project.parallelism
     result = execute(plan_to_apply, contexts, sum(limits.values()), progress, stop, abandon, limits)
     if result.lost_connection is None and not result.abandoned:

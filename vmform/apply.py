@@ -38,6 +38,9 @@ class ApplyResult:
     notes: list[str] = field(default_factory=list)  # said after the summary (a lock left behind, ...)
     # mutations the journal refused (each an internal error: a call no planned change allows)
     refused: int = 0
+    restarted: list[str] = field(default_factory=list)  # domains and networks this apply really restarted
+    # address -> what of it takes effect only when it restarts (a device its guest did not release)
+    waiting_for_restart: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -227,6 +230,9 @@ def execute(plan: Plan, ctx: ApplyContext | Mapping[str, ApplyContext], parallel
     finally:
         pool.shutdown(wait=not result.abandoned, cancel_futures=True)
     result.refused = sum(1 for entry in JOURNAL.since(journal_mark) if entry.verdict == "refused")
+    for context in {id(c): c for c in contexts.values()}.values():  # what the providers say they did
+        result.restarted.extend(a for a in context.restarted if a not in result.restarted)
+        result.waiting_for_restart.update(context.waiting_for_restart)
     reason = ("not started: libvirtd could not be reached" if result.lost_connection is not None
               else "not started: apply was interrupted")
     for address in order:

@@ -263,6 +263,17 @@ def _kept(the_plan: Any, command: str) -> dict[str, str]:
     return dict(getattr(the_plan, "waiting", {}) or {}) if command == "destroy" else {}
 
 
+def _report_restarts(out: Output, result: Any) -> None:
+    """What apply really restarted, and what waits for a restart it did not make: from what the providers did,
+    never from the plan (a change that failed before its restart restarted nothing)."""
+    from rich.markup import escape
+
+    if result.restarted:
+        out.line(f"[bold yellow]Restarted by this apply:[/bold yellow] {', '.join(result.restarted)}")
+    for address, what in result.waiting_for_restart.items():
+        out.line(f"[yellow]Waiting for a restart:[/yellow] {address}: {escape(what)}")
+
+
 def _report(out: Output, the_plan: Any, command: str, result: Any, connections: Any = None) -> None:
     """The final summary line, one line per error, the exit status; exits unless everything was done."""
     import os
@@ -275,6 +286,7 @@ def _report(out: Output, the_plan: Any, command: str, result: Any, connections: 
         out.summary(f"[bold red]{verb} incomplete:[/bold red] {len(result.done)} done; hosts not reached: "
                     f"{', '.join(sorted(unreachable))}.")
         _fail_if_unreachable(connections)
+    _report_restarts(out, result)
     kept = _kept(the_plan, command)
     if result.ok and not kept:
         summary = the_plan.counts()

@@ -93,8 +93,8 @@ def _hotpluggable(kind: str, field_name: str, item: dict[str, Any]) -> bool:
 
 
 def _list_changes(kind: str, spec: FieldSpec, key: str, before: list[Any] | None, after: list[Any], live: LiveObject,
-                  running: list[Any] | None, pending: list[str], modify_effect: Effect = Effect.RESTART
-                  ) -> list[FieldChange]:
+                  running: list[Any] | None, pending: list[str], modify_effect: Effect = Effect.RESTART,
+                  unplugging: frozenset[str] = frozenset()) -> list[FieldChange]:
     """Per-item changes of a keyed list. An item the persistent config already has right, but the running
     object does not, is a change only when libvirt can fix it live; otherwise it is pending (waits for the
     next restart), so a plan right after apply is empty."""
@@ -137,7 +137,10 @@ def _list_changes(kind: str, spec: FieldSpec, key: str, before: list[Any] | None
             changes.append(_field(spec, f"{spec.name}[{item_key}]", item, None, plug_effect(item)))
     for item_key, item in running_by.items():  # attached live only (e.g. virsh attach-interface --live)
         if item_key not in after_by and item_key not in before_by:
-            lagging(f"{spec.name}[{item_key}]", plug_effect(item), item, None)
+            if item_key in unplugging:  # asked to leave already; the guest has not let go (see UNPLUG_NAMESPACE)
+                pending.append(f"{spec.name}[{item_key}] {UNRELEASED}")
+            else:
+                lagging(f"{spec.name}[{item_key}]", plug_effect(item), item, None)
     return changes
 
 
@@ -190,7 +193,10 @@ def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], li
         list_key = LIST_KEYS.get((kind, spec.name))
         if list_key is not None:
             running = live.running_values.get(spec.name) if live.active and live.running_values else None
-            changes.extend(_list_changes(kind, spec, list_key[0], before, after, live, running, pending, list_key[1]))
+            unplugging = frozenset(entry["key"] for entry in live.running_values.get("unplugging") or []
+                                   if entry["field"] == spec.name)
+            changes.extend(_list_changes(kind, spec, list_key[0], before, after, live, running, pending, list_key[1],
+                                         unplugging))
             continue
         if kind == "volume" and spec.name == "size" and before is not None and after < before:
             raise PlanError(
@@ -223,6 +229,7 @@ def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], li
             continue
         changes.append(_field(spec, spec.name, before, after, effect))
     changes.extend(_removals(resource, live, desired, ignored, changes))
+    changes.extend(state_drift(kind, live, pending))
     return changes, forcing, pending
 
 
@@ -290,6 +297,55 @@ def _rewrites_definition(resource: Resource, path: str) -> bool:
         return True  # a pool's record is in its ledger entry, which every update of the pool writes
     spec = resource.kind.spec(path.split("[", 1)[0].split(".", 1)[0])
     return spec is not None and spec.binding is not None
+
+
+# How a removal that waits for the guest reads in the plan's notes ("disks[vdb] removal (…) configured; …").
+UNRELEASED = "removal (the guest has not released the device)"
+DEVICE_NOUNS = {"interfaces": ("interface", "MAC address"), "disks": ("disk", "target")}
+
+
+def duplicate_path(entry: dict[str, Any]) -> str:
+    """The plan path of a device that repeats a managed one's key: ``interfaces[52:54:00:aa:00:01]@pci:0000:00:08.0``."""
+    return f"{entry['field']}[{entry['key']}]@{entry['address'] or 'unaddressed'}"
+
+
+def is_duplicate_path(path: str) -> bool:
+    return "]@" in path
+
+
+def state_drift(kind: str, live: LiveObject, pending: list[str]) -> list[FieldChange]:
+    """What was changed outside vmform that no manifest field states: a domain or network undefined while it ran
+    (transient), a network or pool stopped, devices that repeat a managed device's key. Each is a change that
+    apply corrects, so the plan shows it instead of a later apply failing on it."""
+    changes: list[FieldChange] = []
+    if kind in ("domain", "network") and not live.persistent:
+        # Defined again from the running definition with every managed field written from the manifests: what
+        # libvirt assigned (UUID, device addresses, MACs) stays; settings made outside vmform on the running
+        # object are kept too, as an update keeps them.
+        changes.append(FieldChange("persistent", False, True, Effect.LIVE, "transient (undefined outside vmform while it ran)",
+                                   "persistent (defined again from its running definition, with the manifests' values)"))
+    if kind in ("network", "pool") and not live.active:
+        after = "active (started; running guests' interfaces are plugged in again)" if kind == "network" else "active (started)"
+        changes.append(FieldChange("active", False, True, Effect.LIVE, "inactive (stopped outside vmform)", after))
+    unplugging = {(e["field"], e["key"], e["address"]) for e in live.running_values.get("unplugging") or []}
+    for entry in live.duplicates:
+        where = list(entry["where"])
+        path = duplicate_path(entry)
+        if "live" in where and (entry["field"], entry["key"], entry["address"]) in unplugging:
+            where.remove("live")  # asked to leave already: it goes when the guest restarts
+            pending.append(f"{path} {UNRELEASED}")
+        if not where:
+            continue
+        changes.append(FieldChange(path, {**entry["item"], "address": entry["address"], "where": where}, None,
+                                   Effect.LIVE, _duplicate_display(entry, where), "(removed)"))
+    return changes
+
+
+def _duplicate_display(entry: dict[str, Any], where: list[str]) -> str:
+    noun, key_name = DEVICE_NOUNS.get(entry["field"], (entry["field"], "key"))
+    place = {("config", "live"): "in the running domain and its definition", ("live",): "in the running domain",
+             ("config",): "in the domain's definition"}[tuple(sorted(where))]
+    return f"a second {noun} with this {key_name} {place}, not in the manifests: {display(None, entry['item'])}"
 
 
 def _extra_xml_changes(resource: Resource, spec: FieldSpec, live: LiveObject, pending: list[str]) -> list[FieldChange]:
@@ -380,6 +436,13 @@ def _pending_changes(resource: Resource, live: LiveObject, pending: list[str]) -
     result = []
     for name in pending:
         field_name = name.split(" ", 1)[0]
+        if is_duplicate_path(field_name):  # a second device with a managed key, leaving with the restart
+            entry = next((e for e in live.duplicates if duplicate_path(e) == field_name), None)
+            if entry is not None:
+                item = {**entry["item"], "address": entry["address"], "where": ["live"]}
+                result.append(FieldChange(field_name, item, None, Effect.RESTART, _duplicate_display(entry, ["live"]),
+                                          "(removed)"))
+            continue
         if "[" in field_name:  # one item of a keyed list: "disks[sda]"
             list_name, item_key = field_name[:-1].split("[", 1)
             key = LIST_KEYS[(resource.kind.name, list_name)][0]
@@ -406,6 +469,7 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
     changes: dict[str, Change] = {}
     notes: list[str] = []
     replaced: set[str] = set()
+    unread: dict[str, str] = {}  # volume address -> its stopped pool's address (see _in_stopped_pool)
 
     for address in order:
         resource = manifests.resources[address]
@@ -420,6 +484,11 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
                 where = f" in pool '{pool}'" if pool else ""
                 errors.append(PlanError(f"{kind} '{resource.libvirt_name}'{where} (existing: true) does not exist on "
                                         f"{live.uri}", resource.key_position()))
+            continue
+        if current is None and _in_stopped_pool(address, live, owned) is not None:
+            unread[address] = _in_stopped_pool(address, live, owned) or ""
+            notes.append(f"{address}: its pool {unread[address]} is stopped, so the volume cannot be read; apply starts "
+                         "the pool, and the next plan compares the volume")
             continue
         if current is None:
             pool = resource.desired.get("pool") if kind in ("volume", "cloudinit") else None
@@ -495,6 +564,8 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
             field_changes.append(_rebuilt_on_new_backing(resource, current, backing_address))
         if not field_changes:
             continue
+        if kind == "network" and not current.active and not forcing:
+            replug = _using_network(live, current.name)  # stopped outside vmform: their taps hang loose
         action = Action.DELETE_THEN_CREATE if forcing else Action.UPDATE
         if forcing and resource.lifecycle.get("create_before_destroy"):
             moved = renamed or (kind == "volume" and current.identity.get("pool") != resource.desired.get("pool"))
@@ -516,6 +587,8 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
             after=created.desired if forcing else resource.desired,
             fields=tuple(field_changes), reason=reason, live_name=current.name if renamed else None,
             identity=current.identity, restart=restart, replug=replug,
+            restart_allowed=kind == "domain" and current.active and wants_running and not forcing
+            and resource.restart_allowed(options.restart),
         )
 
     for address, obj in owned.items():
@@ -549,6 +622,8 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
             for dependency in graph.predecessors(address):
                 if dependency in changes:
                     dependents[address].add(dependency)
+                elif unread.get(dependency) in changes:  # a volume in a stopped pool: wait for the pool's start
+                    dependents[address].add(unread[dependency])
     for address, obj in owned.items():
         if address not in changes:
             continue
@@ -565,6 +640,18 @@ def make_plan(manifests: Manifests, graph: nx.DiGraph, live: LiveState, order: l
     if options.targets:
         final = _limit_to_targets(final, set(options.targets))
     return Plan(manifests.project, live.uri, final, tuple(notes), allowed=allowed, waiting=uses.waiting)
+
+
+def _in_stopped_pool(address: str, live: LiveState, owned: dict[str, LiveObject]) -> str | None:
+    """The address of the owned pool, stopped outside vmform, that holds this owned volume (or seed): libvirt
+    lists no volumes of a stopped pool, and planning a create for a volume that is there would fail."""
+    entry = live.ledger.volumes.get(address)
+    if entry is None:
+        return None
+    for pool_address, pool in owned.items():
+        if pool.kind == "pool" and pool.name == entry.get("pool") and not pool.active:
+            return pool_address
+    return None
 
 
 def _refusals(manifests: Manifests, changes: dict[str, Change], options: PlanOptions,

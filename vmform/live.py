@@ -43,6 +43,11 @@ class LiveObject:
     running_root: Element | None = field(default=None, repr=False, compare=False)
     # What vmform stated when it last wrote the object (lastapplied.AppliedRecord); None: nothing recorded.
     applied: Any = field(default=None, repr=False, compare=False)
+    # False for a domain or network that only runs: undefined outside vmform while it ran (transient).
+    persistent: bool = True
+    # Devices that repeat the key of another (a second interface with a managed MAC, attached outside vmform):
+    # left out of values/running_values, so the device vmform manages is the one compared (see duplicate_devices).
+    duplicates: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -79,10 +84,94 @@ def _read_bound(kind: str, root: Element) -> dict[str, Any]:
     return values
 
 
+# Live-only record of the devices vmform asked a running guest to release (a hot-unplug it has not completed):
+# the device leaves the running domain when it restarts, and the next plan says so instead of detaching again.
+UNPLUG_NAMESPACE = "https://vmform.dev/xmlns/unplug/1"
+UNPLUG_KEY = "vmfunplug"
+# The keyed device lists of a domain: how their elements are found and what their key is.
+DEVICE_LISTS = {
+    "disks": ("devices/disk[@device='disk']|devices/disk[@device='cdrom']", "target", "dev"),
+    "interfaces": ("devices/interface", "mac", "address"),
+}
+
+
+def device_key(field_name: str, node: Element) -> str | None:
+    child = node.find(DEVICE_LISTS[field_name][1])
+    return child.get(DEVICE_LISTS[field_name][2]) if child is not None else None
+
+
+def device_address(node: Element) -> str:
+    """Where a device sits in the guest (``pci:0000:00:08.0``): what tells two devices with one key apart, in
+    the persistent and the running definition alike (libvirt keeps the address from one to the other)."""
+    address = node.find("address")
+    if address is None:
+        return ""
+    if address.get("type") == "pci":
+        numbers = [int(address.get(part) or "0", 16) for part in ("domain", "bus", "slot", "function")]
+        return "pci:{:04x}:{:02x}:{:02x}.{:x}".format(*numbers)
+    return ":".join([address.get("type") or "", *(f"{k}={v}" for k, v in sorted(address.attrib.items()) if k != "type")])
+
+
+def device_nodes(root: Element, field_name: str) -> list[Element]:
+    return list(root.xpath(DEVICE_LISTS[field_name][0]))
+
+
+def _split_duplicates(values: dict[str, Any], root: Element, partner: Element | None, where: str) -> list[dict[str, Any]]:
+    """Take the devices out of ``values`` that repeat another's key (libvirt refuses two disks with one target,
+    but not two interfaces with one MAC). The one kept is the one the other definition (``partner``: running
+    for the persistent one, and back) has at the same address, else the first: an attach outside vmform
+    appends. Returns the others, each with where it is and its address, for the plan to remove."""
+    extra: list[dict[str, Any]] = []
+    for field_name in DEVICE_LISTS:
+        items = values.get(field_name)
+        nodes = device_nodes(root, field_name)
+        if not items or len(items) != len(nodes):
+            continue
+        keys = [device_key(field_name, node) for node in nodes]
+        repeated = {key for key in keys if key is not None and keys.count(key) > 1}
+        if not repeated:
+            continue
+        keep: dict[str, int] = {}
+        for key in repeated:
+            indexes = [i for i, k in enumerate(keys) if k == key]
+            partner_addresses = {device_address(n) for n in device_nodes(partner, field_name)
+                                 if device_key(field_name, n) == key} if partner is not None else set()
+            matched = [i for i in indexes if device_address(nodes[i]) in partner_addresses]
+            keep[key] = matched[0] if matched else indexes[0]
+        kept = []
+        for index, (item_key, item) in enumerate(zip(keys, items, strict=True)):
+            if item_key is not None and item_key in repeated and keep[item_key] != index:
+                extra.append({"field": field_name, "key": item_key, "address": device_address(nodes[index]),
+                              "where": where, "item": item})
+            else:
+                kept.append(item)
+        values[field_name] = kept
+    return extra
+
+
+def _unplugging(running_root: Element) -> list[dict[str, str]]:
+    """The devices vmform asked the guest to release that the running domain still has (same key, same address)."""
+    record = running_root.find(f"metadata/{{{UNPLUG_NAMESPACE}}}unplug")
+    if record is None:
+        return []
+    found = []
+    # libvirt puts the record's children in its namespace (<vmfunplug:device>) when it stores the metadata.
+    for entry in [*record.findall(f"{{{UNPLUG_NAMESPACE}}}device"), *record.findall("device")]:
+        field_name, key, address = entry.get("field"), entry.get("key"), entry.get("address") or ""
+        if field_name not in DEVICE_LISTS:
+            continue
+        if any(device_key(field_name, node) == key and device_address(node) == address
+               for node in device_nodes(running_root, field_name)):
+            found.append({"field": field_name, "key": key, "address": address})
+    return found
+
+
 def domain_object(name: str, uuid: str, config: Element, running_root: Element | None, state: str,
-                  autostart: bool, project: str) -> LiveObject:
+                  autostart: bool, project: str, persistent: bool = True) -> LiveObject:
     """A domain's LiveObject from its persistent XML and, when it runs, its live XML."""
     values = _read_bound("domain", config)
+    config_extra = _split_duplicates(values, config, running_root, "config")
+    running_extra: list[dict[str, Any]] = []
     values["description"] = values.get("description") or ""
     values["state"] = state
     values["autostart"] = autostart
@@ -90,6 +179,10 @@ def domain_object(name: str, uuid: str, config: Element, running_root: Element |
     if running_root is not None:
         running = _read_bound("domain", running_root)
         running["description"] = running.get("description") or ""
+        running_extra = _split_duplicates(running, running_root, config, "live")
+        unplugging = _unplugging(running_root)
+        if unplugging:
+            running["unplugging"] = unplugging
         balloon = running_root.find(f"metadata/{{{BALLOON_NAMESPACE}}}balloon")
         if balloon is not None:
             try:
@@ -97,9 +190,23 @@ def domain_object(name: str, uuid: str, config: Element, running_root: Element |
             except (TypeError, ValueError):
                 pass
     obj = LiveObject("domain", name, values, {"uuid": uuid}, active=running_root is not None, running_values=running,
-                     config_root=config, running_root=running_root, applied=read_record(config))
+                     config_root=config, running_root=running_root, applied=read_record(config),
+                     persistent=persistent, duplicates=_merge_duplicates(config_extra, running_extra))
     _set_owner(obj, read_owner(config), project)
     return obj
+
+
+def _merge_duplicates(config: list[dict[str, Any]], running: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per extra device: one in both definitions (same key and address) is removed from both."""
+    merged = [dict(entry, where=[entry["where"]]) for entry in config]
+    for entry in running:
+        same = next((m for m in merged if (m["field"], m["key"], m["address"]) ==
+                     (entry["field"], entry["key"], entry["address"])), None)
+        if same is not None:
+            same["where"].append("live")
+        else:
+            merged.append(dict(entry, where=["live"]))
+    return merged
 
 
 def _state_name(state: int) -> str:
@@ -113,11 +220,12 @@ def _state_name(state: int) -> str:
 
 @dataclass
 class DomainFacts:
-    """State and autostart of every domain, from a few listAllDomains calls with filters instead of three
-    calls per domain (state, isPersistent, autostart): at 500 domains that is 4 round trips, not 1500."""
+    """State, autostart and persistence of every domain, from a few listAllDomains calls with filters instead of
+    four calls per domain (state, isPersistent, autostart): at 500 domains that is 5 round trips, not 2000."""
 
     states: dict[str, int]  # UUID -> libvirt state, for domains that are running, paused or shut off
     autostart: set[str]  # UUIDs (only persistent domains can autostart)
+    transient: set[str] = field(default_factory=set)  # UUIDs of domains that only run (undefined while running)
 
     @classmethod
     def read(cls, conn: libvirt.virConnect) -> DomainFacts:
@@ -130,7 +238,55 @@ class DomainFacts:
             for dom in conn.listAllDomains(flag):
                 states[dom.UUIDString()] = state
         autostart = {dom.UUIDString() for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART)}
-        return cls(states, autostart)
+        transient = {dom.UUIDString() for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_TRANSIENT)}
+        return cls(states, autostart, transient)
+
+
+@dataclass
+class NetworkFacts:
+    """Which networks run, start with the host and are only running (transient): four filtered
+    listAllNetworks calls for the whole host instead of three calls per network."""
+
+    active: set[str]  # UUIDs
+    inactive: set[str]
+    autostart: set[str]
+    transient: set[str]
+
+    def known(self, uuid: str) -> bool:
+        """False for a network defined while the lists were read: ask the network itself."""
+        return uuid in self.active or uuid in self.inactive
+
+    @classmethod
+    def read(cls, conn: libvirt.virConnect) -> NetworkFacts:
+        import libvirt
+
+        def uuids(flag: int) -> set[str]:
+            return {net.UUIDString() for net in conn.listAllNetworks(flag)}
+
+        return cls(uuids(libvirt.VIR_CONNECT_LIST_NETWORKS_ACTIVE), uuids(libvirt.VIR_CONNECT_LIST_NETWORKS_INACTIVE),
+                   uuids(libvirt.VIR_CONNECT_LIST_NETWORKS_AUTOSTART), uuids(libvirt.VIR_CONNECT_LIST_NETWORKS_TRANSIENT))
+
+
+@dataclass
+class PoolFacts:
+    """Which storage pools run and start with the host, from three filtered listAllStoragePools calls."""
+
+    active: set[str]  # UUIDs
+    inactive: set[str]
+    autostart: set[str]
+
+    def known(self, uuid: str) -> bool:
+        return uuid in self.active or uuid in self.inactive
+
+    @classmethod
+    def read(cls, conn: libvirt.virConnect) -> PoolFacts:
+        import libvirt
+
+        def uuids(flag: int) -> set[str]:
+            return {pool.UUIDString() for pool in conn.listAllStoragePools(flag)}
+
+        return cls(uuids(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE), uuids(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_INACTIVE),
+                   uuids(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_AUTOSTART))
 
 
 def read_domain(dom: libvirt.virDomain, project: str, facts: DomainFacts | None = None) -> LiveObject:
@@ -146,23 +302,29 @@ def read_domain(dom: libvirt.virDomain, project: str, facts: DomainFacts | None 
     active = state_name != "stopped"
     if facts is not None:
         autostart = uuid in facts.autostart
+        persistent = uuid not in facts.transient
     else:
-        autostart = bool(dom.autostart()) if dom.isPersistent() else False
+        persistent = bool(dom.isPersistent())
+        autostart = bool(dom.autostart()) if persistent else False
     running_root = parse_xml(dom.XMLDesc(0)) if active else None
-    return domain_object(dom.name(), uuid, config, running_root, state_name, autostart, project)
+    return domain_object(dom.name(), uuid, config, running_root, state_name, autostart, project, persistent)
 
 
-def read_network(net: libvirt.virNetwork, project: str) -> LiveObject:
+def read_network(net: libvirt.virNetwork, project: str, facts: NetworkFacts | None = None) -> LiveObject:
     import libvirt
 
     config = parse_xml(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE))
     values = _read_bound("network", config)
-    values["autostart"] = bool(net.autostart())
-    active = bool(net.isActive())
+    uuid = net.UUIDString()
+    if facts is not None and facts.known(uuid):
+        values["autostart"], active, persistent = uuid in facts.autostart, uuid in facts.active, uuid not in facts.transient
+    else:
+        values["autostart"], active, persistent = bool(net.autostart()), bool(net.isActive()), bool(net.isPersistent())
     running_root = parse_xml(net.XMLDesc(0)) if active else None
     running = _read_bound("network", running_root) if running_root is not None else {}
-    obj = LiveObject("network", net.name(), values, {"uuid": net.UUIDString()}, active=active, running_values=running,
-                     config_root=config, running_root=running_root, applied=read_record(config))
+    obj = LiveObject("network", net.name(), values, {"uuid": uuid}, active=active, running_values=running,
+                     config_root=config, running_root=running_root, applied=read_record(config),
+                     persistent=persistent)
     _set_owner(obj, read_owner(config), project)
     return obj
 
@@ -176,14 +338,17 @@ def _set_owner(obj: LiveObject, owner: tuple[str, str] | None, project: str) -> 
         obj.owner_project = owner[0]
 
 
-def read_pool(pool: libvirt.virStoragePool, ledger: Ledger) -> LiveObject:
+def read_pool(pool: libvirt.virStoragePool, ledger: Ledger, facts: PoolFacts | None = None) -> LiveObject:
     import libvirt
 
     config = parse_xml(pool.XMLDesc(libvirt.VIR_STORAGE_XML_INACTIVE))
     values = _read_bound("pool", config)
-    values["autostart"] = bool(pool.autostart())
     uuid = pool.UUIDString()
-    obj = LiveObject("pool", pool.name(), values, {"uuid": uuid}, active=bool(pool.isActive()), config_root=config)
+    if facts is not None and facts.known(uuid):
+        values["autostart"], active = uuid in facts.autostart, uuid in facts.active
+    else:
+        values["autostart"], active = bool(pool.autostart()), bool(pool.isActive())
+    obj = LiveObject("pool", pool.name(), values, {"uuid": uuid}, active=active, config_root=config)
     obj.address = ledger.pool_address(pool.name(), uuid)
     if obj.address is not None:
         obj.applied = AppliedRecord.from_entry(ledger.pools[obj.address].get("applied"))
@@ -271,20 +436,22 @@ def read_host(conn: libvirt.virConnect, project: str, pool_names: set[str] | Non
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:  # vanished while we read
                     raise
+        network_facts = NetworkFacts.read(conn)
         for net in conn.listAllNetworks():
             if skipped("network", net.name()):
                 continue
             try:
-                objects.append(read_network(net, project))
+                objects.append(read_network(net, project, network_facts))
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() != libvirt.VIR_ERR_NO_NETWORK:
                     raise
         owned_pools = {entry["name"] for entry in ledger.pools.values()} | {e["pool"] for e in ledger.volumes.values()}
         wanted = (pool_names or set()) | owned_pools
         index = _volume_index(ledger)
+        pool_facts = PoolFacts.read(conn)
         for pool in conn.listAllStoragePools():
             try:
-                obj = read_pool(pool, ledger)
+                obj = read_pool(pool, ledger, pool_facts)
                 volumes = read_volumes(pool, ledger, index) if obj.active and obj.name in wanted else []
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() not in (libvirt.VIR_ERR_NO_STORAGE_POOL, libvirt.VIR_ERR_NO_STORAGE_VOL):

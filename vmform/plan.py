@@ -53,6 +53,9 @@ class Change:
     identity: dict[str, Any] = field(default_factory=dict)  # uuid / pool uuid / volume key, to find the object
     restart: bool = False  # apply restarts the domain or network so restart-class changes take effect
     replug: tuple[str, ...] = ()  # running domains whose interfaces a network restart re-plugs
+    # The domain may be restarted (restart_policy: allowed, apply --restart): when its guest does not release a
+    # hot-unplugged device, apply restarts it so the device leaves now, instead of at the next restart.
+    restart_allowed: bool = False
 
     @property
     def waits_for_restart(self) -> bool:
@@ -174,4 +177,5 @@ def _change_from_json(data: dict[str, Any]) -> Change:
         identity=dict(data.get("identity") or {}),
         restart=bool(data.get("restart", False)),
         replug=tuple(data.get("replug", ())),
+        restart_allowed=bool(data.get("restart_allowed", False)),
     )

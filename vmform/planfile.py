@@ -186,6 +186,7 @@ def _object_digest(obj: LiveObject | None) -> str | None:
     return _digest({
         "kind": obj.kind, "name": obj.name, "values": obj.values, "running": obj.running_values,
         "active": obj.active, "identity": obj.identity, "address": obj.address, "owner": obj.owner_project,
+        "persistent": obj.persistent, "duplicates": obj.duplicates,
     })
 
 

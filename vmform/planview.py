@@ -70,6 +70,10 @@ def _change_lines(change: Change, allowed: tuple[str, ...] = ()) -> list[str]:
         headline += ", and [bold]restarted[/bold]" if change.kind == "domain" else ", and [bold]restarted[/bold]"
         if change.replug:
             headline += f" (re-plugging the interfaces of {', '.join(change.replug)})"
+    elif change.replug:  # a network started again: the running guests' interfaces go back on its bridge
+        headline += f" (re-plugging the interfaces of {', '.join(change.replug)})"
+    elif change.restart_allowed and _detaches(change):
+        headline += " (restarted if its guest does not release a detached device)"
     if allowed:
         headline += f" [bold](allowed: {_escape(', '.join(allowed))})[/bold]"
     lines = [f"  [bold]# {change.address}[/bold] {headline}"]
@@ -106,6 +110,12 @@ def _change_lines(change: Change, allowed: tuple[str, ...] = ()) -> list[str]:
     return lines
 
 
+def _detaches(change: Change) -> bool:
+    """Whether the change hot-unplugs a device from the running domain (which a guest may not release)."""
+    return any(f.effect is Effect.LIVE and f.after is None and f.path.split("[", 1)[0] in ("disks", "interfaces")
+               for f in change.fields)
+
+
 def plan_lines(plan: Plan) -> list[str]:
     """Rich-markup lines; the console strips the markup when colour is off."""
     if plan.empty:
@@ -128,8 +138,8 @@ def plan_lines(plan: Plan) -> list[str]:
             lines.append("")
     lines.extend(allowed_lines(plan))
     restarting = [c.address for c in plan.changes if c.restart]
-    if restarting:
-        lines.append(f"[bold yellow]Restarted by this apply:[/bold yellow] {', '.join(restarting)}")
+    if restarting:  # what apply plans to restart; its summary says what it did restart
+        lines.append(f"[bold yellow]Restarts planned:[/bold yellow] {', '.join(restarting)}")
     waiting = [c.address for c in plan.changes if c.waits_for_restart]
     if waiting:
         lines.append(f"[yellow]Changes waiting for a restart:[/yellow] {', '.join(waiting)} "

@@ -16,7 +16,7 @@ from vmform.schema.types import did_you_mean
 PROJECT_FILE = "vmform.toml"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _KEYS = {"name", "uri", "manifests", "parallelism", "shutdown_timeout", "force_off", "reconnect_timeout", "default_host",
-         "pool_roots"}
+         "pool_roots", "detach_timeout"}
 _HOST_KEYS = {"uri", "parallelism", "migration_uri"}
 HOST_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}")
 DEFAULT_HOST = "default"  # the one host of a project without [hosts]: project.uri
@@ -50,6 +50,8 @@ class Project:
     # Directories beyond the default pool roots where pools may be made without allow: [host_paths] (every plan
     # shows them in bold).
     pool_roots: tuple[str, ...] = ()
+    # How long a hot-unplug waits for the guest to release the device; then it leaves at the next restart.
+    detach_timeout: float = 30.0
 
     @property
     def several_hosts(self) -> bool:
@@ -130,9 +132,12 @@ def load_project(start: Path | str | None = None) -> Project:
     reconnect = section.get("reconnect_timeout", 30)
     if isinstance(reconnect, bool) or not isinstance(reconnect, int | float) or reconnect < 0:
         raise ProjectError(f"{shown}: project.reconnect_timeout must be a number of seconds")
+    detach = section.get("detach_timeout", 30)
+    if isinstance(detach, bool) or not isinstance(detach, int | float) or detach < 0:
+        raise ProjectError(f"{shown}: project.detach_timeout must be a number of seconds")
     hosts, default_host = _hosts(settings, uri, shown)
     return Project(root, name, hosts[default_host].uri, tuple(patterns), parallelism, timeout, settings, force_off,
-                   float(reconnect), hosts, default_host, extra_pool_roots(settings, shown))
+                   float(reconnect), hosts, default_host, extra_pool_roots(settings, shown), float(detach))
 
 
 def extra_pool_roots(settings: dict[str, Any], shown: str = PROJECT_FILE) -> tuple[str, ...]:

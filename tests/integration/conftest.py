@@ -183,9 +183,11 @@ class TestProject:
         conn = on or self.conn
         for dom in conn.listAllDomains():
             if dom.name().startswith(self.prefix):
+                persistent = dom.isPersistent()  # a transient one (test_state_drift.py) is gone once destroyed
                 if dom.isActive():
                     dom.destroy()
-                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+                if persistent:
+                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
         for pool in conn.listAllStoragePools():
             if pool.name().startswith(self.prefix):
                 if pool.isActive():
@@ -199,9 +201,11 @@ class TestProject:
                 pool.undefine()
         for net in conn.listAllNetworks():
             if net.name().startswith(self.prefix):
+                persistent = net.isPersistent()
                 if net.isActive():
                     net.destroy()
-                net.undefine()
+                if persistent:
+                    net.undefine()
         for secret in conn.listAllSecrets():
             if (secret.usageID() or "").startswith(f"vmform/{self.prefix}/"):
                 secret.undefine()

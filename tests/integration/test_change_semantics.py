@@ -100,9 +100,10 @@ def test_restart_class_change_waits_for_permission(project: Any, conn: Any) -> N
     assert "No changes." in after.stdout and "takes effect when it restarts" in after.stdout
 
     preview = project.run("plan", "--restart", check=True)
-    assert f"Restarted by this apply: domain.{p}-vm" in preview.stdout
+    assert f"Restarts planned: domain.{p}-vm" in preview.stdout
     applied = project.run("apply", "--auto-approve", "--restart", check=True)
     assert dom.isActive() and domain_id_of(conn, dom) != first_id, applied.stdout
+    assert f"Restarted by this apply: domain.{p}-vm" in applied.stdout, applied.stdout  # what apply did
     running = etree.fromstring(dom.XMLDesc(0).encode())
     assert running.find("devices/graphics").get("type") == "vnc"
     assert [b.get("dev") for b in running.findall("os/boot")] == ["network", "hd"]
@@ -117,7 +118,7 @@ def test_restart_policy_allowed_restarts_without_flag(project: Any, conn: Any) -
     dom = conn.lookupByName(f"{p}-vm")
     first_id = domain_id_of(conn, dom)
     project.write(lab(project, domain_extra="    restart_policy: allowed\n    graphics: vnc"))
-    assert f"Restarted by this apply: domain.{p}-vm" in project.run("plan", check=True).stdout
+    assert f"Restarts planned: domain.{p}-vm" in project.run("plan", check=True).stdout
     project.apply()
     assert dom.isActive() and domain_id_of(conn, dom) != first_id
     no_changes(project)
@@ -304,7 +305,7 @@ def test_disk_hotplug_is_live_and_sata_waits_for_restart(project: Any, conn: Any
     after = project.run("plan", check=True).stdout
     assert "No changes." in after and "takes effect when it restarts" in after, after
     restarted = project.run("plan", "--restart", check=True).stdout
-    assert f"Restarted by this apply: domain.{p}-vm" in restarted and "disks[sda]" in restarted, restarted
+    assert f"Restarts planned: domain.{p}-vm" in restarted and "disks[sda]" in restarted, restarted
     project.run("apply", "--auto-approve", "--restart", check=True)
     running = etree.fromstring(dom.XMLDesc(0).encode())
     assert sorted(t.get("dev") for t in running.findall("devices/disk/target")) == ["sda", "vda", "vdb"]

@@ -23,6 +23,7 @@ class ApplyContext:
     shutdown_timeout: float = 60.0
     migration_uri: str | None = None  # where a domain migrating to this host is sent ([hosts] migration_uri)
     force_off: bool = False  # power off a domain that did not shut down within shutdown_timeout
+    detach_timeout: float = 30.0  # how long a hot-unplug waits for the guest to release the device
     notice: Callable[[str], None] | None = None  # one line for the user while a change waits (shutdown, ...)
     # libvirt fails concurrent jobs on one pool ("pool has asynchronous jobs running"): one at a time per pool.
     pool_locks: defaultdict[str, threading.Lock] = field(default_factory=lambda: defaultdict(threading.Lock))
@@ -35,10 +36,22 @@ class ApplyContext:
     # The host's volume uses (vmform.live.HostUses), read once per apply at its first volume delete.
     volume_uses: Any = field(default=None, repr=False)
     volume_uses_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # What apply really did beyond the plan's own words, for its summary: the addresses of the domains and
+    # networks it restarted, and per address what now waits for the object's next restart (a device its guest
+    # did not release). Filled by the providers, read into the ApplyResult.
+    restarted: list[str] = field(default_factory=list)
+    waiting_for_restart: dict[str, str] = field(default_factory=dict)
 
     def tell(self, text: str) -> None:
         if self.notice is not None:
             self.notice(text)
+
+    def record_restart(self, address: str) -> None:
+        if address not in self.restarted:
+            self.restarted.append(address)
+
+    def record_waiting(self, address: str, what: str) -> None:
+        self.waiting_for_restart[address] = what
 
     def refused(self, exc: BaseException) -> bool:
         """Whether libvirt refused a call (so nothing was made), rather than the connection dropping while

@@ -7,21 +7,21 @@ from typing import Any
 
 from lxml import etree
 
+from vmform.diff import is_duplicate_path
 from vmform.errors import VmformError
 from vmform.events import Watch, wait_for
 from vmform.lastapplied import record_for, unset_removed, write_record
-from vmform.live import parse_xml
+from vmform.live import UNPLUG_KEY, UNPLUG_NAMESPACE, device_address, device_key, device_nodes, parse_xml
 from vmform.plan import Change, FieldChange
 from vmform.providers.base import ApplyContext, Provider
 from vmform.render.validate import validate
 from vmform.render.xml import render_domain, to_text, write_fields
 from vmform.schema.domain import disk_element, interface_element
-from vmform.schema.registry import KINDS
 from vmform.schema.types import Effect
 from vmform.schema.xmlbind import SizeText
 
-API_FIELDS = {"state", "autostart"}
-DETACH_TIMEOUT = 30.0
+API_FIELDS = {"state", "autostart", "persistent"}
+DETACH_TIMEOUT = 30.0  # the default of ApplyContext.detach_timeout (vmform.toml detach_timeout)
 
 
 def _lookup(ctx: ApplyContext, change: Change) -> Any:
@@ -67,6 +67,20 @@ def record_balloon(dom: Any, target: int) -> None:
     record = etree.Element("balloon", target=str(target), actual=str(actual))
     dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, etree.tostring(record, encoding="unicode"), "vmfballoon",
                     BALLOON_NAMESPACE, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+
+def record_unplug(dom: Any, field_name: str, key: str, address: str) -> None:
+    """Remember (live only, so a restart forgets it) that vmform asked the guest to release this device."""
+    import libvirt
+
+    current = parse_xml(dom.XMLDesc(0)).find(f"metadata/{{{UNPLUG_NAMESPACE}}}unplug")
+    record = etree.Element("unplug")
+    for entry in current.findall(f"{{{UNPLUG_NAMESPACE}}}device") if current is not None else []:
+        if (entry.get("field"), entry.get("key"), entry.get("address")) != (field_name, key, address):
+            etree.SubElement(record, "device", **{k: v for k, v in entry.attrib.items() if isinstance(v, str)})
+    etree.SubElement(record, "device", field=field_name, key=key, address=address)
+    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, etree.tostring(record, encoding="unicode"), UNPLUG_KEY,
+                    UNPLUG_NAMESPACE, libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
 
 def start(dom: Any, memory: int | None) -> None:
@@ -132,7 +146,12 @@ class DomainProvider(Provider):
         assert change.after is not None
         after = change.after
         dom = _lookup(ctx, change)
-        touched = {_top_field(f.path) for f in change.fields}
+        # A second device with a managed key is removed by its address, never through the keyed list.
+        duplicates = [f for f in change.fields if is_duplicate_path(f.path)]
+        fields = [f for f in change.fields if not is_duplicate_path(f.path)]
+        touched = {_top_field(f.path) for f in fields}
+        if "persistent" in touched:
+            self._define_persistent(ctx, dom, change)
         xml_fields = sorted(touched - API_FIELDS)
         if xml_fields:
             root = parse_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
@@ -143,19 +162,81 @@ class DomainProvider(Provider):
             write_record(root, record_for("domain", after))
             validate("domain", root, change.address)
             ctx.connections.get().defineXML(to_text(root))
+        unreleased: list[str] = []  # devices asked to leave the running guest that it did not let go of
+        for duplicate in duplicates:
+            if duplicate.effect is Effect.LIVE and not self._remove_duplicate(ctx, dom, duplicate):
+                unreleased.append(duplicate.path)
         if dom.isActive():
-            for field_change in change.fields:
-                if field_change.effect is Effect.LIVE and _top_field(field_change.path) not in API_FIELDS:
-                    self._apply_live(dom, field_change, after)
+            for field_change in fields:
+                live_change = field_change.effect is Effect.LIVE and _top_field(field_change.path) not in API_FIELDS
+                if live_change and not self._apply_live(ctx, dom, field_change, after):
+                    unreleased.append(field_change.path)
         if "autostart" in touched:
             dom.setAutostart(1 if after["autostart"] else 0)
+        restart = change.restart or (bool(unreleased) and change.restart_allowed)
         if "state" in touched:
             self._set_state(ctx, dom, after["state"], after.get("memory"))
-        elif change.restart and dom.isActive():
+        elif restart and dom.isActive():
+            if unreleased and not change.restart:
+                ctx.tell(f"domain {dom.name()}: restarting it, the guest did not release {', '.join(unreleased)}")
             stop(dom, ctx.shutdown_timeout, force_off=ctx.force_off, tell=ctx.tell)
             start(dom, after.get("memory"))
+            ctx.record_restart(change.address)
+            unreleased = []
+        if unreleased and dom.isActive():
+            ctx.record_waiting(change.address, f"{', '.join(unreleased)} leave{'s' if len(unreleased) == 1 else ''} "
+                               f"the running guest at its next restart: the guest did not release "
+                               f"{'it' if len(unreleased) == 1 else 'them'} within {ctx.detach_timeout:.0f}s "
+                               "(apply --restart or restart_policy: allowed restarts it)")
 
-    def _apply_live(self, dom: Any, change: FieldChange, after: dict[str, Any]) -> None:
+    def _define_persistent(self, ctx: ApplyContext, dom: Any, change: Change) -> None:
+        """Define a transient domain again (someone undefined it while it ran): from its running definition, with
+        every managed field written from the manifests. What libvirt assigned (UUID, device addresses, the
+        recorded defaults) and settings made outside vmform stay, as in any update; the live-only records
+        of this run (balloon, pending unplugs) do not go into the definition."""
+        import libvirt
+
+        from vmform.ownership import BALLOON_NAMESPACE
+
+        assert change.after is not None
+        root = parse_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        metadata = root.find("metadata")
+        for namespace in (BALLOON_NAMESPACE, UNPLUG_NAMESPACE):
+            for record in metadata.findall(f"{{{namespace}}}*") if metadata is not None else []:
+                metadata.remove(record)
+        write_fields("domain", root, change.after)
+        root.set("type", change.after.get("type", root.get("type") or "kvm"))
+        write_record(root, record_for("domain", change.after))
+        validate("domain", root, change.address)
+        ctx.connections.get().defineXML(to_text(root))
+
+    def _remove_duplicate(self, ctx: ApplyContext, dom: Any, duplicate: FieldChange) -> bool:
+        """Remove a second device with a managed key, by its address: from the definition at once, from the
+        running guest by a hot-unplug. False when the guest did not release it."""
+        import libvirt
+
+        item = duplicate.before or {}
+        name = _top_field(duplicate.path)
+        key = duplicate.path.split("[", 1)[1].split("]", 1)[0]
+        address = item.get("address") or ""
+        where = item.get("where") or []
+
+        def node_in(root: Any) -> Any:
+            return next((node for node in device_nodes(root, name)
+                         if device_key(name, node) == key and device_address(node) == address), None)
+
+        if "config" in where and dom.isPersistent():
+            node = node_in(parse_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
+            if node is not None:
+                dom.detachDeviceFlags(etree.tostring(node, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        if "live" in where and dom.isActive():
+            node = node_in(parse_xml(dom.XMLDesc(0)))
+            if node is not None:
+                return self._detach_node(ctx, dom, name, key, node)
+        return True
+
+    def _apply_live(self, ctx: ApplyContext, dom: Any, change: FieldChange, after: dict[str, Any]) -> bool:
+        """Apply one live-effect change to the running domain; False when a device it detaches is not released."""
         import libvirt
 
         live = libvirt.VIR_DOMAIN_AFFECT_LIVE
@@ -170,9 +251,12 @@ class DomainProvider(Provider):
         elif name in ("disks", "interfaces"):
             build = disk_element if name == "disks" else interface_element
             if change.before is None and change.after is not None:
+                key = change.after["target" if name == "disks" else "mac"]
+                if any(device_key(name, node) == key for node in device_nodes(parse_xml(dom.XMLDesc(0)), name)):
+                    return True  # only the definition lacked it (detached --config): a second one would be a duplicate
                 dom.attachDeviceFlags(etree.tostring(build(change.after), encoding="unicode"), live)
             elif change.after is None and change.before is not None:
-                self._detach(dom, name, change.before)
+                return self._detach(ctx, dom, name, change.before)
             elif change.after is not None:
                 # Another network or bridge for the same NIC (libvirt re-plugs the tap), or another medium in a
                 # cdrom drive: the guest keeps its device.
@@ -183,25 +267,30 @@ class DomainProvider(Provider):
                     dom.updateDeviceFlags(etree.tostring(build(empty), encoding="unicode"),
                                           live | libvirt.VIR_DOMAIN_DEVICE_MODIFY_FORCE)
                 dom.updateDeviceFlags(etree.tostring(build(change.after), encoding="unicode"), live)
+        return True
 
-    def _detach(self, dom: Any, name: str, item: dict[str, Any]) -> None:
-        """Detach is asynchronous: the guest must let go. Wait (bounded) until the device is gone."""
-        import libvirt
-
-        spec = KINDS["domain"].spec(name)
-        assert spec is not None and spec.binding is not None
+    def _detach(self, ctx: ApplyContext, dom: Any, name: str, item: dict[str, Any]) -> bool:
+        """Detach a device from the running guest by the live element, so libvirt matches exactly the device
+        that is there. False when the guest did not release it."""
         key = "target" if name == "disks" else "mac"
-        # Detach by the live element, so libvirt matches exactly the device that is there.
         live_root = parse_xml(dom.XMLDesc(0))
-        xpath = "devices/disk[@device='disk']" if name == "disks" else "devices/interface"
         element = None
-        for node in live_root.findall(xpath):
-            found = node.find("target").get("dev") if name == "disks" else node.find("mac").get("address")  # type: ignore[union-attr]
-            if found == item.get(key):
+        for node in device_nodes(live_root, name):
+            if device_key(name, node) == item.get(key):
                 element = node
         if element is None:
-            return
+            return True
+        return self._detach_node(ctx, dom, name, str(item.get(key)), element)
+
+    def _detach_node(self, ctx: ApplyContext, dom: Any, name: str, key: str, element: Any) -> bool:
+        """Hot-unplug one device and wait (bounded) until the guest lets go of it. When it does not (a guest
+        without ACPI hotplug never answers; DEVICE_REMOVAL_FAILED is a refusal), the device stays in the running
+        guest until it restarts: that is recorded on the running domain, so the next plan waits for the restart
+        instead of asking again, and False is returned."""
+        import libvirt
+
         alias = element.find("alias").get("name") if element.find("alias") is not None else None
+        address = device_address(element)
         failed: list[str] = []
 
         def refused(device: str) -> bool:
@@ -211,8 +300,8 @@ class DomainProvider(Provider):
             return False
 
         def gone() -> bool:
-            current = spec.binding.read(parse_xml(dom.XMLDesc(0)))
-            return all(entry.get(key) != item.get(key) for entry in current)
+            return not any(device_key(name, node) == key and device_address(node) == address
+                           for node in device_nodes(parse_xml(dom.XMLDesc(0)), name))
 
         # Detach is asynchronous: DEVICE_REMOVED says the guest let go, DEVICE_REMOVAL_FAILED that it refused.
         with Watch(dom.connect(), dom).domain(
@@ -221,15 +310,12 @@ class DomainProvider(Provider):
             libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, refused
         ) as watch:
             dom.detachDeviceFlags(etree.tostring(element, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
-            if wait_for(watch, lambda: bool(failed) or gone(), DETACH_TIMEOUT) and not failed:
-                return
-        if failed:
-            raise RuntimeError(f"the guest refused to release {name[:-1]} {item.get(key)} (DEVICE_REMOVAL_FAILED); it "
-                               "is gone from the configuration and leaves at the next restart")
-        raise RuntimeError(
-            f"the guest did not release {name[:-1]} {item.get(key)} within {DETACH_TIMEOUT:.0f}s (guests without "
-            "ACPI hotplug support never do); it is gone from the configuration and leaves at the next restart"
-        )
+            if wait_for(watch, lambda: bool(failed) or gone(), ctx.detach_timeout) and not failed:
+                return True
+        if gone():
+            return True
+        record_unplug(dom, name, key, address)
+        return False
 
     def _set_state(self, ctx: ApplyContext, dom: Any, state: str, ctx_memory: int | None) -> None:
         import libvirt
@@ -254,8 +340,11 @@ class DomainProvider(Provider):
         import libvirt
 
         dom = _lookup(ctx, change)
+        persistent = bool(dom.isPersistent())  # a transient one (undefined outside vmform) is gone once stopped
         if dom.isActive():
             dom.destroy()  # the domain is going away with its disks: no need to wait for the guest
+        if not persistent:
+            return
         flags = (
             libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
             | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE

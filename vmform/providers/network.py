@@ -88,7 +88,15 @@ class NetworkProvider(Provider):
         assert change.after is not None
         net = _lookup(ctx, change)
         touched = {f.path.split("[", 1)[0].split(".", 1)[0] for f in change.fields}
-        xml_fields = sorted(touched - {"autostart"})
+        if "persistent" in touched:
+            # Undefined outside vmform while it ran: defined again from its running definition (same UUID and
+            # bridge) with the manifests' values.
+            root = parse_xml(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE))
+            write_fields("network", root, change.after)
+            write_record(root, record_for("network", change.after))
+            validate("network", root, change.address)
+            ctx.connections.get().networkDefineXML(to_text(root))
+        xml_fields = sorted(touched - {"autostart", "persistent", "active"})
         if xml_fields:
             root = parse_xml(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE))
             removed = unset_removed("network", root, change, ctx.project)  # three-way removals the plan lists
@@ -100,6 +108,7 @@ class NetworkProvider(Provider):
             net.destroy()
             net.create()
             replug(ctx, net.name(), change.replug)
+            ctx.record_restart(change.address)
         elif net.isActive():
             # Removals first: libvirt matches a DNS host to delete by its names too, and a new entry with the
             # same name would make that ambiguous.
@@ -112,6 +121,8 @@ class NetworkProvider(Provider):
             net.setAutostart(1 if change.after["autostart"] else 0)
         if not net.isActive():
             net.create()
+            # Stopped outside vmform while guests ran: their taps lost the bridge and stay off it until re-plugged.
+            replug(ctx, net.name(), change.replug)
 
     def _update_host(self, net: Any, before: dict[str, Any] | None, after: dict[str, Any] | None) -> None:
         import libvirt
@@ -141,9 +152,11 @@ class NetworkProvider(Provider):
 
     def delete(self, ctx: ApplyContext, change: Change) -> None:
         net = _lookup(ctx, change)
+        persistent = bool(net.isPersistent())  # a transient one (undefined outside vmform) is gone once stopped
         if net.isActive():
             net.destroy()
-        net.undefine()
+        if persistent:
+            net.undefine()
 
 
 PROVIDER = NetworkProvider()

@@ -62,7 +62,7 @@ class PoolProvider(Provider):
 
         assert change.after is not None
         pool = _lookup(ctx, change)
-        xml_fields = sorted({f.path.split("[", 1)[0].split(".", 1)[0] for f in change.fields} - {"autostart", LAST_APPLIED})
+        xml_fields = sorted({f.path.split("[", 1)[0].split(".", 1)[0] for f in change.fields} - {"autostart", "active", LAST_APPLIED})
         entry = ctx.ledger.pools.get(change.address)
         recorded = AppliedRecord.from_entry(entry.get("applied")) if entry is not None else None
         if xml_fields:
