@@ -198,7 +198,9 @@ def _update(change: Change, group: str, target: Target, args: tuple[Any, ...]) -
     own_kind = "volume" if change.kind == "cloudinit" else change.kind
     if target.kind != own_kind or not _own(change, target):
         return f"{target.kind} {target.shown()} is not the object of {change.address}"
-    restarts = change.restart or "state" in fields
+    # restart_allowed: the plan says the domain restarts when its guest does not release an unplugged device.
+    unplug_restart = change.kind == "domain" and change.restart_allowed and bool(fields & {"disks", "interfaces"})
+    restarts = change.restart or "state" in fields or unplug_restart
     allowed: set[str] = {"define"}
     if change.kind == "domain":
         allowed |= {"metadata"}

@@ -221,10 +221,6 @@ volumes:
     assert project.leftovers() == []
 
 
-def _inode(path: str) -> int:
-    return os.stat(path).st_ino
-
-
 def _backing_file(path: str) -> str | None:
     shown = subprocess.run(["qemu-img", "info", "-U", "--output=json", path], capture_output=True, text=True,
                            check=True).stdout
@@ -258,7 +254,12 @@ domains:
     project.apply()
     vols = {n: _volume(conn, f"{p}-pool", f"{p}-{n}") for n in ("base", "o1", "o2", "o3")}
     paths = {n: v.path() for n, v in vols.items()}
-    inodes = {n: _inode(path) for n, path in paths.items()}
+    # A hard link keeps each old file (and its inode) alive: a freed inode number can be handed to the new file
+    # at once, so comparing numbers alone would say "not made again" by chance.
+    keep = Path(str(project.pool_dir) + "-old")
+    keep.mkdir(parents=True, exist_ok=True)
+    for n, path in paths.items():
+        os.link(path, keep / n)
     assert all(_backing_file(paths[n]) == paths["base"] for n in ("o1", "o2", "o3"))
 
     project.write(manifest("base2.qcow2"))
@@ -283,10 +284,11 @@ domains:
         assert f"volume.{name}: replaced" in applied.stdout, applied.stdout
     new_paths = {n: _volume(conn, f"{p}-pool", f"{p}-{n}").path() for n in ("base", "o1", "o2", "o3")}
     assert new_paths == paths
-    assert _inode(new_paths["base"]) != inodes["base"]  # a new base file
+    assert not os.path.samefile(new_paths["base"], keep / "base")  # a new base file
     for name in ("o1", "o2", "o3"):
-        assert _inode(new_paths[name]) != inodes[name], f"{name} was not made again"
+        assert not os.path.samefile(new_paths[name], keep / name), f"{name} was not made again"
         assert _backing_file(new_paths[name]) == new_paths["base"]
         volume_xml = etree.fromstring(_volume(conn, f"{p}-pool", f"{p}-{name}").XMLDesc(0).encode())
         assert volume_xml.findtext("backingStore/path") == new_paths["base"]
+    shutil.rmtree(keep)
     assert "No changes." in project.run("plan", check=True).stdout
