@@ -104,10 +104,25 @@ FAMILIES: dict[str, list[str]] = {
 
 # What CI runs: the rules that pass on main as it is. Left out, with the failure each one finds today (the
 # report of the harness branch has the reproductions; remove the exclusion once the fix is merged):
-DEFAULT_RULES = ",".join([
-    "edits", "drift", "faults",
-])
-EXCLUDED_BY_DEFAULT: dict[str, str] = {}
+EXCLUDED_BY_DEFAULT: dict[str, str] = {
+    "unplug.remove_disk": "a guest without an OS never releases a hot-unplugged disk: apply fails (after 30 s; "
+                          "DETACH_TIMEOUT here) instead of leaving it for the next restart",
+    "unplug.remove_interface": "the same for an interface",
+    "unplug.remove_volume": "the same, and the volume is then deleted while the running guest still has it",
+    "unplug.remove_network": "the same (the network's delete is skipped)",
+    "replace.replace_base": "a base image replaced under its overlays: the overlays are neither listed nor "
+                            "refused without allow_data_loss",
+    "replace.change_backing": "with replace_base, the replace family",
+    "drift.net_destroy": "an inactive network is not drift: plan says nothing, and starting a domain on it fails",
+    "drift.undefine_running": "a transient domain is not drift; deleting it fails (Domain not found)",
+    "drift.attach_running": "a device attached to a running guest cannot be hot-unplugged: every apply fails",
+    "drift.attach": "config-only, but a later start (drift.start) makes it the attach_running case",
+    "drift.attach_duplicate_mac": "a second interface with a managed MAC: 'multiple devices matching MAC'",
+    "drift.vol_delete": "a volume deleted outside vmform, then removed from the manifests: its ledger entry "
+                        "stays for good (the ledger lists a volume the host does not have)",
+    "faults.concurrent": "the waiting apply runs the plan it made before the lock: 'already exists' failures",
+}
+DEFAULT_RULES = ",".join(["edits", "drift", "faults", *(f"-{name}" for name in EXCLUDED_BY_DEFAULT)])
 
 
 def enabled_rules(text: str | None = None) -> frozenset[str]:
@@ -132,12 +147,10 @@ def enabled_rules(text: str | None = None) -> frozenset[str]:
 
 
 RULES = enabled_rules()
-if not os.environ.get("VMFORM_PROPERTY_RULES"):
-    RULES = RULES - set(EXCLUDED_BY_DEFAULT)
 
 
 # How often each family's steps come, among the families with a step that can run now (an apply always can).
-WEIGHTS = {"apply": 5, "edits": 6, "unplug": 1, "replace": 1, "drift": 4, "faults": 2}
+WEIGHTS = {"apply": 5, "edits": 6, "unplug": 2, "replace": 2, "drift": 4, "faults": 2}
 
 # name -> (when it can run, on the machine; the step): filled by @operation in ContractMachine
 OPERATIONS: dict[str, tuple[Callable[[Any], Any], Callable[[Any, random.Random], None]]] = {}
@@ -266,7 +279,11 @@ class ContractMachine(RuleBasedStateMachine):
 
     def fail(self, invariant_name: str, message: str) -> None:
         steps = "\n".join(f"  {i + 1}. {s}" for i, s in enumerate(self.log))
-        raise ContractViolation(f"[{invariant_name}] {message}\nsteps:\n{steps}\nmanifest:\n{self.manifest_text()}")
+        violation = ContractViolation(f"[{invariant_name}] {message}\nsteps:\n{steps}\nmanifest:\n{self.manifest_text()}")
+        # Said at once too: hypothesis replays a failing example to report it, and on a real daemon the replay
+        # may take another path (it then reports a FlakyFailure, without this message).
+        print(f"\nCONTRACT VIOLATION {violation}", file=sys.stderr)
+        raise violation
 
     def manifest_text(self) -> str:
         m, p = self.model, self.prefix
@@ -574,7 +591,14 @@ class ContractMachine(RuleBasedStateMachine):
         family = rng.choices(families, weights=[WEIGHTS[f] for f in families])[0]
         if family == "apply":
             return self.apply_manifests()
-        OPERATIONS[rng.choice(ready[family])][1](self, rng)
+        name = rng.choice(ready[family])
+        try:
+            OPERATIONS[name][1](self, rng)
+        except libvirt.libvirtError as exc:
+            if family != "drift":
+                raise
+            # The host changed under the test's own drift (a domain that stopped as libvirtd restarted): no drift.
+            self.step(f"drift: {name}: libvirt refused: {exc}")
 
     def apply_manifests(self) -> None:
         self.step("apply")
@@ -655,7 +679,10 @@ class ContractMachine(RuleBasedStateMachine):
         disks = rng.randint(0, 2)
         nic = rng.random() < 0.5
         m = self.model
-        key = pick([k for k in DOMAIN_KEYS if k not in m.domains], n)
+        fresh = [k for k in DOMAIN_KEYS if k not in m.domains and self.on_host(k) is None]
+        if not fresh:  # a name still on the host would be an update of that domain (edits.set_state and others)
+            return self.edit("add domain: every free name is still on the host")
+        key = pick(fresh, n)
         state = "running" if running and len(m.running()) < MAX_RUNNING else "stopped"
         chosen = m.free_disks()[:disks]
         networks = [pick(m.networks, n)] if nic and m.networks else []
