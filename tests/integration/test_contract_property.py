@@ -244,6 +244,7 @@ def pick(candidates: list[str], number: int) -> str:
 
 class ContractMachine(RuleBasedStateMachine):
     host: RemoteHost  # set by the test before it runs the machine
+    salt = "0"  # the run's seed, mixed into every step's random source
     steps_run = 0
     applies_run = 0
 
@@ -598,7 +599,8 @@ class ContractMachine(RuleBasedStateMachine):
         with its own random source: hypothesis's choice among many rules, with few examples, makes runs of
         the same rule, and whole examples of nothing but applies.)"""
         # Mixed with the step number: hypothesis's simplest example gives every step the same seed.
-        rng = random.Random(f"{rng.getrandbits(64)}-{len(self.log)}")
+        # And with the run's seed: each run's first example is hypothesis's simplest, the same for every seed.
+        rng = random.Random(f"{self.salt}-{rng.getrandbits(64)}-{len(self.log)}")
         ready = {family: [n for n in names if n in RULES and OPERATIONS[n][0](self)]
                  for family, names in FAMILIES.items()}
         ready = {family: names for family, names in ready.items() if names}
@@ -1235,6 +1237,7 @@ def test_the_plan_is_the_contract(machine: type[ContractMachine]) -> None:
         left = steps - machine.steps_run
         if left <= 0:
             break
+        machine.salt = f"{seed}-{attempt}" if seed != "random" else secrets.token_hex(8)
         if seed != "random":
             machine._hypothesis_internal_use_seed = int(seed) + attempt  # type: ignore[attr-defined]
         run_state_machine_as_test(machine, settings=machine_settings(-(-left // per_run), per_run))
@@ -1256,6 +1259,7 @@ def test_collect_contract_failures(machine: type[ContractMachine]) -> None:
     failures = 0
     while machine.steps_run < steps:
         machine._hypothesis_internal_use_seed = seed  # type: ignore[attr-defined]
+        machine.salt = str(seed)
         started = time.monotonic()
         try:
             run_state_machine_as_test(machine, settings=machine_settings(1, per_run))
