@@ -645,6 +645,8 @@ class ContractMachine(RuleBasedStateMachine):
         if role == "overlay" and not bases:
             role = "disk"
         backing = pick(bases, n) if role == "overlay" else None
+        if backing is not None and size is not None:  # an overlay is never smaller than its base image
+            size = max(size, self.model.volumes[backing].size or 1)
         size = size if backing is not None else (size or 1)
         self.model.volumes[key] = Volume(pool, size, backing, role == "base", allow)
         self.edit(f"add {role} volume {key} in {pool} (size {size}, backing {backing}, allow_data_loss {allow})")
