@@ -234,6 +234,20 @@ class ContractViolation(AssertionError):
     """An invariant of issue 20 broken: the message names it and says what was found."""
 
 
+def refresh(pool: Any) -> None:
+    """Refresh a pool, waiting (bounded) while libvirtd still runs a job in it (a volume create whose apply
+    was killed goes on in the daemon)."""
+    for _attempt in range(100):
+        try:
+            pool.refresh(0)
+            return
+        except libvirt.libvirtError as exc:
+            if "asynchronous jobs running" not in str(exc):
+                raise
+            time.sleep(0.1)
+    pool.refresh(0)
+
+
 def source_volume(source: Any) -> str:
     """The volume name of a disk's <source> (type='volume', or a file in a pool)."""
     return str(source.get("volume") or source.get("file", "").rsplit("/", 1)[-1])
@@ -446,7 +460,7 @@ class ContractMachine(RuleBasedStateMachine):
     def volume(self, key: str, pool: str) -> Any:
         try:
             storage = self.conn.storagePoolLookupByName(self.name(pool))
-            storage.refresh(0)
+            refresh(storage)
             return storage.storageVolLookupByName(self.name(key))
         except libvirt.libvirtError:
             return None
@@ -526,7 +540,7 @@ class ContractMachine(RuleBasedStateMachine):
         volumes_on_host: set[tuple[str, str]] = set()
         for name, storage in pools_on_host.items():
             if storage.isActive():
-                storage.refresh(0)
+                refresh(storage)
                 volumes_on_host |= {(name, v.name()) for v in storage.listAllVolumes()}
         recorded = {(e.get("pool"), e.get("name")) for e in ledger.volumes.values()}
         unrecorded = volumes_on_host - recorded
