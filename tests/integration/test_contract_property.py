@@ -119,6 +119,8 @@ EXCLUDED_BY_DEFAULT: dict[str, str] = {
     "drift.attach_duplicate_mac": "a second interface with a managed MAC: 'multiple devices matching MAC'",
     "drift.vol_delete": "a volume deleted outside vmform, then removed from the manifests: its ledger entry "
                         "stays for good (the ledger lists a volume the host does not have)",
+    "faults.kill": "kill -9 while a domain starts: libvirtd finishes the start, and the next apply fails once with "
+                   "'domain is already running' (a timing race: out of CI, where it would be flaky)",
     "faults.restart_mid_apply": "a restart while apply reads the host back after its last change: exit 1 with "
                                 "'Error: cannot read the host's state: End of file while reading data', no summary "
                                 "and no reconnect",
