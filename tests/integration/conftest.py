@@ -17,8 +17,10 @@ from typing import Any
 
 import pytest
 
-# Fake remote libvirt hosts (remote_host_b, remote_host_c, remote_host_ssh), started lazily when a test asks.
+# Fake remote libvirt hosts (remote_host_b, remote_host_c, remote_host_ssh) and the private daemon of the tests that
+# stop or restart one (private_daemon), started lazily when a test asks.
 from tests.integration.remote_hosts import (  # noqa: F401
+    private_daemon,
     remote_host_b,
     remote_host_c,
     remote_host_ssh,
@@ -58,8 +60,9 @@ def _libvirt() -> Any:
 
 
 class _Connection:
-    """The session's libvirt connection, opened again when libvirtd dropped it (test_faults.py restarts the
-    daemon): every attribute is the current connection's."""
+    """A libvirt connection that is opened again when its daemon dropped it: every attribute is the current
+    connection's. The suite never restarts the host's daemon, but a private one (``project.use_private_daemon``)
+    is restarted by test_faults.py and test_contract_property.py, and an admin may restart the host's."""
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
@@ -142,6 +145,8 @@ class TestProject:
         self.root = root
         self.prefix = prefix
         self.conn = conn
+        self.uri = URI
+        self.daemons: list[Any] = [conn]  # the connections whose daemons the fixture cleans up afterwards
         self.bridge_prefix = "vmft" + prefix.split("-")[1][:6]  # bridge names: at most 15 characters
         # QEMU runs as another user: pools live where it can reach them, not in pytest's private tmp.
         self.pool_dir = POOL_ROOT / prefix
@@ -153,6 +158,16 @@ class TestProject:
             f'[project]\nname = "{prefix}"\nuri = "{URI}"\nmanifests = ["*.yaml"]\nparallelism = 4\nshutdown_timeout = 5\n'
             'force_off = true\npool_roots = ["' + str(POOL_ROOT) + '"]\n'
         )
+
+    def use_private_daemon(self, host: Any) -> None:
+        """Point the project at ``host``, a private libvirtd the suite started (a fake host of remote_hosts.py),
+        instead of the host's daemon: vmform.toml's ``uri``, ``self.conn`` (reopened when the daemon restarts)
+        and the fixture's cleanup. For tests that stop, restart or kill the daemon."""
+        settings = self.root / "vmform.toml"
+        settings.write_text(settings.read_text().replace(f'uri = "{self.uri}"', f'uri = "{host.tcp_uri}"'))
+        self.uri = host.tcp_uri
+        self.conn = _Connection(host.tcp_uri)
+        self.daemons.append(self.conn)
 
     def write(self, text: str, name: str = "main.yaml") -> None:
         body = textwrap.dedent(text).replace("PFX", self.prefix).replace("BRP", self.bridge_prefix)
@@ -226,5 +241,12 @@ def project(tmp_path: Path, conn: Any) -> Iterator[TestProject]:
     try:
         yield test_project
     finally:
-        test_project.cleanup()
+        failures: list[BaseException] = []
+        for daemon in test_project.daemons:  # each one, even when another's cleanup failed
+            try:
+                test_project.cleanup(daemon)
+            except Exception as exc:  # noqa: BLE001 - raised below, after the others
+                failures.append(exc)
         shutil.rmtree(test_project.pool_dir, ignore_errors=True)
+        if failures:
+            raise failures[0]

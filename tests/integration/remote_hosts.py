@@ -410,13 +410,30 @@ class RemoteHost:
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}\nlast connection error: {last_error}") from None
 
-    def stop_libvirtd(self) -> None:
-        """Stop only libvirtd (SIGTERM, then SIGKILL): the host is unreachable, its domains keep running."""
+    def stop_libvirtd(self, kill: bool = False) -> None:
+        """Stop only libvirtd (SIGTERM, then SIGKILL after a bound; ``kill``: SIGKILL at once, as a crash): the
+        host is unreachable, its domains keep running, and everything it keeps on disk (domains, networks,
+        pools, secrets, its port and UUID) is there when ``start_libvirtd`` starts it again.
+
+        Call it (and ``start_libvirtd``) from the main thread: the daemon is started with PR_SET_PDEATHSIG, which
+        fires when the *thread* that started it ends."""
         for cached in self._conns.values():
             with contextlib.suppress(Exception):
                 cached.close()
         self._conns.clear()
+        if kill and self.libvirtd is not None and self.libvirtd.poll() is None:
+            self.libvirtd.kill()
+            self.libvirtd.wait(STOP_TIMEOUT)
         _stop(self.libvirtd)
+
+    def restart_libvirtd(self, kill: bool = False) -> None:
+        """Stop libvirtd (``kill``: with SIGKILL) and start it again; it answers when this returns."""
+        self.stop_libvirtd(kill)
+        self.start_libvirtd()
+
+    @property
+    def libvirtd_running(self) -> bool:
+        return self.libvirtd is not None and self.libvirtd.poll() is None
 
     @contextlib.contextmanager
     def unreachable(self) -> Iterator[None]:
@@ -651,6 +668,20 @@ def remote_host_b(remote_hosts: FakeHosts) -> RemoteHost:
 def remote_host_c(remote_hosts: FakeHosts) -> RemoteHost:
     """Fake host c, over qemu+tcp://127.0.0.1:PORT/system."""
     return remote_hosts.host("c")
+
+
+@pytest.fixture
+def private_daemon(remote_hosts: FakeHosts) -> Iterator[RemoteHost]:
+    """A private libvirtd of the session's own, for tests that stop, restart or kill a daemon (never the host's):
+    a fake host like b and c (started once per session), reached over qemu+tcp.
+    ``project.use_private_daemon(private_daemon)`` points a project at it. Running when the test starts, and
+    started again after it if the test left it stopped (before the project fixture cleans it up)."""
+    host = remote_hosts.host("private")  # started on the first use, kept for the session
+    if not host.libvirtd_running:
+        host.start_libvirtd()
+    yield host
+    if not host.libvirtd_running:
+        host.start_libvirtd()
 
 
 @pytest.fixture(scope="session")

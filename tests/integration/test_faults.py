@@ -1,6 +1,10 @@
 """Faults on the real daemon: apply killed with SIGKILL, libvirtd restarted or gone while apply runs, one
 resource failing among independent ones, Ctrl-C during apply, and a guest that does not shut down.
 
+The tests that stop or restart libvirtd do it to a private daemon the suite starts itself (``private_project``:
+the session's fake host "private" of remote_hosts.py, reached over qemu+tcp), never to the host's daemon, which
+other clients on the machine use.
+
 Every fault is made at a deterministic point: apply runs with --parallelism 1 and the test acts after the
 N-th "created" line it reads from apply's stdout, or once apply says it waits for the lock."""
 
@@ -16,12 +20,13 @@ import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import libvirt
 import pytest
 from lxml import etree
+
+from tests.integration.remote_hosts import RemoteHost
 
 URI = os.environ.get("VMFORM_TEST_URI", "qemu:///system")
 
@@ -155,21 +160,6 @@ def assert_converged(project: Any, conn: Any, volumes: int, domains: int = 0) ->
     assert lock_secret(conn, p) is None
 
 
-def libvirtd_pid() -> int | None:
-    """The system libvirtd this test talks to: the one whose pid file is in our /run and that runs in our mount
-    namespace. Other libvirtd processes on the machine (a second host in its own namespace, for migration
-    tests) are never touched."""
-    try:
-        pid = int(Path("/run/libvirtd.pid").read_text().strip())
-        if os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt"):
-            return None
-        if Path(f"/proc/{pid}/comm").read_text().strip() != "libvirtd":
-            return None
-    except (OSError, ValueError):
-        return None
-    return pid
-
-
 def _wait_for(condition: Any, what: str, limit: float = 60) -> None:
     deadline = time.monotonic() + limit
     while not condition():
@@ -178,27 +168,27 @@ def _wait_for(condition: Any, what: str, limit: float = 60) -> None:
         time.sleep(0.05)
 
 
-def _libvirtd_answers() -> bool:
-    return subprocess.run(["virsh", "-c", URI, "version"], capture_output=True).returncode == 0
+@pytest.fixture
+def private_project(project: Any, private_daemon: RemoteHost) -> Any:
+    """The project, on the session's private libvirtd (remote_hosts.py) instead of the host's: the tests that stop
+    or restart a daemon do it to that one. ``project.conn`` is a connection to it; the fixture cleans it up."""
+    project.use_private_daemon(private_daemon)
+    project.daemon = private_daemon
+    return project
 
 
 @contextmanager
-def libvirtd_stopped(conn: Any) -> Iterator[None]:
-    """libvirtd stopped (SIGTERM) for the body, started again (libvirtd -d) afterwards, whatever happens."""
-    pid = libvirtd_pid()
-    assert pid is not None, "the system libvirtd (/run/libvirtd.pid) is not running"
-    os.kill(pid, signal.SIGTERM)
-    try:
-        _wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "libvirtd to exit")
+def libvirtd_stopped(project: Any) -> Iterator[None]:
+    """The project's private libvirtd stopped (SIGTERM) for the body, started again afterwards, whatever happens.
+    Never the host's daemon: the project must be a ``private_project``."""
+    host: RemoteHost = project.daemon
+    assert project.uri == host.tcp_uri != URI, "only a private daemon is ever stopped"
+    with host.unreachable():
         yield
-    finally:
-        if libvirtd_pid() is None:
-            subprocess.run(["libvirtd", "-d"], check=True)
-        _wait_for(_libvirtd_answers, "libvirtd to answer again")
-        try:
-            conn.getLibVersion()  # the session's connection notices it was dropped, and is opened again
-        except libvirt.libvirtError:
-            pass
+    try:
+        project.conn.getLibVersion()  # the test's connection notices it was dropped, and is opened again
+    except libvirt.libvirtError:
+        pass
 
 
 def test_sigkill_mid_apply_leaves_an_exact_plan_and_a_recoverable_lock(project: Any, conn: Any) -> None:
@@ -321,8 +311,9 @@ def test_a_lock_of_another_machine_is_removed_only_with_force_unlock(project: An
     assert_converged(project, conn, 1)
 
 
-def test_libvirtd_restart_while_apply_waits_is_survived_by_reconnecting(project: Any, conn: Any) -> None:
+def test_libvirtd_restart_while_apply_waits_is_survived_by_reconnecting(private_project: Any) -> None:
     """apply plans, then waits for the lock; libvirtd restarts meanwhile: apply reconnects and completes."""
+    project, conn = private_project, private_project.conn
     p = project.prefix
     volumes = 6
     project.write(manifest(project, volumes))
@@ -335,7 +326,7 @@ def test_libvirtd_restart_while_apply_waits_is_survived_by_reconnecting(project:
         assert process.stderr is not None
         line = process.stderr.readline()
         assert line.startswith(f"Waiting up to 300s for the lock of project {p}, held by ci on elsewhere.example"), line
-        with libvirtd_stopped(conn):
+        with libvirtd_stopped(project):
             pass
         lock_secret(conn, p).undefine()  # the other apply is done
     finally:
@@ -347,9 +338,10 @@ def test_libvirtd_restart_while_apply_waits_is_survived_by_reconnecting(project:
     assert_converged(project, conn, volumes)
 
 
-def test_libvirtd_restart_mid_apply_is_reported_and_a_rerun_completes(project: Any, conn: Any) -> None:
+def test_libvirtd_restart_mid_apply_is_reported_and_a_rerun_completes(private_project: Any) -> None:
     """apply is frozen (SIGSTOP) after 8 created lines, libvirtd restarts, apply goes on (SIGCONT): a change
     in flight is reported as interrupted, in one line; the rest runs on a new connection."""
+    project, conn = private_project, private_project.conn
     volumes = 24
     project.write(manifest(project, volumes))
     process = start_apply(project)
@@ -357,7 +349,7 @@ def test_libvirtd_restart_mid_apply_is_reported_and_a_rerun_completes(project: A
         created = read_created(process, 8)
         process.send_signal(signal.SIGSTOP)
         try:
-            with libvirtd_stopped(conn):
+            with libvirtd_stopped(project):
                 pass
         finally:
             process.send_signal(signal.SIGCONT)
@@ -377,16 +369,17 @@ def test_libvirtd_restart_mid_apply_is_reported_and_a_rerun_completes(project: A
     assert_converged(project, conn, volumes)
 
 
-def test_libvirtd_restart_during_a_change_in_flight_reports_it_interrupted(project: Any, conn: Any) -> None:
+def test_libvirtd_restart_during_a_change_in_flight_reports_it_interrupted(private_project: Any) -> None:
     """A change in flight when libvirtd restarts (apply waits for a guest that ignores ACPI to shut down): apply
     reports it interrupted in one line, releases the lock through a new connection; a re-run completes."""
+    project, conn = private_project, private_project.conn
     p = project.prefix
     process = start_shutdown_wait(project)
     try:
         assert process.stderr is not None
         line = process.stderr.readline()
         assert line == f"domain {p}-vm: waiting up to 300s for the guest to shut down\n", line
-        with libvirtd_stopped(conn):
+        with libvirtd_stopped(project):
             pass
     finally:
         code, out, err = finish(process)
@@ -408,9 +401,10 @@ def test_libvirtd_restart_during_a_change_in_flight_reports_it_interrupted(proje
     assert "No changes." in project.run("plan", check=True).stdout
 
 
-def test_libvirtd_gone_mid_apply_names_what_was_and_was_not_done(project: Any, conn: Any) -> None:
+def test_libvirtd_gone_mid_apply_names_what_was_and_was_not_done(private_project: Any) -> None:
     """libvirtd stops while apply runs and stays away longer than reconnect_timeout: apply says in one line what
     it did and what it did not; once libvirtd is back, the next apply (removing the dead lock) completes."""
+    project, conn = private_project, private_project.conn
     p = project.prefix
     volumes = 24
     with open(project.root / "vmform.toml", "a") as settings:
@@ -421,7 +415,7 @@ def test_libvirtd_gone_mid_apply_names_what_was_and_was_not_done(project: Any, c
         created = read_created(process, 8)
         process.send_signal(signal.SIGSTOP)
         try:
-            with libvirtd_stopped(conn):
+            with libvirtd_stopped(project):
                 process.send_signal(signal.SIGCONT)
                 code, out, err = finish(process)
         finally:
@@ -435,7 +429,7 @@ def test_libvirtd_gone_mid_apply_names_what_was_and_was_not_done(project: Any, c
     errors = [line for line in err.splitlines() if line.startswith("Error: lost the connection")]
     assert len(errors) == 1, err
     done = len(created) + len([line for line in out.splitlines() if CREATED.match(line)])
-    assert errors[0].startswith(f"Error: lost the connection to {URI} and could not reconnect within 0s: ")
+    assert errors[0].startswith(f"Error: lost the connection to {project.uri} and could not reconnect within 0s: ")
     assert f"; {done} done" in errors[0] and "not started: " in errors[0] and "Run vmform apply again" in errors[0]
     assert "Apply incomplete: " in out and " not started." in out
     # The lock could not be released (no daemon): said in a warning; the next apply removes it.
