@@ -275,7 +275,8 @@ class ContractMachine(RuleBasedStateMachine):
         self.project = Project(self.root, self.prefix, self.conn)
         (self.root / "vmform.toml").write_text(
             f'[project]\nname = "{self.prefix}"\nuri = "{self.host.tcp_uri}"\nmanifests = ["*.yaml"]\n'
-            "parallelism = 4\nshutdown_timeout = 1\nforce_off = true\nreconnect_timeout = 20\n")
+            "parallelism = 4\nshutdown_timeout = 1\nforce_off = true\nreconnect_timeout = 20\n"
+            'pool_roots = ["/var/lib/vmform-test"]\n')
         self.journal = self.root / "journal.jsonl"
         self.journal_offset = 0
         self.model = Model()
