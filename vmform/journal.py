@@ -100,7 +100,9 @@ class Journal:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.entries: list[Entry] = []
-        self._sinks: dict[str, IO[str]] = {}
+        self._sinks: dict[str, IO[str]] = {}  # --journal FILE: everything this process journaled
+        self._env_path: str | None = None  # VMFORM_JOURNAL: what is journaled while it names this file
+        self._env_sink: IO[str] | None = None
         self.project: str | None = None  # when known, a lock or ledger secret must be this project's
 
     def mark(self) -> int:
@@ -127,22 +129,36 @@ class Journal:
 
     def record(self, entry: Entry) -> None:
         with self._lock:
-            from_env = os.environ.get(ENV)
-            if from_env and from_env not in self._sinks:
-                try:
-                    self._open(from_env, append=True)
-                except OSError:
-                    pass  # an audit file that cannot be opened must not fail the call it records
+            self._follow_environment()
             self.entries.append(entry)
-            for sink in self._sinks.values():
+            sinks = [*self._sinks.values(), *([self._env_sink] if self._env_sink is not None else [])]
+            for sink in sinks:
                 sink.write(json.dumps(entry.to_json(), sort_keys=True) + "\n")
                 sink.flush()
+
+    def _follow_environment(self) -> None:
+        """VMFORM_JOURNAL as it is now: entries from now on are appended there (a process that works for several
+        projects in turn, as a library user or a test does, gives each its own file)."""
+        path = os.environ.get(ENV) or None
+        if path == self._env_path:
+            return
+        if self._env_sink is not None:
+            self._env_sink.close()
+        self._env_path, self._env_sink = path, None
+        if path is not None and path not in self._sinks:
+            try:
+                self._env_sink = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            except OSError:
+                pass  # an audit file that cannot be opened must not fail the call it records
 
     def close(self) -> None:
         with self._lock:
             for sink in self._sinks.values():
                 sink.close()
             self._sinks.clear()
+            if self._env_sink is not None:
+                self._env_sink.close()
+            self._env_path, self._env_sink = None, None
 
 
 JOURNAL = Journal()
