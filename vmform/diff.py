@@ -229,7 +229,7 @@ def compare(resource: Resource, live: LiveObject) -> tuple[list[FieldChange], li
             continue
         changes.append(_field(spec, spec.name, before, after, effect))
     changes.extend(_removals(resource, live, desired, ignored, changes))
-    changes.extend(state_drift(kind, live, pending))
+    changes.extend(state_drift(kind, live, pending, resource.desired.get("active", True) is not False))
     return changes, forcing, pending
 
 
@@ -313,7 +313,7 @@ def is_duplicate_path(path: str) -> bool:
     return "]@" in path
 
 
-def state_drift(kind: str, live: LiveObject, pending: list[str]) -> list[FieldChange]:
+def state_drift(kind: str, live: LiveObject, pending: list[str], wants_active: bool = True) -> list[FieldChange]:
     """What was changed outside vmform that no manifest field states: a domain or network undefined while it ran
     (transient), a network or pool stopped, devices that repeat a managed device's key. Each is a change that
     apply corrects, so the plan shows it instead of a later apply failing on it."""
@@ -324,7 +324,7 @@ def state_drift(kind: str, live: LiveObject, pending: list[str]) -> list[FieldCh
         # object are kept too, as an update keeps them.
         changes.append(FieldChange("persistent", False, True, Effect.LIVE, "transient (undefined outside vmform while it ran)",
                                    "persistent (defined again from its running definition, with the manifests' values)"))
-    if kind in ("network", "pool") and not live.active:
+    if kind in ("network", "pool") and not live.active and wants_active:
         after = "active (started; running guests' interfaces are plugged in again)" if kind == "network" else "active (started)"
         changes.append(FieldChange("active", False, True, Effect.LIVE, "inactive (stopped outside vmform)", after))
     unplugging = {(e["field"], e["key"], e["address"]) for e in live.running_values.get("unplugging") or []}

@@ -259,12 +259,15 @@ def _interface_value(nic: dict[str, Any], refs: _Refs, obj: ImportedObject) -> d
     return entry
 
 
-def _generic_values(kind: str, root: Element, autostart: bool) -> dict[str, Any]:
+def _generic_values(kind: str, root: Element, autostart: bool, active: bool = True) -> dict[str, Any]:
     live = _read_fields(kind, root)
     values: dict[str, Any] = {}
     for spec in KINDS[kind].fields:
         if spec.name == "autostart":
             values["autostart"] = autostart
+        elif spec.name == "active":
+            if not active:  # an inactive network stays inactive when it is made again from the manifest
+                values["active"] = False
         elif live.get(spec.name) is not None and live.get(spec.name) != []:
             values[spec.name] = _manifest_value(spec, live[spec.name])
     return values
@@ -592,7 +595,7 @@ def import_objects(workspace: Workspace, conn: libvirt.virConnect, addresses: li
         if kind == "domain":
             item.values = _domain_values(conn, obj, root, refs, item)
         else:
-            item.values = _generic_values(kind, root, bool(obj.autostart()))
+            item.values = _generic_values(kind, root, bool(obj.autostart()), bool(obj.isActive()))
         objects.append(item)
 
     # Everything no curated field holds goes into the xml: section. Check the YAML loads with the declared

@@ -376,10 +376,14 @@ class ContractMachine(RuleBasedStateMachine):
             ContractMachine.applies_run += 1
         finally:
             connections.close()
-        if not result.ok:
+        # A volume kept because a guest still has it (result.waiting) is the contract kept, not a failure; a
+        # journal refusal is a failure even when the provider swallowed it.
+        if (result.failed or result.skipped or result.mismatched or result.interrupted or result.lost_connection
+                or getattr(result, "refused", 0)):
             self.fail("apply", f"apply of a valid plan did not complete: failed={result.failed} "
                       f"skipped={result.skipped} mismatched={result.mismatched} interrupted={result.interrupted} "
-                      f"lost={result.lost_connection}")
+                      f"lost={result.lost_connection} refused={getattr(result, 'refused', 0)} "
+                      f"kept={getattr(result, 'waiting', {})}")
         self.check_converged("apply")
         return the_plan
 

@@ -23,6 +23,16 @@ HOST = "default"
 VOLUME_XML = "<volume><name>{name}</name><capacity>1048576</capacity><target><format type='raw'/></target></volume>"
 
 
+@pytest.fixture(autouse=True)
+def _fresh_journal_project() -> Iterator[None]:
+    """JOURNAL is process-wide: a test that ran vmform in-process before (the contract property test, the
+    Ansible module's) leaves its project there, which would make this file's lock secrets another project's."""
+    saved = JOURNAL.project
+    JOURNAL.project = None
+    yield
+    JOURNAL.project = saved
+
+
 @pytest.fixture
 def pool() -> Iterator[ConnectionPool]:
     """A guarded pool on the test driver; its state (domain "test", network "default", pool "default-pool")

@@ -74,7 +74,8 @@ class NetworkProvider(Provider):
         with contextlib.nullcontext() if change.after.get("bridge") else _UNNAMED_BRIDGES:
             net = ctx.connections.get().networkDefineXML(to_text(root))
             try:
-                net.create()
+                if change.after.get("active", True) is not False:
+                    net.create()
             except Exception as exc:
                 if not ctx.refused(exc):
                     raise

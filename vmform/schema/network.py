@@ -215,6 +215,9 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("domain", Str(pattern=r"[A-Za-z0-9.-]{1,253}", hint="a DNS domain name"), "DNS domain of the network",
               xml="domain/@name", binding=Attr("domain", "name"), removal=Removal("no DNS domain")),
     FieldSpec("autostart", Bool(), "start with the host", effect=Effect.LIVE, default=True),
+    FieldSpec("active", Bool(), "started (the default), or only defined: false keeps a network vmform creates, or "
+              "imports inactive, stopped; a managed network stopped outside vmform is started again only while "
+              "this is true", effect=Effect.LIVE, default=True, compare=False),
     FieldSpec("xml", ExtraXml("network"), "anything else of libvirt's network XML, element by element (see "
               "'The xml: section'); merged after the curated fields", xml="(any)", binding=ExtraXmlBinding("network")),
     FieldSpec("xslt", Stylesheet(), "an XSLT stylesheet run last over the XML vmform writes (for ported "
