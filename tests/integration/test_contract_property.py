@@ -905,7 +905,7 @@ class ContractMachine(RuleBasedStateMachine):
 
         existed = set(self.applied.volumes) if self.applied is not None else set()
         # a volume deleted behind vmform's back (drift.vol_delete) is made again, not replaced
-        existed = {k for k in existed if self.volume_on_host(k)}
+        existed = {k for k in existed if self.volume(k, self.applied.volumes[k].pool) is not None}
         lacking = [k for k in replaced if not self.model.volumes[k].allow_data_loss and k in existed]
         if lacking:
             self.apply(expect_refusal=f"the replace of {lacking}")
@@ -928,9 +928,6 @@ class ContractMachine(RuleBasedStateMachine):
             return self.conn.lookupByName(self.name(key))
         except libvirt.libvirtError:
             return None
-
-    def volume_on_host(self, key: str) -> bool:
-        return self.volume(key, self.model.volumes[key].pool) is not None
 
     def host_domains(self, running: bool | None = None) -> list[str]:
         found = []
