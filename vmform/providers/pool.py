@@ -47,7 +47,8 @@ class PoolProvider(Provider):
         try:
             if change.after.get("type", "dir") in BUILT_TYPES:
                 pool.build(0)
-            pool.create(0)
+            if change.after.get("active", True) is not False:
+                pool.create(0)
         except libvirt.libvirtError as exc:
             if not ctx.refused(exc):
                 raise

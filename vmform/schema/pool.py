@@ -22,6 +22,9 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("path", Str(pattern=ABSOLUTE_DIR, hint="an absolute path"), "directory holding the volumes",
               effect=Effect.REPLACE, xml="target/path", required=True, binding=Text("target/path", os.path.normpath)),
     FieldSpec("autostart", Bool(), "start with the host", effect=Effect.LIVE, default=True),
+    FieldSpec("active", Bool(), "started (the default), or only defined: false keeps a pool vmform creates, or "
+              "imports inactive, stopped (its volumes cannot be used then); a managed pool stopped outside vmform is "
+              "started again only while this is true", effect=Effect.LIVE, default=True, compare=False),
     FieldSpec("xml", ExtraXml("pool"), "anything else of libvirt's storage pool XML (source, target permissions, …), "
               "element by element; merged after the curated fields", xml="(any)", binding=ExtraXmlBinding("pool")),
 )
