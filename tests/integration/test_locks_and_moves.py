@@ -9,13 +9,11 @@ remote_hosts.py). One test per failure of issue 20's "Locks and the ledger" and 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +22,7 @@ import pytest
 from lxml import etree
 
 from tests.integration.remote_hosts import RemoteHost
+from tests.integration.test_faults import ledger, lock_secret  # the project's records on the host
 from tests.integration.test_hosts import HostsProject
 
 pytestmark = pytest.mark.libvirt
@@ -32,21 +31,6 @@ CREATED = re.compile(r"^(\S+): created \(")
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
-def ledger(conn: Any, prefix: str) -> dict[str, Any]:
-    try:
-        secret = conn.secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_ISCSI, f"vmform/{prefix}/ledger")
-    except libvirt.libvirtError:
-        return {"pools": {}, "volumes": {}}
-    return json.loads(zlib.decompress(secret.value()))
-
-
-def lock_secret(conn: Any, prefix: str) -> Any:
-    try:
-        return conn.secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_ISCSI, f"vmform/{prefix}/lock")
-    except libvirt.libvirtError:
-        return None
-
-
 def start(project: Any, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "vmform", "-C", str(project.root), *args],
